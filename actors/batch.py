@@ -1,0 +1,110 @@
+"""A lane's running batch: admit requests, step them together, emit verified tokens.
+
+Continuous batching: requests join and leave between steps, each with its own mode, window,
+AdaEDL state, sampling parameters and seed. The offline CLI and the cluster's lane both drive
+this class; only where the drafter lives differs.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from actors.drafter import Drafter
+from actors.engine import Engine
+from actors.messages import Emission, SamplingParams, SpecParams
+from actors.request import RequestState
+from actors.step import speculative_step
+from actors.verifier import Verifier
+from tandem.errors import TandemError
+
+
+class SpecBatch:
+    def __init__(self, target: Engine, drafter: Drafter, stop_ids: set[int]) -> None:
+        self.verifier = Verifier(target)
+        self.drafter = drafter
+        self.stop_ids = frozenset(stop_ids)
+        self.max_context = min(target.max_context, drafter.engine.max_context)
+        self.requests: dict[str, RequestState] = {}
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def free_slots(self) -> int:
+        return min(self.verifier.engine.free_slots, self.drafter.engine.free_slots)
+
+    def add(self, rid: str, prompt: list[int], sampling: SamplingParams, spec: SpecParams) -> None:
+        """Admit a request; it joins at the next step."""
+        sampling.validate(), spec.validate()
+        if rid in self.requests:
+            raise TandemError(f"request id {rid!r} is already running")
+        if not prompt:
+            raise TandemError("prompt is empty: give at least one token")
+        if len(prompt) >= self.max_context:
+            raise TandemError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context} tokens")
+        if self.free_slots == 0:
+            raise TandemError(f"lane is full: {len(self.requests)} requests running")
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
+        generator = torch.Generator(device=self.verifier.engine.device)
+        generator.manual_seed(seed)
+        target_slot = self.verifier.engine.allocate()
+        draft_slot = self.drafter.engine.allocate()
+        stops = frozenset() if sampling.ignore_eos else self.stop_ids
+        self.requests[rid] = RequestState(
+            rid, list(prompt), sampling, spec, stops, target_slot, draft_slot, generator, started_at=time.perf_counter()
+        )
+        self.drafter.start(rid, seed)
+
+    def step(self) -> list[Emission]:
+        """One step for every running request; finished requests leave the batch."""
+        reqs = list(self.requests.values())
+        if not reqs:
+            return []
+        rooms = [self._room(r) for r in reqs]
+        gained = speculative_step(reqs, self.drafter, self.verifier, rooms)
+        return [self._emit(r, tokens) for r, tokens in zip(reqs, gained)]
+
+    def cancel(self, rid: str) -> Emission | None:
+        r = self.requests.get(rid)
+        if r is None:
+            return None
+        self._finish(r, "cancelled")
+        return Emission(rid, [], "cancelled", r.stats)
+
+    def _room(self, r: RequestState) -> int:
+        """Most draft tokens worth proposing: the token budget and the context both bound it."""
+        budget = r.sampling.max_tokens - len(r.verified) - 1
+        context = self.max_context - len(r.seq) - 1
+        return max(0, min(budget, context))
+
+    def _emit(self, r: RequestState, tokens: list[int]) -> Emission:
+        """Trim at a stop token / the budget / the context and finish the request if done."""
+        before = len(r.verified) - len(tokens)
+        new = r.verified[before:]
+        reason = None
+        for i, t in enumerate(new):
+            if t in r.stop_ids:
+                new, reason = new[: i + 1], "stop"
+                break
+        limit = min(r.sampling.max_tokens, self.max_context - len(r.prompt))
+        if before + len(new) >= limit:
+            new, reason = new[: limit - before], reason or "length"
+        r.verified[before:] = new
+        now = time.perf_counter()
+        if new and r.stats.time_to_first_token_s is None:
+            r.stats.time_to_first_token_s = now - r.started_at
+        r.stats.generated = len(r.verified)
+        r.stats.elapsed_s = now - r.started_at
+        if reason:
+            self._finish(r, reason)
+        return Emission(r.rid, new, reason, r.stats)
+
+    def _finish(self, r: RequestState, reason: str) -> None:
+        r.finish_reason = reason
+        r.clear_pending()
+        self.verifier.engine.release(r.target_slot)
+        self.drafter.engine.release(r.draft_slot)
+        self.drafter.finish(r.rid)
+        del self.requests[r.rid]

@@ -1,0 +1,43 @@
+"""In-process generation: one SpecBatch driven until every request has finished."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.adaedl import AdaEDLConfig
+from actors.batch import SpecBatch
+from actors.drafter import Drafter
+from actors.messages import RequestStats, SamplingParams, SpecParams
+from actors.pair import ModelPair
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish_reason: str
+    stats: RequestStats
+
+
+def generate(
+    pair: ModelPair,
+    prompts: list[list[int]],
+    sampling: SamplingParams | list[SamplingParams],
+    spec: SpecParams | list[SpecParams],
+    adaedl: AdaEDLConfig | None = None,
+) -> list[Completion]:
+    """Run the prompts as one continuous batch; return each one's verified tokens."""
+    n = len(prompts)
+    samplings = sampling if isinstance(sampling, list) else [sampling] * n
+    specs = spec if isinstance(spec, list) else [spec] * n
+    batch = SpecBatch(pair.target, Drafter(pair.draft, adaedl), pair.stop_ids)
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(n)}
+    done: dict[str, Completion] = {}
+    waiting = list(enumerate(zip(prompts, samplings, specs)))
+    while waiting or len(batch):
+        while waiting and batch.free_slots:  # continuous batching: join between steps
+            i, (p, s, sp) = waiting.pop(0)
+            batch.add(str(i), p, s, sp)
+        for e in batch.step():
+            tokens[e.rid] += e.token_ids
+            if e.finish_reason:
+                done[e.rid] = Completion(tokens[e.rid], e.finish_reason, e.stats)
+    return [done[str(i)] for i in range(n)]

@@ -1,0 +1,36 @@
+"""A request's state inside a lane: its verified tokens, its PEARL chunk in flight, its stats."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.messages import RequestStats, SamplingParams, SpecParams
+
+
+@dataclass
+class RequestState:
+    rid: str
+    prompt: list[int]
+    sampling: SamplingParams
+    spec: SpecParams
+    stop_ids: frozenset[int]
+    target_slot: int
+    draft_slot: int
+    generator: torch.Generator  # the verifier's randoms for this request
+    verified: list[int] = field(default_factory=list)  # output tokens, all verified
+    # PEARL: drafted tokens awaiting verification, their q, and the chunk they came from
+    pending: list[int] = field(default_factory=list)
+    pending_probs: torch.Tensor | None = None  # [len(pending), V]
+    pending_chunk: tuple[int, int] | None = None  # (chunk length, window) of the chunk in flight
+    stats: RequestStats = field(default_factory=RequestStats)
+    finish_reason: str | None = None
+    started_at: float = 0.0
+
+    @property
+    def seq(self) -> list[int]:
+        """Prompt and verified output: what the target has committed to."""
+        return self.prompt + self.verified
+
+    def clear_pending(self) -> None:
+        self.pending, self.pending_probs, self.pending_chunk = [], None, None

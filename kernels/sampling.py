@@ -1,0 +1,77 @@
+"""Turning logits into the distributions both sides of speculative decoding sample from.
+
+The draft distribution q and the target distribution p must go through exactly the same
+transform (temperature, top-k, top-p) or rejection sampling stops being lossless (DESIGN §3).
+Temperature 0 is greedy: the distribution is one-hot on the argmax, which turns rejection
+sampling into "accept while the argmaxes match".
+
+Pure torch; this is the reference a fused kernel is checked against.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def logits_to_probs(
+    logits: torch.Tensor,  # [N, V] float
+    temperature: torch.Tensor,  # [N] float, 0 = greedy
+    top_k: torch.Tensor,  # [N] int, 0 = off
+    top_p: torch.Tensor,  # [N] float in (0, 1], 1 = off
+) -> torch.Tensor:  # [N, V] float32, rows sum to 1
+    """Per-row temperature / top-k / top-p, then softmax; greedy rows become one-hot."""
+    logits = logits.float()
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1)
+    scaled = _mask_top_k(scaled, top_k)
+    scaled = _mask_top_p(scaled, top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    if greedy.any():
+        one_hot = torch.zeros_like(probs)
+        one_hot.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy.unsqueeze(-1), one_hot, probs)
+    return probs
+
+
+def _mask_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep the k largest logits of each row (k = 0 keeps all)."""
+    if not (top_k > 0).any():
+        return logits
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).long()
+    # kth largest value per row: sort descending, pick index k-1.
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _mask_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (always the top one)."""
+    if not (top_p < 1).any():
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # Mass strictly before each token; a token is dropped once that mass already reaches top_p.
+    # e.g. probs [.5, .3, .2], top_p .7: before = [0, .5, .8] -> keep the first two.
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    drop_sorted = before >= top_p.unsqueeze(-1)
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:  # probs [N, V] -> [N] nats
+    """Shannon entropy in nats, with 0·log 0 = 0."""
+    logp = torch.log(probs.clamp_min(1e-30))
+    return -(probs * logp).sum(-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:  # probs [V]
+    """One token from a distribution with a request's own generator (reproducible per seed)."""
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def sampling_tensors(params, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """temperature [n], top_k [n], top_p [n] from n objects with those attributes."""
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    return temp, top_k, top_p

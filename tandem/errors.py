@@ -1,0 +1,5 @@
+"""Errors a user can act on. Light: imported by the client SDK, no torch or ray."""
+
+
+class TandemError(ValueError):
+    """Bad input or configuration; the message names the problem and what is allowed."""

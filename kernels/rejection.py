@@ -45,7 +45,7 @@ def draw_randoms(
     return uniforms, noise
 
 
-def rejection_sample(
+def rejection_sample_reference(
     draft_ids: torch.Tensor,  # [B, K] int64; entries at j >= num_draft[b] are ignored
     num_draft: torch.Tensor,  # [B] int64
     draft_probs: torch.Tensor | None,  # [B, K, V] q; None = one-hot (greedy) drafts
@@ -54,7 +54,7 @@ def rejection_sample(
     uniforms: torch.Tensor,  # [B, K] in [0, 1)
     noise: torch.Tensor,  # [B, V] ~ Exp(1)
 ) -> RejectionOutput:
-    """Pure-torch reference: one request at a time, written to be read."""
+    """Pure-torch reference: one request at a time, written to be read. See rejection_sample."""
     batch, k = draft_ids.shape
     out = torch.full((batch, k + 1), -1, dtype=torch.long, device=draft_ids.device)
     num_accepted = torch.zeros(batch, dtype=torch.long, device=draft_ids.device)
@@ -91,3 +91,48 @@ def _verify_one(draft, q, p, uniforms, noise) -> tuple[int, int | None]:
 def _race(weights: torch.Tensor, noise: torch.Tensor) -> int:  # weights [V] >= 0, noise [V]
     """Sample index v with probability weights[v] / sum(weights) (exponential race)."""
     return int((weights / noise).argmax())
+
+
+def rejection_sample(
+    draft_ids: torch.Tensor,  # [B, K] int64
+    num_draft: torch.Tensor,  # [B] int64
+    draft_probs: torch.Tensor | None,  # [B, K, V] or None (one-hot drafts)
+    target_probs: torch.Tensor,  # [B, K+1, V]
+    bonus: torch.Tensor,  # [B] bool
+    uniforms: torch.Tensor,  # [B, K]
+    noise: torch.Tensor,  # [B, V]
+) -> RejectionOutput:
+    """Batched, no host sync: the same tokens as rejection_sample_reference for the same inputs."""
+    batch, k = draft_ids.shape
+    arange_k = torch.arange(k, device=draft_ids.device)
+    valid = arange_k[None, :] < num_draft[:, None]  # [B, K]
+    p_d = target_probs[:, :k].gather(-1, draft_ids.unsqueeze(-1)).squeeze(-1)  # [B, K]
+    q_d = draft_probs.gather(-1, draft_ids.unsqueeze(-1)).squeeze(-1) if draft_probs is not None else torch.ones_like(p_d)
+    ratio = (p_d / q_d.clamp_min(1e-30)).clamp(max=1.0)
+    rejected_at = (uniforms >= ratio) & valid  # [B, K]
+    # First rejection, or num_draft when none: e.g. rejected_at [F, T, T] -> 1.
+    if k > 0:
+        first = torch.where(rejected_at.any(1), rejected_at.int().argmax(1), num_draft)  # [B]
+    else:
+        first = num_draft.clone()
+    was_rejected = first < num_draft
+    rows = torch.arange(batch, device=draft_ids.device)
+    p_row = target_probs[rows, first]  # [B, V]: the rejected position, or the bonus position
+    if k > 0:
+        at = first.clamp(max=k - 1)
+        q_row = draft_probs[rows, at] if draft_probs is not None else _one_hot_rows(draft_ids[rows, at], p_row)
+        residual = (p_row - q_row).clamp_min(0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_row)
+        weights = torch.where(was_rejected[:, None], residual, p_row)
+    else:
+        weights = p_row
+    extra = (weights / noise).argmax(-1)  # [B]
+    emits_extra = was_rejected | bonus
+    out = torch.where(arange_k[None, :] < first[:, None], draft_ids, -1)
+    out = torch.cat([out, torch.full((batch, 1), -1, dtype=torch.long, device=out.device)], 1)
+    out.scatter_(1, first[:, None], torch.where(emits_extra, extra, -1)[:, None])
+    return RejectionOutput(out, first, first + emits_extra.long())
+
+
+def _one_hot_rows(ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # ids [B] -> [B, V]
+    return torch.zeros_like(like).scatter_(-1, ids[:, None], 1.0)

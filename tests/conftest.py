@@ -1,0 +1,50 @@
+"""Shared fixtures: small random Llama models (fast, fp32) and the shipped tiny pair."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from actors.llama import LlamaEngine
+from actors.pair import ModelPair
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "models" / "tiny"
+
+
+def random_llama(seed: int, hidden=64, layers=2, vocab=300, tied=True, init=0.02, kv_heads=2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        tie_word_embeddings=tied, initializer_range=init, eos_token_id=None, bos_token_id=None,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+class NoTokenizer:
+    eos_token_id = None
+
+
+def make_pair(target, draft, slots=8, engine_cls=LlamaEngine) -> ModelPair:
+    return ModelPair(NoTokenizer(), engine_cls(target, slots), engine_cls(draft, slots))
+
+
+@pytest.fixture(scope="session")
+def target_model():
+    return random_llama(0)
+
+
+@pytest.fixture(scope="session")
+def random_draft_model():
+    # Untied and differently seeded: with tied embeddings a random model mostly repeats its
+    # input token, and two such models would agree; this one almost never does.
+    return random_llama(1, hidden=32, layers=1, tied=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_paths():
+    assert (TINY / "target" / "config.json").is_file(), "the shipped tiny pair is missing (models/tiny)"
+    return TINY / "target", TINY / "draft"

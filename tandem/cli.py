@@ -1,0 +1,83 @@
+"""The `tandem` command line. Heavy modules are imported inside each subcommand."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tandem.errors import TandemError
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "models" / "tiny"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_arguments(sub.add_parser("generate", help="generate text offline (in-process)"))
+    zoo_parser = sub.add_parser("zoo", help="train the project's own target/draft model pair (needs torch)")
+    try:
+        from tandem import zoo  # torch: only with the server extra
+
+        zoo.add_arguments(zoo_parser)
+    except ImportError:
+        zoo = None
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        if zoo is None:
+            raise TandemError("`tandem zoo` needs the server extra: pip install 'tandem[server]'")
+        return zoo.run(args)
+    except TandemError as e:
+        print(f"tandem: error: {e}", file=sys.stderr)
+        return 2
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=str(TINY / "target"), help="target checkpoint folder (default: shipped tiny pair)")
+    p.add_argument("--draft", default=str(TINY / "draft"), help="draft checkpoint folder")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--mode", choices=["ar", "sd", "pearl"], default="pearl")
+    p.add_argument("--max-draft", type=int, default=8, help="SD draft length k / PEARL window")
+    p.add_argument("--adaedl", action=argparse.BooleanOptionalAction, default=True, help="entropy-based early draft stop")
+    p.add_argument("--adaedl-lambda", type=float, default=None, help="AdaEDL initial threshold λ0")
+    p.add_argument("--one-hot-drafts", action="store_true", help="send greedy drafts without q (DESIGN §3)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--engine", default="auto", choices=["auto", "native", "hf"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from actors.adaedl import AdaEDLConfig
+    from actors.messages import SamplingParams, SpecParams
+    from actors.offline import generate
+    from actors.pair import load_pair
+
+    sampling = SamplingParams(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed).validate()
+    spec = SpecParams(args.mode, args.max_draft, args.adaedl, not args.one_hot_drafts).validate()
+    adaedl = AdaEDLConfig() if args.adaedl_lambda is None else AdaEDLConfig(lambda0=args.adaedl_lambda)
+    pair = load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, engine=args.engine, max_slots=1)
+    prompt = pair.tokenizer.encode(args.prompt, add_special_tokens=False)
+    done = generate(pair, [prompt], sampling, spec, adaedl)[0]
+    text = pair.tokenizer.decode(done.token_ids, skip_special_tokens=True)
+    stats = done.stats.as_dict()
+    if args.json:
+        print(json.dumps({"token_ids": done.token_ids, "text": text, "finish_reason": done.finish_reason,
+                          "mode": args.mode, "stats": stats}))
+    else:
+        print(args.prompt + text)
+        print(f"[{args.mode}] {stats['generated']} tokens, {stats['steps']} verifier steps, acceptance "
+              f"{stats['acceptance_rate']:.2f}, {stats['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

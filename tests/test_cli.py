@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import TINY
+from tandem.cli import main
 
 HELD_OUT = [
     "def _parse_header(line):\n    \"\"\"Parse a header line.\"\"\"\n",
@@ -18,18 +19,40 @@ HELD_OUT = [
 ]
 
 
-def tandem(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tandem.cli", *args], capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def tandem(capsys):
+    """Run the CLI in-process (as the console script does) and capture what it prints."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
 
 
-def generate_json(prompt: str, *args: str) -> dict:
-    res = tandem("generate", "--prompt", prompt, "--json", *args)
+@pytest.fixture
+def generate_json(tandem):
+    def run(prompt: str, *args: str) -> dict:
+        res = tandem("generate", "--prompt", prompt, "--json", *args)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    return run
+
+
+def test_console_entry_point_runs_as_a_program():
+    res = subprocess.run([sys.executable, "-m", "tandem.cli", "generate", "--prompt", "def f():\n", "--max-tokens", "4",
+                          "--json"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
+    assert len(json.loads(res.stdout)["token_ids"]) == 4
+    bad = subprocess.run([sys.executable, "-m", "tandem.cli", "generate", "--prompt", "x", "--top-p", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.parametrize("prompt", HELD_OUT)
-def test_greedy_ids_identical_across_modes(prompt):
+def test_greedy_ids_identical_across_modes(prompt, generate_json):
     outs = {m: generate_json(prompt, "--mode", m, "--max-tokens", "40") for m in ("ar", "sd", "pearl")}
     outs["pearl-no-adaedl"] = generate_json(prompt, "--mode", "pearl", "--no-adaedl", "--max-tokens", "40")
     ids = {k: v["token_ids"] for k, v in outs.items()}
@@ -41,13 +64,13 @@ def test_greedy_ids_identical_across_modes(prompt):
     assert pearl["text"] and isinstance(pearl["stats"]["adaedl_lambda"], float)
 
 
-def test_sampled_generation_is_seeded():
+def test_sampled_generation_is_seeded(generate_json):
     a = generate_json("def main():\n", "--temperature", "1.0", "--top-p", "0.9", "--seed", "5", "--max-tokens", "20")
     b = generate_json("def main():\n", "--temperature", "1.0", "--top-p", "0.9", "--seed", "5", "--max-tokens", "20")
     assert a["token_ids"] == b["token_ids"]
 
 
-def test_plain_output_prints_prompt_and_completion():
+def test_plain_output_prints_prompt_and_completion(tandem):
     res = tandem("generate", "--prompt", "def add(a, b):\n", "--max-tokens", "8")
     assert res.returncode == 0 and res.stdout.startswith("def add(a, b):\n")
     assert "tokens/s" in res.stderr
@@ -81,18 +104,18 @@ def broken_checkpoints(tmp_path_factory):
         (["--prompt", ""], "prompt is empty"),
     ],
 )
-def test_bad_input_is_one_clear_line(args, message):
+def test_bad_input_is_one_clear_line(args, message, tandem):
     base = ["generate", "--prompt", "def f():\n"]
     res = tandem(*base, *args)
     assert res.returncode == 2
     assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
-def test_checkpoint_without_tokenizer(broken_checkpoints):
+def test_checkpoint_without_tokenizer(broken_checkpoints, tandem):
     res = tandem("generate", "--prompt", "x", "--target", str(broken_checkpoints["no_tokenizer"]))
     assert res.returncode == 2 and "no usable tokenizer" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_draft_with_other_vocabulary(broken_checkpoints):
+def test_draft_with_other_vocabulary(broken_checkpoints, tandem):
     res = tandem("generate", "--prompt", "x", "--draft", str(broken_checkpoints["other_vocab"]))
     assert res.returncode == 2 and "vocabularies differ" in res.stderr and "Traceback" not in res.stderr

@@ -25,7 +25,7 @@ class SpecBatch:
         self.verifier = Verifier(target)
         self.drafter = drafter
         self.stop_ids = frozenset(stop_ids)
-        self.max_context = min(target.max_context, drafter.engine.max_context)
+        self.max_context = min(target.max_context, drafter.max_context)
         self.requests: dict[str, RequestState] = {}
 
     def __len__(self) -> int:
@@ -33,7 +33,7 @@ class SpecBatch:
 
     @property
     def free_slots(self) -> int:
-        return min(self.verifier.engine.free_slots, self.drafter.engine.free_slots)
+        return min(self.verifier.engine.free_slots, self.drafter.free_slots)
 
     def add(self, rid: str, prompt: list[int], sampling: SamplingParams, spec: SpecParams) -> None:
         """Admit a request; it joins at the next step."""
@@ -50,12 +50,11 @@ class SpecBatch:
         generator = torch.Generator(device=self.verifier.engine.device)
         generator.manual_seed(seed)
         target_slot = self.verifier.engine.allocate()
-        draft_slot = self.drafter.engine.allocate()
+        draft_slot = self.drafter.start(rid, seed)
         stops = frozenset() if sampling.ignore_eos else self.stop_ids
         self.requests[rid] = RequestState(
             rid, list(prompt), sampling, spec, stops, target_slot, draft_slot, generator, started_at=time.perf_counter()
         )
-        self.drafter.start(rid, seed)
 
     def step(self) -> list[Emission]:
         """One step for every running request; finished requests leave the batch."""
@@ -105,6 +104,5 @@ class SpecBatch:
         r.finish_reason = reason
         r.clear_pending()
         self.verifier.engine.release(r.target_slot)
-        self.drafter.engine.release(r.draft_slot)
-        self.drafter.finish(r.rid)
+        self.drafter.finish(r.rid, r.draft_slot)
         del self.requests[r.rid]

@@ -20,16 +20,31 @@ class Drafter:
         self._adaedl: dict[str, AdaEDLState] = {}
         self._generators: dict[str, torch.Generator] = {}
 
-    def start(self, rid: str, seed: int) -> None:
-        """Per-request state: a seeded generator (independent of the verifier's) and AdaEDL."""
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    @property
+    def free_slots(self) -> int:
+        return self.engine.free_slots
+
+    def start(self, rid: str, seed: int) -> int:
+        """Per-request state: a KV slot, a seeded generator (independent of the verifier's), AdaEDL."""
+        slot = self.engine.allocate()
         g = torch.Generator(device=self.engine.device)
         g.manual_seed((seed * 0x9E3779B1 + 1) % (2**63))
         self._generators[rid] = g
         self._adaedl[rid] = AdaEDLState(self.adaedl_config)
+        return slot
 
-    def finish(self, rid: str) -> None:
+    def finish(self, rid: str, slot: int) -> None:
+        self.engine.release(slot)
         self._generators.pop(rid, None)
         self._adaedl.pop(rid, None)
+
+    def submit(self, items: list[DraftItem]) -> "DraftFuture":
+        """Start drafting; in-process the work is done here, a remote drafter returns at once."""
+        return DraftFuture(self.propose(items))
 
     def lam(self, rid: str) -> float:
         return self._adaedl[rid].lam
@@ -77,3 +92,13 @@ class Drafter:
         q = torch.stack(probs) if (probs and item.send_probs) else None
         lam = self._adaedl[item.rid].lam if item.rid in self._adaedl else None
         return DraftChunk(ids, q, lam)
+
+
+class DraftFuture:
+    """The chunks of a submitted draft, available through result()."""
+
+    def __init__(self, chunks: list[DraftChunk]) -> None:
+        self._chunks = chunks
+
+    def result(self) -> list[DraftChunk]:
+        return self._chunks

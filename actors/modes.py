@@ -21,6 +21,8 @@ from actors.request import RequestState
 class SDMode:
     """Draft k tokens, then verify them and sample one more (Leviathan et al. 2023)."""
 
+    verify_needs_draft = True
+
     def draft_item(self, r: RequestState, room: int) -> DraftItem:
         k = min(r.spec.max_draft, room)
         return DraftItem(r.rid, r.draft_slot, r.seq, k, r.sampling, r.spec.adaedl, r.spec.send_draft_probs)
@@ -42,6 +44,11 @@ class SDMode:
 class ARMode(SDMode):
     """The target alone: one token per step."""
 
+    verify_needs_draft = False
+
+    def verify_item(self, r: RequestState, chunk: DraftChunk | None) -> VerifyItem:
+        return VerifyItem(r.target_slot, r.seq, 1, r.sampling)
+
     def draft_item(self, r: RequestState, room: int) -> DraftItem:
         return DraftItem(r.rid, r.draft_slot, r.seq, 0, r.sampling, False)
 
@@ -54,6 +61,8 @@ class PearlMode:
     POST: the verifier scores the pending tokens; they and the first token of the new chunk are
     judged. All accepted: the new chunk's rest becomes pending. Any rejection: back to PRE.
     """
+
+    verify_needs_draft = False
 
     def draft_item(self, r: RequestState, room: int) -> DraftItem:
         gamma = min(r.spec.max_draft, max(room - len(r.pending), 0))

@@ -22,8 +22,13 @@ def speculative_step(
 ) -> list[list[int]]:
     """Advance every request by one verifier forward; return the tokens each one gained."""
     modes = [MODE_STEPS[r.spec.mode] for r in reqs]
-    chunks = drafter.propose([m.draft_item(r, room) for m, r, room in zip(modes, reqs, rooms)])
-    target_probs = verifier.score([m.verify_item(r, c) for m, r, c in zip(modes, reqs, chunks)])
+    future = drafter.submit([m.draft_item(r, room) for m, r, room in zip(modes, reqs, rooms)])
+    if any(m.verify_needs_draft for m in modes):  # vanilla SD: verify what was just drafted
+        chunks = future.result()
+        target_probs = verifier.score([m.verify_item(r, c) for m, r, c in zip(modes, reqs, chunks)])
+    else:  # PEARL / AR: the verifier does not wait for the drafter (they overlap when remote)
+        target_probs = verifier.score([m.verify_item(r, None) for m, r in zip(modes, reqs)])
+        chunks = future.result()
     checks = [m.checked(r, c) for m, r, c in zip(modes, reqs, chunks)]
     verdict = judge(checks, target_probs, [r.generator for r in reqs])
     emitted_all, rounds = [], []

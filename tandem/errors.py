@@ -3,3 +3,7 @@
 
 class TandemError(ValueError):
     """Bad input or configuration; the message names the problem and what is allowed."""
+
+
+class LaneFull(TandemError):
+    """Every slot and queue place of a lane is taken: retry later (RESOURCE_EXHAUSTED)."""

@@ -1,0 +1,86 @@
+"""The typed arguments of the tandem Serve application (`args:` in deploy/*.yaml).
+
+Every field has a default and a description; a wrong field, type or value fails the deploy with
+a message naming it. `serve deploy` passes the yaml's `args` mapping to `cluster.app:build_app`,
+which validates it here before anything starts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    id: str = Field("tandem-tiny", description="model name shown by ListModels and /v1/models")
+    target: str = Field(str(REPO / "models/tiny/target"), description="local folder of the verifier checkpoint")
+    draft: str = Field(str(REPO / "models/tiny/draft"), description="local folder of the drafter checkpoint")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
+    engine: Literal["auto", "native", "hf"] = Field("auto", description="native: batched Llama-family engine")
+    max_context: int | None = Field(None, ge=16, description="cap on tokens per sequence (default: the model's)")
+
+    @field_validator("target", "draft")
+    @classmethod
+    def _checkpoint_exists(cls, path: str) -> str:
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"no checkpoint at {path!r} (a folder with config.json is required; nothing is downloaded)")
+        return path
+
+    def target_config(self) -> dict:
+        return json.loads((Path(self.target) / "config.json").read_text())
+
+
+class LaneConfig(_Strict):
+    tensor_parallel_size: int = Field(1, ge=1, description="verifier ranks; must divide the target's attention and KV heads")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where verifier and drafter run")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="requests decoded together (KV slots per lane)")
+    max_queued: int = Field(32, ge=0, description="requests waiting per lane before RESOURCE_EXHAUSTED")
+    verifier_gpus: float = Field(0.0, ge=0, description="GPUs per verifier rank (1 on GPU clusters)")
+    drafter_gpus: float = Field(0.0, ge=0, description="GPUs for the drafter (a fraction shares a GPU)")
+    verifier_cpus: float = Field(1.0, gt=0, description="CPUs per verifier rank")
+    drafter_cpus: float = Field(1.0, gt=0, description="CPUs for the drafter")
+    verifier_resources: dict[str, float] = Field(default_factory=dict, description='custom Ray resources per verifier rank, e.g. {"large_gpu": 1}')
+    drafter_resources: dict[str, float] = Field(default_factory=dict, description='custom Ray resources for the drafter, e.g. {"small_gpu": 1}')
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="how a lane's bundles spread over nodes")
+
+
+class SpeculationConfig(_Strict):
+    mode: Literal["ar", "sd", "pearl"] = Field("pearl", description="default decoding mode")
+    max_draft: int = Field(8, ge=0, le=64, description="default SD draft length / PEARL window")
+    adaedl: bool = Field(True, description="entropy-based early draft stop by default")
+    adaedl_lambda0: float = Field(0.5, gt=0, lt=1, description="AdaEDL's initial threshold λ0")
+    send_draft_probs: bool = Field(True, description="send q with drafts (False: one-hot drafts)")
+
+
+class AppConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lane: LaneConfig = Field(default_factory=LaneConfig)
+    speculation: SpeculationConfig = Field(default_factory=SpeculationConfig)
+    num_lanes: int = Field(1, ge=1, description="lane replicas (ignored when autoscaling is set)")
+    autoscaling: dict[str, int | float] | None = Field(None, description="Serve autoscaling_config for lanes, e.g. {min_replicas: 1, max_replicas: 4}")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request leaves it 0")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    request_timeout_s: float = Field(300.0, gt=0, description="a request still running after this is cancelled")
+
+    @model_validator(mode="after")
+    def _tp_divides_heads(self) -> "AppConfig":
+        cfg = self.model.target_config()
+        tp = self.lane.tensor_parallel_size
+        heads = cfg.get("num_attention_heads", 1)
+        kv = cfg.get("num_key_value_heads", heads)
+        if heads % tp or kv % tp:
+            raise ValueError(
+                f"lane.tensor_parallel_size={tp} must divide the target's num_attention_heads={heads} "
+                f"and num_key_value_heads={kv}"
+            )
+        if tp > 1 and self.model.engine == "hf":
+            raise ValueError("lane.tensor_parallel_size > 1 needs model.engine 'native' or 'auto' (Llama family)")
+        return self

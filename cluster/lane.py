@@ -1,0 +1,63 @@
+"""The Lane deployment: one Serve replica = one verifier group and its drafter (DESIGN §2).
+
+The replica is verifier rank 0 and runs the lane's step loop (actors/lane_core.py) in a thread;
+`generate` streams each request's verified tokens back to the router as they are accepted.
+The placement group Serve reserves for the replica holds the other verifier ranks and the
+drafter (cluster/topology.py builds both the bundles and the workers).
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import AsyncIterator
+
+from ray import serve
+
+from actors.lane_core import LaneCore
+from actors.messages import Emission, SamplingParams, SpecParams
+from cluster.config import AppConfig
+from cluster.topology import build_lane_batch
+
+
+class Lane:
+    def __init__(self, config: dict) -> None:
+        self.config = AppConfig(**config)
+        self.lane_id = uuid.uuid4().hex[:8]
+        batch, self.workers = build_lane_batch(self.config)
+        lane = self.config.lane
+        self.core = LaneCore(batch, lane.max_queued, lane.max_batch_size, self.config.request_timeout_s)
+
+    async def generate(self, rid: str, prompt: list[int], sampling: dict, spec: dict) -> AsyncIterator[dict]:
+        """Stream {token_ids, finish_reason, stats} dicts; the last one has finish_reason set."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Emission] = asyncio.Queue()
+        self.core.submit(rid, prompt, SamplingParams(**sampling), SpecParams(**spec),
+                         lambda e: loop.call_soon_threadsafe(inbox.put_nowait, e))
+        finished = False
+        try:
+            while not finished:
+                e = await inbox.get()
+                finished = e.finish_reason is not None
+                yield {"token_ids": e.token_ids, "finish_reason": e.finish_reason,
+                       "stats": e.stats.as_dict() if finished else None, "lane": self.lane_id}
+        finally:
+            if not finished:  # the caller went away (disconnect, Cancel): free the slot now
+                self.core.cancel(rid)
+
+    async def cancel(self, rid: str) -> bool:
+        return self.core.cancel(rid)
+
+    async def load(self) -> dict:
+        return {"lane": self.lane_id, **self.core.load()}
+
+    def check_health(self) -> None:
+        if self.core.error is not None:
+            raise RuntimeError(f"lane {self.lane_id} step loop failed: {self.core.error!r}")
+
+    def __del__(self) -> None:
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.stop()
+
+
+LaneDeployment = serve.deployment(Lane, name="Lane")

@@ -168,3 +168,29 @@ def test_sampling_matches_target_distribution(spec, top_p):
     assert chi_square_pvalue(counts, q, N_SAMPLES) < 1e-3
     assert power_against_mixture(p, q, N_SAMPLES) > 0.9
     assert pair.target.free_slots == 1024
+
+
+# -- the shipped tiny pair ----------------------------------------------------------------------------
+
+TINY_PROMPTS = [
+    "def _parse_header(line):\n",
+    "class Queue:\n    def __init__(self, maxsize=0):\n        self.maxsize = maxsize\n",
+    "import os\n",
+]
+
+
+def test_tiny_pair_all_modes_equal_transformers_generate(tiny_pair_paths):
+    from actors.pair import load_pair
+    from transformers import AutoModelForCausalLM
+
+    target_dir, draft_dir = tiny_pair_paths
+    pair = load_pair(target_dir, draft_dir, max_slots=4)
+    hf = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32, local_files_only=True)
+    prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in TINY_PROMPTS]
+    sampling = SamplingParams(max_tokens=32, ignore_eos=True)
+    reference = [hf_greedy(hf, p, 32) for p in prompts]
+    for spec in SPECS:
+        done = generate(pair, prompts, sampling, spec)  # ragged batch of 3
+        assert [d.token_ids for d in done] == reference, spec
+    pearl = generate(pair, prompts, sampling, SpecParams("pearl", 4, adaedl=False))
+    assert sum(d.stats.accepted for d in pearl) / sum(d.stats.checked for d in pearl) > 0.5

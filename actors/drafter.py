@@ -28,9 +28,9 @@ class Drafter:
     def free_slots(self) -> int:
         return self.engine.free_slots
 
-    def start(self, rid: str, seed: int) -> int:
+    def start(self, rid: str, seed: int, slot: int | None = None) -> int:
         """Per-request state: a KV slot, a seeded generator (independent of the verifier's), AdaEDL."""
-        slot = self.engine.allocate()
+        slot = self.engine.allocate() if slot is None else self.engine.allocate_slot(slot)
         g = torch.Generator(device=self.engine.device)
         g.manual_seed((seed * 0x9E3779B1 + 1) % (2**63))
         self._generators[rid] = g

@@ -34,7 +34,12 @@ class Engine(ABC):
     def allocate(self) -> int:
         if not self._free:
             raise TandemError(f"all {self.max_slots} KV slots are in use")
-        slot = self._free.pop()
+        return self.allocate_slot(self._free[-1])
+
+    def allocate_slot(self, slot: int) -> int:
+        """Take a given free slot (a remote peer mirrors the owner's choice)."""
+        assert slot in self._free, f"slot {slot} is not free"
+        self._free.remove(slot)
         self._fed[slot] = []
         return slot
 

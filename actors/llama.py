@@ -11,6 +11,7 @@ Checked against transformers' own forward and generate in tests/test_engines.py.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from actors.engine import Engine
@@ -19,8 +20,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class LlamaEngine(Engine):
-    def __init__(self, hf_model, max_slots: int, max_context: int | None = None) -> None:
+    def __init__(self, hf_model, max_slots: int, max_context: int | None = None, tp_group=None) -> None:
         super().__init__(max_slots)
+        self.tp_group = tp_group  # set: the model is sharded (actors/tensor_parallel.py)
+        tp = dist.get_world_size(tp_group) if tp_group is not None else 1
         cfg = hf_model.config
         assert cfg.model_type in SUPPORTED_MODEL_TYPES, f"model_type {cfg.model_type!r}"
         self.model = hf_model.eval()
@@ -30,7 +33,7 @@ class LlamaEngine(Engine):
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             limit = min(limit, cfg.sliding_window)  # no sliding-window attention here: cap instead
         self.max_context = min(limit, max_context or limit)
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.num_kv_heads = cfg.num_key_value_heads // tp
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         dtype = next(hf_model.parameters()).dtype
         # [layers, slots, positions + 1 scratch, kv_heads, head_dim]
@@ -51,11 +54,17 @@ class LlamaEngine(Engine):
         mask = batch.attention_mask()  # [B, 1, Q, Tk]
         for i, layer in enumerate(inner.layers):
             h = layer.input_layernorm(x)
-            x = x + self._attention(i, layer.self_attn, h, cos, sin, slot_ids, batch, mask)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._reduce(self._attention(i, layer.self_attn, h, cos, sin, slot_ids, batch, mask))
+            x = x + self._reduce(layer.mlp(layer.post_attention_layernorm(x)))
         rows = batch.logit_rows(num_logits)  # [N] flat indices into [B*Q]
         x = inner.norm(x.flatten(0, 1)[rows])
         return self.model.lm_head(x)
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Row-parallel blocks leave partial sums on each rank: one all-reduce per block."""
+        if self.tp_group is not None:
+            dist.all_reduce(partial, group=self.tp_group)
+        return partial
 
     def _attention(self, i, attn, h, cos, sin, slot_ids, batch, mask) -> torch.Tensor:
         bsz, q_len, _ = h.shape

@@ -25,10 +25,15 @@ def generate(
     adaedl: AdaEDLConfig | None = None,
 ) -> list[Completion]:
     """Run the prompts as one continuous batch; return each one's verified tokens."""
+    batch = SpecBatch(pair.target, Drafter(pair.draft, adaedl), pair.stop_ids)
+    return run_batch(batch, prompts, sampling, spec)
+
+
+def run_batch(batch: SpecBatch, prompts, sampling, spec) -> list[Completion]:
+    """Drive an existing batch (local or distributed) until every prompt has finished."""
     n = len(prompts)
     samplings = sampling if isinstance(sampling, list) else [sampling] * n
     specs = spec if isinstance(spec, list) else [spec] * n
-    batch = SpecBatch(pair.target, Drafter(pair.draft, adaedl), pair.stop_ids)
     tokens: dict[str, list[int]] = {str(i): [] for i in range(n)}
     done: dict[str, Completion] = {}
     waiting = list(enumerate(zip(prompts, samplings, specs)))

@@ -78,21 +78,27 @@ def _check_same_tokenizer(tokenizer, draft: str | Path) -> None:
 def load_engine(
     path: str | Path, device: str, dtype: str, engine: EngineKind, max_slots: int, max_context: int | None
 ) -> Engine:
-    from transformers import AutoModelForCausalLM
-
     from actors.hf_engine import HFEngine
     from actors.llama import SUPPORTED_MODEL_TYPES, LlamaEngine
 
     cfg = read_config(path)
-    if dtype not in DTYPES:
-        raise TandemError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     native = cfg.get("model_type") in SUPPORTED_MODEL_TYPES
     if engine == "native" and not native:
         raise TandemError(f"the native engine supports {SUPPORTED_MODEL_TYPES}, not {cfg.get('model_type')!r}")
+    model = load_hf_model(path, device, dtype)
+    cls = LlamaEngine if (native and engine != "hf") else HFEngine
+    return cls(model, max_slots=max_slots, max_context=max_context)
+
+
+def load_hf_model(path: str | Path, device: str, dtype: str):
+    """The transformers model, from local files only, on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    read_config(path)
+    if dtype not in DTYPES:
+        raise TandemError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise TandemError(f"cannot load the model in {str(path)!r}: {e}") from None
-    model = model.to(device)
-    cls = LlamaEngine if (native and engine != "hf") else HFEngine
-    return cls(model, max_slots=max_slots, max_context=max_context)
+    return model.to(device)

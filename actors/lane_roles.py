@@ -1,0 +1,99 @@
+"""The processes of one lane and how they meet (DESIGN §2).
+
+Global ranks: 0..T-1 are the verifier's tensor-parallel ranks (rank 0 is the leader, which runs
+the step loop), rank T is the drafter. All join one torch.distributed world (gloo on CPU, NCCL
+on GPUs); the TP ranks also form a subgroup for their all-reduces. The same functions run in
+Ray actors (cluster/workers.py) and in plain processes (tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from actors.adaedl import AdaEDLConfig
+from actors.batch import SpecBatch
+from actors.drafter import Drafter
+from actors.pair import load_engine, load_hf_model
+from actors.remote_drafter import RemoteDrafter, serve_drafter
+from actors.tensor_parallel import TPLeader, follow, shard_llama
+
+
+@dataclass(frozen=True)
+class LaneSpec:
+    """Everything a lane process needs to build its part (picklable, sent to Ray actors)."""
+
+    target: str
+    draft: str
+    tp: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    engine: str = "auto"
+    max_slots: int = 8
+    max_context: int | None = None
+    adaedl_lambda0: float = 0.5
+
+    @property
+    def world(self) -> int:
+        return self.tp + 1
+
+    @property
+    def drafter_rank(self) -> int:
+        return self.tp
+
+
+def join(spec: LaneSpec, rank: int, init_method: str):
+    """Join the lane's world; return the TP group (None for TP = 1). Every rank calls this."""
+    backend = "nccl" if spec.device == "cuda" else "gloo"
+    if spec.device == "cuda":
+        torch.cuda.set_device(0)  # Ray exposes each worker's own GPU as device 0
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=spec.world)
+    group = dist.new_group(list(range(spec.tp)))  # collective: all ranks, members or not
+    return group if spec.tp > 1 else None
+
+
+def _kwargs(spec: LaneSpec) -> dict:
+    return dict(max_slots=spec.max_slots, max_context=spec.max_context)
+
+
+def _target_engine(spec: LaneSpec, rank: int, group):
+    from actors.llama import LlamaEngine
+
+    if spec.tp == 1:
+        return load_engine(spec.target, spec.device, spec.dtype, spec.engine, spec.max_slots, spec.max_context)
+    model = load_hf_model(spec.target, spec.device, spec.dtype)
+    shard_llama(model, rank, spec.tp)
+    return LlamaEngine(model, tp_group=group, **_kwargs(spec))
+
+
+def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatch:
+    """Rank 0: the sharded target behind a TPLeader, the drafter behind a RemoteDrafter."""
+    group = join(spec, 0, init_method)
+    engine = _target_engine(spec, 0, group)
+    target = TPLeader(engine, group, src=0) if group is not None else engine
+    box = [None]
+    dist.recv_object_list(box, src=spec.drafter_rank)  # the drafter's context length
+    drafter = RemoteDrafter(spec.drafter_rank, box[0], spec.max_slots)
+    return SpecBatch(target, drafter, stop_ids)
+
+
+def run_follower(spec: LaneSpec, rank: int, init_method: str) -> None:
+    """Ranks 1..T-1: hold a shard and replay the leader's engine calls until it stops."""
+    group = join(spec, rank, init_method)
+    follow(_target_engine(spec, rank, group), group, src=0)
+
+
+def run_drafter(spec: LaneSpec, init_method: str) -> None:
+    """Rank T: the draft model; answers the leader's draft requests until it stops."""
+    join(spec, spec.drafter_rank, init_method)
+    engine = load_engine(spec.draft, spec.device, spec.dtype, spec.engine, spec.max_slots, spec.max_context)
+    dist.send_object_list([engine.max_context], dst=0)
+    serve_drafter(Drafter(engine, AdaEDLConfig(lambda0=spec.adaedl_lambda0)), leader=0)
+
+
+def stop_lane(batch: SpecBatch) -> None:
+    """Leader: release the other ranks (they return from their loops)."""
+    if isinstance(batch.verifier.engine, TPLeader):
+        batch.verifier.engine.stop()
+    batch.drafter.stop()

@@ -1,0 +1,84 @@
+"""A drafter in another process, reached over torch.distributed (DESIGN §2: per-step traffic
+goes over a process group — NCCL on GPUs, gloo on CPU — and never through Ray calls).
+
+The lane's leader holds a `RemoteDrafter` with the Drafter's interface; the drafter process runs
+`serve_drafter`. `submit` sends the step's draft requests and returns at once, so the verifier's
+forward runs while the drafter drafts (PEARL); `result` receives the chunks.
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from actors.drafter import Drafter
+from actors.messages import DraftChunk, DraftItem, DraftRound
+
+
+class RemoteDrafter:
+    def __init__(self, peer: int, max_context: int, max_slots: int) -> None:
+        self.peer = peer  # the drafter's global rank
+        self.max_context = max_context
+        self._free = list(range(max_slots - 1, -1, -1))  # slot ids mirrored on the drafter
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def _send(self, op: str, *args) -> None:
+        dist.send_object_list([(op, args)], dst=self.peer)
+
+    def _recv(self):
+        box = [None]
+        dist.recv_object_list(box, src=self.peer)
+        return box[0]
+
+    def start(self, rid: str, seed: int) -> int:
+        slot = self._free.pop()
+        self._send("start", rid, seed, slot)
+        return slot
+
+    def finish(self, rid: str, slot: int) -> None:
+        self._free.append(slot)
+        self._send("finish", rid, slot)
+
+    def update(self, rounds: list[DraftRound]) -> None:
+        if rounds:
+            self._send("update", rounds)
+
+    def submit(self, items: list[DraftItem]) -> "RemoteDraftFuture":
+        self._send("propose", items)
+        return RemoteDraftFuture(self)
+
+    def stop(self) -> None:
+        self._send("stop")
+
+
+class RemoteDraftFuture:
+    def __init__(self, drafter: RemoteDrafter) -> None:
+        self._drafter = drafter
+        self._chunks: list[DraftChunk] | None = None
+
+    def result(self) -> list[DraftChunk]:
+        if self._chunks is None:
+            self._chunks = self._drafter._recv()
+        return self._chunks
+
+
+def serve_drafter(drafter: Drafter, leader: int) -> None:
+    """Drafter process: execute the leader's requests until it says stop."""
+    while True:
+        box = [None]
+        dist.recv_object_list(box, src=leader)
+        op, args = box[0]
+        if op == "stop":
+            return
+        if op == "start":
+            rid, seed, slot = args
+            drafter.start(rid, seed, slot)
+        elif op == "finish":
+            drafter.finish(*args)
+        elif op == "update":
+            drafter.update(*args)
+        elif op == "propose":
+            dist.send_object_list([drafter.propose(*args)], dst=leader)
+        else:
+            raise AssertionError(f"unknown drafter op {op!r}")

@@ -31,8 +31,10 @@ class _Pending:
 
 
 class LaneCore:
-    def __init__(self, batch: SpecBatch, max_queued: int, max_batch_size: int, request_timeout_s: float = 300.0) -> None:
+    def __init__(self, batch: SpecBatch, max_queued: int, max_batch_size: int, request_timeout_s: float = 300.0,
+                 on_stop: Callable[[SpecBatch], None] | None = None) -> None:
         self.batch = batch
+        self.on_stop = on_stop  # e.g. release the lane's other processes, from this thread
         self.max_queued = max_queued
         self.max_batch_size = max_batch_size
         self.request_timeout_s = request_timeout_s
@@ -93,6 +95,8 @@ class LaneCore:
                 self.steps += 1
                 for e in emissions:
                     self._deliver(e)
+            if self.on_stop is not None:
+                self.on_stop(self.batch)
         except BaseException as e:  # a fault in the engines: fail every request, mark unhealthy
             self.error = e
             self._fail_all(e)

@@ -46,7 +46,7 @@ class LaneConfig(_Strict):
     verifier_gpus: float = Field(0.0, ge=0, description="GPUs per verifier rank (1 on GPU clusters)")
     drafter_gpus: float = Field(0.0, ge=0, description="GPUs for the drafter (a fraction shares a GPU)")
     verifier_cpus: float = Field(1.0, gt=0, description="CPUs per verifier rank")
-    drafter_cpus: float = Field(1.0, gt=0, description="CPUs for the drafter")
+    drafter_cpus: float = Field(0.5, gt=0, description="CPUs for the drafter")
     verifier_resources: dict[str, float] = Field(default_factory=dict, description='custom Ray resources per verifier rank, e.g. {"large_gpu": 1}')
     drafter_resources: dict[str, float] = Field(default_factory=dict, description='custom Ray resources for the drafter, e.g. {"small_gpu": 1}')
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="how a lane's bundles spread over nodes")

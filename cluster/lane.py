@@ -14,6 +14,7 @@ from typing import AsyncIterator
 from ray import serve
 
 from actors.lane_core import LaneCore
+from actors.lane_roles import stop_lane
 from actors.messages import Emission, SamplingParams, SpecParams
 from cluster.config import AppConfig
 from cluster.topology import build_lane_batch
@@ -25,7 +26,8 @@ class Lane:
         self.lane_id = uuid.uuid4().hex[:8]
         batch, self.workers = build_lane_batch(self.config)
         lane = self.config.lane
-        self.core = LaneCore(batch, lane.max_queued, lane.max_batch_size, self.config.request_timeout_s)
+        self.core = LaneCore(batch, lane.max_queued, lane.max_batch_size, self.config.request_timeout_s,
+                             on_stop=stop_lane)
 
     async def generate(self, rid: str, prompt: list[int], sampling: dict, spec: dict) -> AsyncIterator[dict]:
         """Stream {token_ids, finish_reason, stats} dicts; the last one has finish_reason set."""

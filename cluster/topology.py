@@ -1,16 +1,16 @@
-"""What a lane is made of: its placement-group bundles and the engines built inside them.
+"""What a lane is made of: its placement-group bundles and the processes built inside them.
 
-Bundle 0 holds the lane replica itself, which is verifier rank 0. Bundles 1..T-1 hold the
-other verifier ranks, bundle T the drafter (DESIGN §2). With TP = 1 and the drafter on the same
-device as the verifier, everything runs in the replica's process.
+Bundle 0 holds the lane replica itself, which is verifier rank 0 and runs the step loop.
+Bundles 1..T-1 hold the other verifier ranks, bundle T the drafter (DESIGN §2); all of them meet
+in one torch.distributed world (actors/lane_roles.py).
 """
 from __future__ import annotations
 
-from actors.adaedl import AdaEDLConfig
 from actors.batch import SpecBatch
-from actors.drafter import Drafter
-from actors.pair import load_engine, load_tokenizer
+from actors.lane_roles import LaneSpec, run_leader
+from actors.pair import load_tokenizer
 from cluster.config import AppConfig
+from cluster.workers import rendezvous_address, start_workers
 
 
 def lane_bundles(cfg: AppConfig) -> list[dict[str, float]]:
@@ -30,11 +30,16 @@ def stop_ids(cfg: AppConfig) -> set[int]:
     return set() if eos is None else {int(eos)}
 
 
-def build_lane_batch(cfg: AppConfig) -> tuple[SpecBatch, list]:
-    """The lane's SpecBatch and the Ray workers it drives (kept alive by the caller)."""
+def lane_spec(cfg: AppConfig) -> LaneSpec:
     m, lane = cfg.model, cfg.lane
-    kwargs = dict(device=lane.device, dtype=m.dtype, engine=m.engine, max_slots=lane.max_batch_size,
-                  max_context=m.max_context)
-    target = load_engine(m.target, **kwargs)
-    drafter = Drafter(load_engine(m.draft, **kwargs), AdaEDLConfig(lambda0=cfg.speculation.adaedl_lambda0))
-    return SpecBatch(target, drafter, stop_ids(cfg)), []
+    return LaneSpec(m.target, m.draft, lane.tensor_parallel_size, lane.device, m.dtype, m.engine,
+                    lane.max_batch_size, m.max_context, cfg.speculation.adaedl_lambda0)
+
+
+def build_lane_batch(cfg: AppConfig) -> tuple[SpecBatch, list]:
+    """Start the lane's workers, join them as rank 0; the SpecBatch and the workers to keep."""
+    spec = lane_spec(cfg)
+    init_method = rendezvous_address()
+    actors, runs = start_workers(spec, lane_bundles(cfg), init_method)
+    batch = run_leader(spec, init_method, stop_ids(cfg))
+    return batch, actors + runs

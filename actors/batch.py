@@ -15,7 +15,7 @@ from actors.drafter import Drafter
 from actors.engine import Engine
 from actors.messages import Emission, SamplingParams, SpecParams
 from actors.request import RequestState
-from actors.step import speculative_step
+from actors.step import StepTiming, speculative_step
 from actors.verifier import Verifier
 from tandem.errors import TandemError
 
@@ -27,6 +27,7 @@ class SpecBatch:
         self.stop_ids = frozenset(stop_ids)
         self.max_context = min(target.max_context, drafter.max_context)
         self.requests: dict[str, RequestState] = {}
+        self.timing = TimingStats()
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -62,7 +63,8 @@ class SpecBatch:
         if not reqs:
             return []
         rooms = [self._room(r) for r in reqs]
-        gained = speculative_step(reqs, self.drafter, self.verifier, rooms)
+        gained, timing = speculative_step(reqs, self.drafter, self.verifier, rooms)
+        self.timing.add(timing, len(reqs))
         return [self._emit(r, tokens) for r, tokens in zip(reqs, gained)]
 
     def cancel(self, rid: str) -> Emission | None:
@@ -106,3 +108,22 @@ class SpecBatch:
         self.verifier.engine.release(r.target_slot)
         self.drafter.finish(r.rid, r.draft_slot)
         del self.requests[r.rid]
+
+
+class TimingStats:
+    """Running sums of step timings, reported as mean milliseconds per step."""
+
+    def __init__(self) -> None:
+        self.steps, self.requests = 0, 0
+        self.sums = StepTiming()
+
+    def add(self, t: StepTiming, batch_size: int) -> None:
+        self.steps += 1
+        self.requests += batch_size
+        for k, v in t.__dict__.items():
+            setattr(self.sums, k, getattr(self.sums, k) + v)
+
+    def as_dict(self) -> dict:
+        n = max(self.steps, 1)
+        out = {f"{k}_ms": 1000 * v / n for k, v in self.sums.__dict__.items()}
+        return {"steps": self.steps, "mean_batch": self.requests / n, **out}

@@ -5,6 +5,8 @@ verifier's outcome into each request's AdaEDL state). The drafter never decides 
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from actors.adaedl import AdaEDLConfig, AdaEDLState
@@ -44,7 +46,9 @@ class Drafter:
 
     def submit(self, items: list[DraftItem]) -> "DraftFuture":
         """Start drafting; in-process the work is done here, a remote drafter returns at once."""
-        return DraftFuture(self.propose(items))
+        start = time.perf_counter()
+        chunks = self.propose(items)
+        return DraftFuture(chunks, time.perf_counter() - start)
 
     def lam(self, rid: str) -> float:
         return self._adaedl[rid].lam
@@ -97,8 +101,9 @@ class Drafter:
 class DraftFuture:
     """The chunks of a submitted draft, available through result()."""
 
-    def __init__(self, chunks: list[DraftChunk]) -> None:
+    def __init__(self, chunks: list[DraftChunk], seconds: float) -> None:
         self._chunks = chunks
+        self.seconds = seconds  # drafting compute time
 
     def result(self) -> list[DraftChunk]:
         return self._chunks

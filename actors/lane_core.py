@@ -79,7 +79,13 @@ class LaneCore:
     def load(self) -> dict:
         with self._lock:
             return {"running": len(self.batch), "queued": len(self._waiting), "steps": self.steps,
-                    "free_slots": self.batch.free_slots, "healthy": self.error is None}
+                    "free_slots": self.batch.free_slots, "healthy": self.error is None,
+                    "step_timing": self.batch.timing.as_dict()}
+
+    def reset_timing(self) -> None:
+        from actors.batch import TimingStats
+
+        self.batch.timing = TimingStats()
 
     def stop(self) -> None:
         with self._lock:

@@ -7,6 +7,8 @@ forward runs while the drafter drafts (PEARL); `result` receives the chunks.
 """
 from __future__ import annotations
 
+import time
+
 import torch.distributed as dist
 
 from actors.drafter import Drafter
@@ -56,10 +58,11 @@ class RemoteDraftFuture:
     def __init__(self, drafter: RemoteDrafter) -> None:
         self._drafter = drafter
         self._chunks: list[DraftChunk] | None = None
+        self.seconds = 0.0  # the drafter's compute time, as it measured it
 
     def result(self) -> list[DraftChunk]:
         if self._chunks is None:
-            self._chunks = self._drafter._recv()
+            self._chunks, self.seconds = self._drafter._recv()
         return self._chunks
 
 
@@ -79,6 +82,8 @@ def serve_drafter(drafter: Drafter, leader: int) -> None:
         elif op == "update":
             drafter.update(*args)
         elif op == "propose":
-            dist.send_object_list([drafter.propose(*args)], dst=leader)
+            start = time.perf_counter()
+            chunks = drafter.propose(*args)
+            dist.send_object_list([(chunks, time.perf_counter() - start)], dst=leader)
         else:
             raise AssertionError(f"unknown drafter op {op!r}")

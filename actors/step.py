@@ -7,6 +7,9 @@ cluster run both at once (DESIGN §4).
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 
 from actors.drafter import Drafter
@@ -17,18 +20,36 @@ from actors.verifier import Verifier
 from kernels.rejection import RejectionOutput, draw_randoms, rejection_sample
 
 
+@dataclass
+class StepTiming:
+    """Where one step's time went, in seconds (DESIGN §4's draft / verify / exchange)."""
+
+    total: float = 0.0
+    draft: float = 0.0  # the drafter's own compute
+    verify: float = 0.0  # the verifier's forward and the sampling transform
+    wait: float = 0.0  # the leader waiting for drafts (after verifying, or before for SD)
+    exchange: float = 0.0  # draft round trip not spent drafting: messages and their latency
+
+
 def speculative_step(
     reqs: list[RequestState], drafter: Drafter, verifier: Verifier, rooms: list[int]
-) -> list[list[int]]:
+) -> tuple[list[list[int]], StepTiming]:
     """Advance every request by one verifier forward; return the tokens each one gained."""
+    t = StepTiming()
+    t0 = time.perf_counter()
     modes = [MODE_STEPS[r.spec.mode] for r in reqs]
     future = drafter.submit([m.draft_item(r, room) for m, r, room in zip(modes, reqs, rooms)])
-    if any(m.verify_needs_draft for m in modes):  # vanilla SD: verify what was just drafted
-        chunks = future.result()
-        target_probs = verifier.score([m.verify_item(r, c) for m, r, c in zip(modes, reqs, chunks)])
-    else:  # PEARL / AR: the verifier does not wait for the drafter (they overlap when remote)
-        target_probs = verifier.score([m.verify_item(r, None) for m, r in zip(modes, reqs)])
-        chunks = future.result()
+    overlapped = not any(m.verify_needs_draft for m in modes)
+    if overlapped:  # PEARL / AR: the verifier does not wait for the drafter (they overlap when remote)
+        target_probs, t.verify = _timed(verifier.score, [m.verify_item(r, None) for m, r in zip(modes, reqs)])
+        chunks, t.wait = _timed(future.result)
+    else:  # vanilla SD: verify what was just drafted
+        chunks, t.wait = _timed(future.result)
+        target_probs, t.verify = _timed(verifier.score, [m.verify_item(r, c) for m, r, c in zip(modes, reqs, chunks)])
+    t.draft = future.seconds
+    round_trip = time.perf_counter() - t0 - (0.0 if overlapped else t.verify)
+    # What the round trip spent beyond computing: with overlap, beyond the longer of the two sides.
+    t.exchange = max(0.0, round_trip - (max(t.draft, t.verify) if overlapped else t.draft))
     checks = [m.checked(r, c) for m, r, c in zip(modes, reqs, chunks)]
     verdict = judge(checks, target_probs, [r.generator for r in reqs])
     emitted_all, rounds = [], []
@@ -39,7 +60,14 @@ def speculative_step(
         rounds += m.apply(r, c, accepted, emitted)
         emitted_all.append(emitted)
     drafter.update(rounds)
-    return emitted_all
+    t.total = time.perf_counter() - t0
+    return emitted_all, t
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
 
 
 def judge(checks, target_probs: list[torch.Tensor], generators) -> RejectionOutput:

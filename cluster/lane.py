@@ -52,6 +52,10 @@ class Lane:
     async def load(self) -> dict:
         return {"lane": self.lane_id, **self.core.load()}
 
+    async def reset_timing(self) -> None:
+        """Start a new step-timing window (benchmarks read it back through load())."""
+        self.core.reset_timing()
+
     def check_health(self) -> None:
         if self.core.error is not None:
             raise RuntimeError(f"lane {self.lane_id} step loop failed: {self.core.error!r}")

@@ -1,0 +1,110 @@
+"""The cluster path on GPUs: start Ray + Serve, stream through gRPC, check greedy equality with
+the target alone, and read each mode's step-time breakdown (draft / verify / wait / exchange).
+
+    python benchmarks/cluster_gpu.py --tp 1 --verifier-gpus 1 --drafter-gpus 1      # (a)
+    python benchmarks/cluster_gpu.py --tp 2 --verifier-gpus 0.75 --drafter-gpus 0.25  # (b)
+
+(b) puts the two verifier ranks on different GPUs (0.75 + 0.75 cannot share one) and the drafter
+beside one of them. Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ray
+import torch
+from ray import serve
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["def _parse_header(line):\n", "import os\n\n\ndef walk(root):\n", "class Queue:\n    def put(self, item):\n",
+           "    for key, value in sorted(items):\n", "def main(argv=None):\n    parser = argparse.ArgumentParser(",
+           "if __name__ == '__main__':\n", "    return {k: v for k, v in", "class Error(Exception):\n"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reference(args) -> list[list[int]]:
+    from actors.messages import SamplingParams, SpecParams
+    from actors.offline import generate
+    from actors.pair import load_pair
+
+    pair = load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, max_slots=len(PROMPTS))
+    prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    done = generate(pair, prompts, SamplingParams(args.max_tokens, ignore_eos=True), SpecParams("ar"))
+    del pair
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return [d.token_ids for d in done]
+
+
+def run_mode(client, lane, mode: str, concurrency: int, args) -> dict:
+    lane.reset_timing.remote().result()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        outs = list(pool.map(lambda p: client.complete(p, max_tokens=args.max_tokens, mode=mode, max_draft=args.max_draft,
+                                                        ignore_eos=True), PROMPTS))
+    elapsed = time.perf_counter() - start
+    timing = lane.load.remote().result()["step_timing"]
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"mode": mode, "concurrency": concurrency, "tokens_per_s": tokens / elapsed, "outputs": [o.token_ids for o in outs],
+            "acceptance": sum(o.stats.accepted for o in outs) / max(1, sum(o.stats.checked for o in outs)), **timing}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default=str(REPO / "models/tiny/target"))
+    ap.add_argument("--draft", default=str(REPO / "models/tiny/draft"))
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--verifier-gpus", type=float, default=1)
+    ap.add_argument("--drafter-gpus", type=float, default=1)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run with fake GPUs")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-draft", type=int, default=4)
+    ap.add_argument("--out", default="cluster_gpu.json")
+    args = ap.parse_args()
+    ref = reference(args)
+    grpc_port = free_port()
+    ray.init(num_cpus=12, num_gpus=torch.cuda.device_count() or 2, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": ["protos.tandem_pb2_grpc.add_TandemServicer_to_server"]})
+    from cluster.app import build_app
+    from tandem.client import TandemClient
+
+    lane_cfg = {"tensor_parallel_size": args.tp, "device": args.device, "verifier_gpus": args.verifier_gpus,
+                "drafter_gpus": args.drafter_gpus, "max_batch_size": len(PROMPTS)}
+    t0 = time.perf_counter()
+    serve.run(build_app({"model": {"target": args.target, "draft": args.draft, "dtype": args.dtype}, "lane": lane_cfg}),
+              name="tandem", route_prefix="/")
+    print(f"cluster up in {time.perf_counter() - t0:.1f} s", flush=True)
+    lane = serve.get_deployment_handle("Lane", app_name="tandem")
+    client = TandemClient(f"127.0.0.1:{grpc_port}")
+    rows = []
+    for mode in ("ar", "sd", "pearl"):
+        for conc in (1, len(PROMPTS)):
+            r = run_mode(client, lane, mode, conc, args)
+            r["greedy_equal_to_ar"] = r.pop("outputs") == ref
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"\n{'mode':<6} {'conc':>4} {'equal':>5} {'tok/s':>8} {'accept':>6} {'step':>7} {'draft':>7} {'verify':>7} {'wait':>7} {'exch':>7}  (ms)")
+    for r in rows:
+        print(f"{r['mode']:<6} {r['concurrency']:>4} {str(r['greedy_equal_to_ar']):>5} {r['tokens_per_s']:>8.1f} {r['acceptance']:>6.2f} "
+              f"{r['total_ms']:>7.2f} {r['draft_ms']:>7.2f} {r['verify_ms']:>7.2f} {r['wait_ms']:>7.2f} {r['exchange_ms']:>7.2f}")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    Path(args.out).write_text(json.dumps({"device": device, "gpus": torch.cuda.device_count(),
+                                          "args": vars(args), "rows": rows}, indent=1))
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

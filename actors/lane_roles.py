@@ -44,13 +44,19 @@ class LaneSpec:
 
 
 def join(spec: LaneSpec, rank: int, init_method: str):
-    """Join the lane's world; return the TP group (None for TP = 1). Every rank calls this."""
+    """Join the lane's world; return (TP group or None for TP = 1, drafter exchange group).
+
+    The TP all-reduces use NCCL on GPUs. The drafter exchange carries pickled messages and uses
+    gloo: it works wherever the drafter sits, also on a GPU it shares with verifier rank 0 (a
+    fractional GPU), where NCCL refuses two ranks on one device. Every rank calls this.
+    """
     backend = "nccl" if spec.device == "cuda" else "gloo"
     if spec.device == "cuda":
         torch.cuda.set_device(0)  # Ray exposes each worker's own GPU as device 0
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=spec.world)
-    group = dist.new_group(list(range(spec.tp)))  # collective: all ranks, members or not
-    return group if spec.tp > 1 else None
+    tp_group = dist.new_group(list(range(spec.tp)))  # collective: all ranks, members or not
+    exchange = dist.new_group([0, spec.drafter_rank], backend="gloo")
+    return (tp_group if spec.tp > 1 else None), exchange
 
 
 def _kwargs(spec: LaneSpec) -> dict:
@@ -69,27 +75,27 @@ def _target_engine(spec: LaneSpec, rank: int, group):
 
 def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatch:
     """Rank 0: the sharded target behind a TPLeader, the drafter behind a RemoteDrafter."""
-    group = join(spec, 0, init_method)
+    group, exchange = join(spec, 0, init_method)
     engine = _target_engine(spec, 0, group)
     target = TPLeader(engine, group, src=0) if group is not None else engine
     box = [None]
-    dist.recv_object_list(box, src=spec.drafter_rank)  # the drafter's context length
-    drafter = RemoteDrafter(spec.drafter_rank, box[0], spec.max_slots)
+    dist.recv_object_list(box, src=spec.drafter_rank, group=exchange)  # the drafter's context length
+    drafter = RemoteDrafter(spec.drafter_rank, box[0], spec.max_slots, exchange)
     return SpecBatch(target, drafter, stop_ids)
 
 
 def run_follower(spec: LaneSpec, rank: int, init_method: str) -> None:
     """Ranks 1..T-1: hold a shard and replay the leader's engine calls until it stops."""
-    group = join(spec, rank, init_method)
+    group, _ = join(spec, rank, init_method)
     follow(_target_engine(spec, rank, group), group, src=0)
 
 
 def run_drafter(spec: LaneSpec, init_method: str) -> None:
     """Rank T: the draft model; answers the leader's draft requests until it stops."""
-    join(spec, spec.drafter_rank, init_method)
+    _, exchange = join(spec, spec.drafter_rank, init_method)
     engine = load_engine(spec.draft, spec.device, spec.dtype, spec.engine, spec.max_slots, spec.max_context)
-    dist.send_object_list([engine.max_context], dst=0)
-    serve_drafter(Drafter(engine, AdaEDLConfig(lambda0=spec.adaedl_lambda0)), leader=0)
+    dist.send_object_list([engine.max_context], dst=0, group=exchange)
+    serve_drafter(Drafter(engine, AdaEDLConfig(lambda0=spec.adaedl_lambda0)), leader=0, group=exchange)
 
 
 def stop_lane(batch: SpecBatch) -> None:

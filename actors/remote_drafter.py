@@ -1,5 +1,6 @@
 """A drafter in another process, reached over torch.distributed (DESIGN §2: per-step traffic
-goes over a process group — NCCL on GPUs, gloo on CPU — and never through Ray calls).
+goes over a process group, never through Ray calls). The messages are small pickled structs, so
+the exchange group is gloo even on GPUs (actors/lane_roles.py says why).
 
 The lane's leader holds a `RemoteDrafter` with the Drafter's interface; the drafter process runs
 `serve_drafter`. `submit` sends the step's draft requests and returns at once, so the verifier's
@@ -16,8 +17,9 @@ from actors.messages import DraftChunk, DraftItem, DraftRound
 
 
 class RemoteDrafter:
-    def __init__(self, peer: int, max_context: int, max_slots: int) -> None:
+    def __init__(self, peer: int, max_context: int, max_slots: int, group=None) -> None:
         self.peer = peer  # the drafter's global rank
+        self.group = group  # the leader <-> drafter exchange group
         self.max_context = max_context
         self._free = list(range(max_slots - 1, -1, -1))  # slot ids mirrored on the drafter
 
@@ -26,11 +28,11 @@ class RemoteDrafter:
         return len(self._free)
 
     def _send(self, op: str, *args) -> None:
-        dist.send_object_list([(op, args)], dst=self.peer)
+        dist.send_object_list([(op, args)], dst=self.peer, group=self.group)
 
     def _recv(self):
         box = [None]
-        dist.recv_object_list(box, src=self.peer)
+        dist.recv_object_list(box, src=self.peer, group=self.group)
         return box[0]
 
     def start(self, rid: str, seed: int) -> int:
@@ -66,11 +68,11 @@ class RemoteDraftFuture:
         return self._chunks
 
 
-def serve_drafter(drafter: Drafter, leader: int) -> None:
+def serve_drafter(drafter: Drafter, leader: int, group=None) -> None:
     """Drafter process: execute the leader's requests until it says stop."""
     while True:
         box = [None]
-        dist.recv_object_list(box, src=leader)
+        dist.recv_object_list(box, src=leader, group=group)
         op, args = box[0]
         if op == "stop":
             return
@@ -84,6 +86,6 @@ def serve_drafter(drafter: Drafter, leader: int) -> None:
         elif op == "propose":
             start = time.perf_counter()
             chunks = drafter.propose(*args)
-            dist.send_object_list([(chunks, time.perf_counter() - start)], dst=leader)
+            dist.send_object_list([(chunks, time.perf_counter() - start)], dst=leader, group=group)
         else:
             raise AssertionError(f"unknown drafter op {op!r}")

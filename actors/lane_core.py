@@ -62,8 +62,9 @@ class LaneCore:
                 raise RuntimeError(f"lane step loop failed: {self.error!r}")
             if rid in self._sinks:
                 raise TandemError(f"request id {rid!r} is already running")
-            if len(self._waiting) >= self.max_queued and len(self._sinks) >= self.max_batch_size:
-                raise LaneFull(f"lane is full: {len(self._sinks)} requests running and {len(self._waiting)} queued")
+            if len(self._sinks) >= self.max_batch_size + self.max_queued:  # _sinks: running + queued
+                raise LaneFull(f"lane is full: {len(self._sinks) - len(self._waiting)} requests running "
+                               f"and {len(self._waiting)} queued")
             self._sinks[rid] = sink
             self._waiting.append(_Pending(rid, prompt, sampling, spec, sink, time.monotonic() + self.request_timeout_s))
             self._lock.notify()

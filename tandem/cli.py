@@ -15,7 +15,7 @@ TINY = REPO / "models" / "tiny"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_arguments(sub.add_parser("generate", help="generate text offline (in-process)"))
+    add_generate_arguments(sub.add_parser("generate", help="generate text in-process, or on a server with --url"))
     zoo_parser = sub.add_parser("zoo", help="train the project's own target/draft model pair (needs torch)")
     try:
         from tandem import zoo  # torch: only with the server extra
@@ -53,9 +53,15 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--engine", default="auto", choices=["auto", "native", "hf"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--url", default=None, metavar="HOST:PORT",
+                   help="generate on a running tandem server over gRPC (e.g. 127.0.0.1:9000) instead of "
+                        "in-process; --target/--draft/--device/--dtype/--engine/--adaedl-lambda/"
+                        "--one-hot-drafts are then the server's business and ignored")
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.url:
+        return run_remote_generate(args)
     from actors.adaedl import AdaEDLConfig
     from actors.messages import SamplingParams, SpecParams
     from actors.offline import generate
@@ -76,6 +82,38 @@ def run_generate(args: argparse.Namespace) -> int:
         print(args.prompt + text)
         print(f"[{args.mode}] {stats['generated']} tokens, {stats['steps']} verifier steps, acceptance "
               f"{stats['acceptance_rate']:.2f}, {stats['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def run_remote_generate(args: argparse.Namespace) -> int:
+    """`tandem generate --url`: stream from a server with the SDK (grpcio only, no torch or ray)."""
+    from google.protobuf.json_format import MessageToDict
+
+    from tandem.client import TandemClient, TandemClientError
+
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  seed=args.seed, mode=args.mode, max_draft=args.max_draft, adaedl=args.adaedl)
+    ids, text, finish, stats = [], "", "", None
+    try:
+        with TandemClient(args.url, retries=0) as client:
+            for chunk in client.generate(args.prompt, **kwargs):
+                if not args.json:  # stream the text as it is verified, after the prompt
+                    print(("" if ids else args.prompt) + chunk.text, end="", flush=True)
+                ids += chunk.token_ids
+                text += chunk.text
+                if chunk.finish_reason:
+                    finish, stats = chunk.finish_reason, chunk.stats
+    except TandemClientError as e:
+        raise TandemError(f"server {args.url} answered {e}") from None
+    stats = (MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+             if stats else {})
+    if args.json:
+        print(json.dumps({"token_ids": ids, "text": text, "finish_reason": finish, "mode": args.mode, "stats": stats}))
+    else:
+        print()
+        print(f"[{args.mode} @ {args.url}] {stats.get('generated', len(ids))} tokens, {stats.get('steps', 0)} "
+              f"verifier steps, acceptance {stats.get('acceptance_rate', 0.0):.2f}, "
+              f"{stats.get('tokens_per_s', 0.0):.1f} tokens/s", file=sys.stderr)
     return 0
 
 

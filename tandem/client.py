@@ -6,6 +6,13 @@ Light: needs grpcio and protobuf only (the base install), never torch or ray.
     with TandemClient("127.0.0.1:9000") as client:
         for chunk in client.generate("def fib(n):", max_tokens=32):
             print(chunk.text, end="", flush=True)
+
+    async with AsyncTandemClient("127.0.0.1:9000") as client:
+        done = await client.complete("import os", max_tokens=16, mode="sd")
+
+Failed calls raise a TandemClientError subclass named after the gRPC status (InvalidArgument,
+ResourceExhausted, Unavailable, ...) carrying the server's message. Breaking out of a
+`generate` loop cancels the call, which frees the request's lane slot on the server.
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ class Unavailable(TandemClientError): ...
 class DeadlineExceeded(TandemClientError): ...
 class NotFound(TandemClientError): ...
 class Cancelled(TandemClientError): ...
+class Unauthenticated(TandemClientError): ...
+class Internal(TandemClientError): ...
 
 
 _ERRORS = {
@@ -45,6 +54,8 @@ _ERRORS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.INTERNAL: Internal,
 }
 
 
@@ -64,16 +75,17 @@ class Completion:
     stats: pb.RequestStats | None = None
 
 
-def build_request(prompt: str, max_tokens: int = 64, temperature: float | None = None,
+def build_request(prompt: str, max_tokens: int = 0, temperature: float | None = None,
                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                   stop: list[str] | None = None, mode: str | None = None, max_draft: int | None = None,
                   adaedl: bool | None = None, request_id: str | None = None,
-                  ignore_eos: bool = False) -> pb.GenerateRequest:
+                  ignore_eos: bool = False, model: str = "") -> pb.GenerateRequest:
+    """A GenerateRequest; None / 0 leave a setting to the server's default (max_tokens 0 included)."""
     spec = pb.Speculation(mode=mode, max_draft=max_draft, adaedl=adaedl)
     return pb.GenerateRequest(
         prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed, stop=stop or [], speculation=spec, request_id=request_id or uuid.uuid4().hex,
-        ignore_eos=ignore_eos,
+        ignore_eos=ignore_eos, model=model,
     )
 
 
@@ -120,13 +132,17 @@ class TandemClient:
         return self._unary(self._stub.Cancel, pb.CancelRequest(request_id=request_id), request_id).cancelled
 
     def generate(self, prompt: str, **kwargs) -> Iterator[pb.GenerateChunk]:
-        """Stream chunks of verified tokens. Retried only until the first chunk has arrived."""
+        """Stream chunks of verified tokens (keyword arguments: see build_request).
+
+        Retried only until the first chunk has arrived. Leaving the loop early (break, an
+        exception, closing the iterator) cancels the call, and the server frees the lane slot.
+        """
         request = build_request(prompt, **kwargs)
         for attempt in range(self.retries + 1):
             received = False
+            stream = self._stub.Generate(request, timeout=self.timeout,
+                                         metadata=_metadata(request.request_id, self.metadata))
             try:
-                stream = self._stub.Generate(request, timeout=self.timeout,
-                                             metadata=_metadata(request.request_id, self.metadata))
                 for chunk in stream:
                     received = True
                     yield chunk
@@ -135,6 +151,8 @@ class TandemClient:
                 if received or e.code() not in RETRYABLE or attempt == self.retries:
                     raise _typed(e) from None
                 time.sleep(self.backoff_s * 2**attempt)
+            finally:
+                stream.cancel()  # a no-op once the stream has ended
 
     def complete(self, prompt: str, **kwargs) -> Completion:
         """Run a generation to the end and return it whole."""
@@ -191,14 +209,15 @@ class AsyncTandemClient:
         return (await self._unary(self._stub.Cancel, pb.CancelRequest(request_id=request_id), request_id)).cancelled
 
     async def generate(self, prompt: str, **kwargs) -> AsyncIterator[pb.GenerateChunk]:
+        """As TandemClient.generate; closing the async iterator early cancels the call."""
         import asyncio
 
         request = build_request(prompt, **kwargs)
         for attempt in range(self.retries + 1):
             received = False
+            call = self._stub.Generate(request, timeout=self.timeout,
+                                       metadata=_metadata(request.request_id, self.metadata))
             try:
-                call = self._stub.Generate(request, timeout=self.timeout,
-                                           metadata=_metadata(request.request_id, self.metadata))
                 async for chunk in call:
                     received = True
                     yield chunk
@@ -207,11 +226,9 @@ class AsyncTandemClient:
                 if received or e.code() not in RETRYABLE or attempt == self.retries:
                     raise _typed(e) from None
                 await asyncio.sleep(self.backoff_s * 2**attempt)
+            finally:
+                call.cancel()  # a no-op once the call has ended
 
     async def complete(self, prompt: str, **kwargs) -> Completion:
-        out = Completion(kwargs.get("request_id") or "")
-        async for c in self.generate(prompt, **kwargs):
-            out.request_id, out.text, out.token_ids = c.request_id, out.text + c.text, out.token_ids + list(c.token_ids)
-            if c.finish_reason:
-                out.finish_reason, out.stats = c.finish_reason, c.stats
-        return out
+        """Run a generation to the end and return it whole."""
+        return _collect([c async for c in self.generate(prompt, **kwargs)], kwargs.get("request_id"))

@@ -1,0 +1,346 @@
+"""The ingress deployment: one class answering gRPC (tandem.v1.Tandem) and OpenAI-style HTTP.
+
+Both front ends share one path (DESIGN §2): validate → tokenize with the target's tokenizer →
+stream from a Lane through a DeploymentHandle → detokenize incrementally → stop strings. Keeping
+them in one replica also gives Cancel one table of in-flight requests to look in.
+
+Ray Serve 2.60 facts this relies on (DESIGN §9): a gRPC method is the deployment method of the
+same name, server streaming is an async generator of protobufs, and a status set on
+`grpc_context` before raising is what the client sees. The HTTP routes live in
+cluster/openai_api.py and are mounted with `@serve.ingress`.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import AsyncIterator, NoReturn
+
+import grpc
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from ray.serve.grpc_util import RayServegRPCContext
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from actors.messages import SamplingParams, SpecParams
+from actors.pair import load_tokenizer
+from cluster.config import AppConfig
+from cluster.openai_api import OpenAIRoutes, openai_app
+from protos import tandem_pb2 as pb
+from tandem.errors import LaneFull, TandemError
+
+# A lane that says LaneFull is retried on another lane (Serve's router picks it), at most this
+# many times in all: a full lane answers at once, so retrying is cheap.
+MAX_LANE_ATTEMPTS = 4
+
+
+@dataclass
+class GenerateParams:
+    """One request as either front end states it; None means "the server's default"."""
+
+    prompt: str
+    max_tokens: int = 0  # 0: AppConfig.default_max_tokens
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    mode: str | None = None
+    max_draft: int | None = None
+    adaedl: bool | None = None
+    ignore_eos: bool = False
+    model: str = ""
+    request_id: str = ""
+
+
+@dataclass
+class Admitted:
+    """A validated, tokenized request, ready for a lane."""
+
+    rid: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    spec: SpecParams
+    stop: list[str]
+    received_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Delta:
+    """What one lane emission becomes at the front: new tokens and the text they add."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    stats: dict | None = None  # on the last delta
+
+
+class TextStream:
+    """Token ids in, text deltas out, correct for byte-level BPE and stop strings.
+
+    Byte-level BPE splits one UTF-8 character over several tokens, so decoding token by token
+    yields U+FFFD halves. Decoding the whole output and emitting only the new suffix does not,
+    as long as an incomplete character at the end is held back. Text that could still be the
+    start of a stop string is held back too (at most the longest stop string minus one chars),
+    so a stop string never reaches the client even in part.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max(map(len, self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def push(self, ids: list[int], final: bool) -> tuple[list[int], str]:
+        """Add the lane's new tokens; return the tokens to report and the text to emit."""
+        start = len(self.ids)
+        self.ids += ids
+        text = self._decode(self.ids)
+        cut = self._find_stop(text)
+        if cut is not None:
+            self.stopped = True
+            ids, text = self._ids_through_stop(start), text[:cut]
+        elif not final:
+            text = text.rstrip("\ufffd")  # an incomplete UTF-8 tail: wait for its other bytes
+            text = text[: max(len(self.sent), len(text) - self.hold)]
+        if not text.startswith(self.sent):  # decoding is prefix-stable here; never re-send
+            return ids, ""
+        delta, self.sent = text[len(self.sent):], text
+        return ids, delta
+
+    def _decode(self, ids: list[int]) -> str:
+        # clean_up_tokenization_spaces rewrites " ." after the fact, which would break the
+        # "earlier text never changes" property the suffix emission needs.
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _find_stop(self, text: str) -> int | None:
+        """Where the first stop string starts, searching only text not yet checked."""
+        begin = max(0, len(self.sent) - self.hold)
+        hits = [i for i in (text.find(s, begin) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _ids_through_stop(self, start: int) -> list[int]:
+        """The new tokens up to the one that completes the stop string (later ones are dropped)."""
+        for k in range(start + 1, len(self.ids) + 1):
+            if self._find_stop(self._decode(self.ids[:k])) is not None:
+                break
+        new, self.ids = self.ids[start:k], self.ids[:k]
+        return new
+
+
+class Router(OpenAIRoutes):
+    """gRPC methods Generate / Health / ListModels / Cancel; HTTP routes come from OpenAIRoutes."""
+
+    def __init__(self, config: dict, lane: DeploymentHandle) -> None:
+        self.cfg = AppConfig(**config)
+        self.tokenizer = load_tokenizer(self.cfg.model.target)
+        self.lane = lane
+        self.inflight: dict[str, DeploymentResponseGenerator] = {}
+        auto = self.cfg.autoscaling or {}
+        self.lane_attempts = min(MAX_LANE_ATTEMPTS, int(auto.get("max_replicas", self.cfg.num_lanes)))
+
+    # -- the shared path -------------------------------------------------------------------------
+    def admit(self, p: GenerateParams) -> Admitted:
+        """Validate and tokenize, so bad input is refused here with a message naming the field."""
+        cfg = self.cfg
+        if p.model and p.model != cfg.model.id:
+            raise TandemError(f"unknown model {p.model!r}: this server serves {cfg.model.id!r}")
+        if not p.prompt:
+            raise TandemError("prompt is empty: give at least one character")
+        max_tokens = p.max_tokens or cfg.default_max_tokens
+        if not 0 < max_tokens <= cfg.max_tokens_limit:
+            raise TandemError(f"max_tokens must be in [1, {cfg.max_tokens_limit}] (0 = default "
+                              f"{cfg.default_max_tokens}), got {p.max_tokens}")
+        sampling = SamplingParams(
+            max_tokens, _default(p.temperature, 0.0), _default(p.top_k, 0), _default(p.top_p, 1.0),
+            p.seed, p.ignore_eos).validate()
+        s = cfg.speculation
+        spec = SpecParams(_default(p.mode, s.mode), _default(p.max_draft, s.max_draft),
+                          _default(p.adaedl, s.adaedl), s.send_draft_probs).validate()
+        rid = p.request_id or uuid.uuid4().hex
+        if rid in self.inflight:
+            raise TandemError(f"request id {rid!r} is already running: use a new one")
+        prompt_ids = self.tokenizer.encode(p.prompt, add_special_tokens=False)
+        return Admitted(rid, prompt_ids, sampling, spec, list(p.stop))
+
+    async def open_stream(self, p: GenerateParams) -> tuple[Admitted, AsyncIterator[Delta]]:
+        """Admit a request and wait for its lane's first answer.
+
+        Bad input and a full lane raise here, before a gRPC stream or an HTTP 200 has started,
+        so the client gets a status code and not a broken stream.
+        """
+        req = self.admit(p)
+        gen, first = await self._submit(req)
+        return req, self._deltas(req, gen, first)
+
+    async def _submit(self, req: Admitted) -> tuple[DeploymentResponseGenerator, dict]:
+        """Start the request on a lane; on LaneFull try another (Serve picks the lane)."""
+        for attempt in range(self.lane_attempts):
+            gen = self.lane.options(stream=True).generate.remote(
+                req.rid, req.prompt_ids, asdict(req.sampling), asdict(req.spec))
+            self.inflight[req.rid] = gen  # from now on Cancel can reach it
+            try:
+                return gen, await _next_output(gen)
+            except LaneFull:
+                self.inflight.pop(req.rid, None)
+                if attempt == self.lane_attempts - 1:
+                    raise
+            except BaseException:  # e.g. the client went away before the first token
+                self.inflight.pop(req.rid, None)
+                gen.cancel()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _deltas(self, req: Admitted, gen: DeploymentResponseGenerator, out: dict) -> AsyncIterator[Delta]:
+        """Turn lane outputs into deltas; whatever ends the stream early also ends the lane's work."""
+        text = TextStream(self.tokenizer, req.stop)
+        first_token_at = None
+        lane_done = False
+        try:
+            while True:
+                lane_done = out["finish_reason"] is not None
+                ids, chunk = text.push(out["token_ids"], final=lane_done)
+                if ids and first_token_at is None:
+                    first_token_at = time.perf_counter() - req.received_at
+                reason = "stop" if text.stopped else out["finish_reason"]
+                stats = self._stats(req, text, out.get("stats"), first_token_at) if reason else None
+                yield Delta(ids, chunk, reason, stats)
+                if reason:
+                    return
+                out = await _next_output(gen)
+        finally:  # a stop string, Cancel or a client that went away: free the lane slot now
+            self.inflight.pop(req.rid, None)
+            if not lane_done:
+                gen.cancel()
+
+    def _stats(self, req: Admitted, text: TextStream, lane_stats: dict | None, ttft: float | None) -> dict:
+        """The lane's stats (absent when the router ended the request) plus what the router measured."""
+        stats = dict(lane_stats or {"generated": len(text.ids)})
+        stats["prompt_tokens"] = len(req.prompt_ids)
+        stats["time_to_first_token_s"] = ttft or 0.0
+        return stats
+
+    async def cancel(self, rid: str) -> bool:
+        """Cancel a request here, or (another router replica's) on whichever lane holds it."""
+        gen = self.inflight.pop(rid, None)
+        if gen is not None:
+            gen.cancel()  # the lane's generate sees the cancellation and frees the slot
+            return True
+        results = await self.lane.broadcast("cancel", rid).results_async(timeout_s=10, return_exceptions=True)
+        return any(r is True for r in results)
+
+    async def lane_loads(self) -> list[dict]:
+        """load() of every lane replica; broadcast() bypasses max_ongoing_requests, so a full lane answers too."""
+        try:
+            results = await self.lane.broadcast("load").results_async(timeout_s=10, return_exceptions=True)
+        except (DeploymentUnavailableError, TimeoutError):
+            return []
+        return [r for r in results if isinstance(r, dict)]
+
+    def model_card(self) -> pb.Model:
+        m = self.cfg.model
+        max_context = m.max_context or int(m.target_config().get("max_position_embeddings", 0))
+        return pb.Model(id=m.id, target=m.target, draft=m.draft, max_context=max_context)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The tokenizer's chat template, or a plain role-prefixed transcript when it has none."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+        return "\n".join(lines) + "\nAssistant:"
+
+    # -- gRPC: method names are the RPC names (DESIGN §9) ----------------------------------------
+    async def Generate(self, request: pb.GenerateRequest,
+                       grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateChunk]:
+        """Stream verified tokens; the last chunk carries finish_reason and stats."""
+        try:
+            req, deltas = await self.open_stream(params_from_proto(request, grpc_context))
+        except Exception as e:
+            raise_grpc(grpc_context, e)
+        try:
+            async for d in deltas:
+                yield pb.GenerateChunk(request_id=req.rid, token_ids=d.token_ids, text=d.text,
+                                       finish_reason=d.finish_reason or "", stats=stats_proto(d.stats))
+        finally:  # closed at a yield (client gone): end the lane's work now, not at GC
+            await deltas.aclose()
+
+    async def Health(self, request: pb.HealthRequest, grpc_context: RayServegRPCContext = None) -> pb.HealthResponse:
+        loads = await self.lane_loads()
+        healthy = any(x.get("healthy") for x in loads)
+        return pb.HealthResponse(status="SERVING" if healthy else "NOT_SERVING", lanes=len(loads),
+                                 running=sum(x["running"] for x in loads), queued=sum(x["queued"] for x in loads))
+
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         grpc_context: RayServegRPCContext = None) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self.model_card()])
+
+    async def Cancel(self, request: pb.CancelRequest, grpc_context: RayServegRPCContext = None) -> pb.CancelResponse:
+        return pb.CancelResponse(cancelled=await self.cancel(request.request_id))
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+async def _next_output(gen: DeploymentResponseGenerator) -> dict:
+    """The lane's next output; a cancelled call reads as the lane's own "cancelled" ending."""
+    try:
+        return await gen.__anext__()
+    except RequestCancelledError:
+        return {"token_ids": [], "finish_reason": "cancelled", "stats": None}
+    except StopAsyncIteration:  # the lane always ends with a finish_reason; this is a fault
+        return {"token_ids": [], "finish_reason": "error", "stats": None}
+
+
+def params_from_proto(r: pb.GenerateRequest, ctx: RayServegRPCContext | None) -> GenerateParams:
+    """proto3 `optional` fields: unset means the server's default (HasField tells them apart)."""
+    meta = dict(ctx.invocation_metadata()) if ctx is not None else {}
+    sp = r.speculation
+
+    def opt(msg, name):
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    return GenerateParams(
+        prompt=r.prompt, max_tokens=r.max_tokens, temperature=opt(r, "temperature"), top_p=opt(r, "top_p"),
+        top_k=opt(r, "top_k"), seed=opt(r, "seed"), stop=list(r.stop), mode=opt(sp, "mode"),
+        max_draft=opt(sp, "max_draft"), adaedl=opt(sp, "adaedl"), ignore_eos=r.ignore_eos, model=r.model,
+        request_id=r.request_id or meta.get("x-request-id", ""),
+    )
+
+
+def stats_proto(stats: dict | None) -> pb.RequestStats | None:
+    if stats is None:
+        return None
+    names = pb.RequestStats.DESCRIPTOR.fields_by_name
+    return pb.RequestStats(**{k: v for k, v in stats.items() if k in names and v is not None})
+
+
+def user_message(e: BaseException) -> str:
+    """The message a person can act on: a lane's TandemError arrives wrapped in a RayTaskError."""
+    cause = getattr(e, "cause", None)
+    return str(cause if isinstance(cause, Exception) else e)
+
+
+def grpc_code(e: BaseException) -> grpc.StatusCode | None:
+    """The status for an error the client caused or can retry; None: a server fault (INTERNAL)."""
+    if isinstance(e, (LaneFull, BackPressureError)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(e, TandemError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(e, DeploymentUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE
+    return None
+
+
+def raise_grpc(ctx: RayServegRPCContext, e: Exception) -> NoReturn:
+    """Serve sends the code set on grpc_context when the method then raises (DESIGN §9)."""
+    code = grpc_code(e)
+    if code is not None:
+        ctx.set_code(code)
+        ctx.set_details(user_message(e))
+    raise e
+
+
+RouterDeployment = serve.deployment(serve.ingress(openai_app)(Router), name="Router")

@@ -52,6 +52,14 @@ class Lane:
     async def load(self) -> dict:
         return {"lane": self.lane_id, **self.core.load()}
 
+    async def topology(self) -> dict:
+        """Node of this replica (verifier rank 0) and of each worker (ranks 1..T, the drafter last)."""
+        import ray
+
+        actors = [w for w in self.workers if isinstance(w, ray.actor.ActorHandle)]
+        nodes = await asyncio.gather(*[a.node_id.remote() for a in actors])
+        return {"leader": ray.get_runtime_context().get_node_id(), "workers": list(nodes)}
+
     async def reset_timing(self) -> None:
         """Start a new step-timing window (benchmarks read it back through load())."""
         self.core.reset_timing()

@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.lane_roles import LaneSpec, run_drafter, run_follower
 
 
-@ray.remote
+@ray.remote(max_concurrency=2)  # run() blocks for the lane's life; node_id() must still answer
 class LaneWorker:
     """One non-leader process of a lane (a verifier shard or the drafter)."""
 

@@ -6,12 +6,15 @@ verifier's outcome into each request's AdaEDL state). The drafter never decides 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 
 import torch
 
 from actors.adaedl import AdaEDLConfig, AdaEDLState
 from actors.engine import Engine
 from actors.messages import DraftChunk, DraftItem, DraftRound
+from kernels.entropy import softmax_entropy
 from kernels.sampling import entropy, logits_to_probs, sample, sampling_tensors
 
 
@@ -44,7 +47,7 @@ class Drafter:
         self._generators.pop(rid, None)
         self._adaedl.pop(rid, None)
 
-    def submit(self, items: list[DraftItem]) -> "DraftFuture":
+    def submit(self, items: list[DraftItem]) -> DraftFuture:
         """Start drafting; in-process the work is done here, a remote drafter returns at once."""
         start = time.perf_counter()
         chunks = self.propose(items)
@@ -66,14 +69,16 @@ class Drafter:
         probs: list[list[torch.Tensor]] = [[] for _ in items]
         active = [b for b, it in enumerate(items) if it.max_len > 0]
         while active:
-            q, h = self._next_distributions([items[b] for b in active], [seqs[b] for b in active])
+            q, h, top = self._next_distributions([items[b] for b in active], [seqs[b] for b in active])
+            h, top = h.tolist(), top.tolist()  # one sync per position for the whole batch
             still = []
             for row, b in enumerate(active):
                 it = items[b]
-                if ids[b] and it.adaedl and self._adaedl[it.rid].should_stop(float(h[row])):
+                if ids[b] and it.adaedl and self._adaedl[it.rid].should_stop(h[row]):
                     continue  # AdaEDL: the next token is likely rejected; always keep >= 1
-                # One-hot drafts are the argmax (exact for any draft token, best acceptance).
-                token = sample(q[row], self._generators[it.rid]) if it.send_probs else int(q[row].argmax())
+                # Sampled drafts come from q; one-hot drafts (and greedy requests) are the argmax.
+                sampled = it.send_probs and it.sampling.temperature > 0
+                token = sample(q[row], self._generators[it.rid]) if sampled else top[row]
                 ids[b].append(token)
                 probs[b].append(q[row])
                 seqs[b].append(token)
@@ -82,15 +87,17 @@ class Drafter:
             active = still
         return [self._chunk(it, ids[b], probs[b]) for b, it in enumerate(items)]
 
-    def _next_distributions(self, items, seqs) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [n, V] after each sequence, and the entropy [n] AdaEDL looks at."""
+    def _next_distributions(self, items, seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [n, V] after each sequence, the entropy [n] AdaEDL looks at, and the argmax [n]."""
         logits = self.engine.forward([it.slot for it in items], seqs, [1] * len(items))
         temp, top_k, top_p = sampling_tensors([it.sampling for it in items], logits.device)
+        if all(it.sampling.top_k == 0 and it.sampling.top_p >= 1 for it in items):
+            return softmax_entropy(logits, temp)  # fused on CUDA
         q = logits_to_probs(logits, temp, top_k, top_p)
         # Greedy requests: entropy of the plain softmax, not of the one-hot q (DESIGN §5).
         plain = torch.softmax(logits.float(), dim=-1)
         h = entropy(torch.where((temp <= 0).unsqueeze(-1), plain, q))
-        return q, h
+        return q, h, logits.argmax(-1)
 
     def _chunk(self, item: DraftItem, ids: list[int], probs: list[torch.Tensor]) -> DraftChunk:
         q = torch.stack(probs) if (probs and item.send_probs) else None
@@ -107,3 +114,49 @@ class DraftFuture:
 
     def result(self) -> list[DraftChunk]:
         return self._chunks
+
+
+class ThreadedDrafter(Drafter):
+    """A drafter that drafts in a background thread, on its own CUDA stream (or its own GPU).
+
+    In-process PEARL: `submit` returns at once, the verifier's forward runs on the caller's
+    thread meanwhile, and the two overlap on the device (DESIGN §4). Vanilla SD gains nothing
+    from it (its verify waits for the draft). On CPU it is correct but the GIL limits overlap.
+    """
+
+    def __init__(self, engine: Engine, adaedl: AdaEDLConfig | None = None) -> None:
+        super().__init__(engine, adaedl)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-drafter")
+        cuda = engine.device.type == "cuda"
+        self._stream = torch.cuda.Stream(device=engine.device) if cuda else None
+
+    def submit(self, items: list[DraftItem]) -> ThreadedDraftFuture:
+        consumer = torch.cuda.current_stream() if self._stream is not None else None
+        return ThreadedDraftFuture(self._pool.submit(self._draft, items), consumer)
+
+    def _draft(self, items: list[DraftItem]) -> tuple[list[DraftChunk], float]:
+        start = time.perf_counter()
+        with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+            chunks = self.propose(items)
+        if self._stream is not None:
+            self._stream.synchronize()  # the chunks' q tensors are complete before anyone reads them
+        return chunks, time.perf_counter() - start
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class ThreadedDraftFuture:
+    """result() waits for the drafting thread; `seconds` is its compute time."""
+
+    def __init__(self, future: Future, consumer_stream) -> None:
+        self._future = future
+        self._consumer = consumer_stream
+        self.seconds = 0.0
+
+    def result(self) -> list[DraftChunk]:
+        chunks, self.seconds = self._future.result()
+        for c in chunks:  # the caller's stream uses (and may free) tensors made on the drafter's
+            if c.probs is not None and self._consumer is not None and c.probs.device == self._consumer.device:
+                c.probs.record_stream(self._consumer)
+        return chunks

@@ -4,23 +4,32 @@ One forward serves a ragged batch: request b feeds q_b new tokens at positions
 start_b .. start_b+q_b-1 of its own slot. The batch is padded to Q = max q_b; padded rows
 write their K/V into a scratch column past the end of every slot and are masked out.
 
-Weights and rotary embeddings are the transformers modules themselves (so any RoPE scaling the
-checkpoint uses is computed by transformers); this file only owns the cache and the attention.
+The layer is written for speed on GPUs (DESIGN §7): q/k/v and gate/up are each one fused
+matrix, and the elementwise work is three fused kernels (kernels/layer_ops.py: residual add +
+RMSNorm, RoPE + KV-cache write, SiLU·mul). On CUDA, decode and verify shapes (batch and query
+length bucketed, attention span bucketed) replay CUDA graphs (actors/graphs.py); prefill and
+other large shapes run eagerly. Rotary embeddings are transformers' own module, so any RoPE
+scaling the checkpoint uses is computed by transformers.
 Checked against transformers' own forward and generate in tests/test_engines.py.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from actors.engine import Engine
+from kernels.layer_ops import rms_norm, rope_and_cache, silu_mul
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class LlamaEngine(Engine):
-    def __init__(self, hf_model, max_slots: int, max_context: int | None = None, tp_group=None) -> None:
+    def __init__(
+        self, hf_model, max_slots: int, max_context: int | None = None, tp_group=None, cuda_graphs: bool | None = None
+    ) -> None:
         super().__init__(max_slots)
         self.tp_group = tp_group  # set: the model is sharded (actors/tensor_parallel.py)
         tp = dist.get_world_size(tp_group) if tp_group is not None else 1
@@ -33,32 +42,91 @@ class LlamaEngine(Engine):
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             limit = min(limit, cfg.sliding_window)  # no sliding-window attention here: cap instead
         self.max_context = min(limit, max_context or limit)
+        self.num_heads = cfg.num_attention_heads // tp
         self.num_kv_heads = cfg.num_key_value_heads // tp
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.layers = [_FusedLayer.of(layer) for layer in hf_model.model.layers]
         dtype = next(hf_model.parameters()).dtype
-        # [layers, slots, positions + 1 scratch, kv_heads, head_dim]
-        shape = (cfg.num_hidden_layers, max_slots, self.max_context + 1, self.num_kv_heads, self.head_dim)
+        # [layers, slots + 1 scratch slot, positions + 1 scratch column, kv_heads, head_dim]
+        shape = (cfg.num_hidden_layers, max_slots + 1, self.max_context + 1, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and tp_group is None
+        # cuda_graphs=True off CUDA runs the same bucketed, padded path without capture (tests).
+        self.graphs = None
+        if cuda_graphs:
+            from actors.graphs import GraphRunner
+
+            self.graphs = GraphRunner(self, max_slots)
 
     def _truncate(self, slot: int, length: int) -> None:
         pass  # positions past a slot's length are never read: the mask stops at the length
 
     @torch.inference_mode()
     def _forward(self, slots, starts, tokens, num_logits) -> torch.Tensor:
-        batch = _pad_batch(starts, tokens, self.max_context, self.device)
+        shape = Shape.of(starts, tokens)
+        if self.graphs is not None:
+            bucket = self.graphs.bucket(shape)
+            if bucket is not None:
+                batch = HostBatch.build(slots, starts, tokens, num_logits, bucket, self.scratch)
+                return self.graphs.run(bucket, batch)
+        batch = HostBatch.build(slots, starts, tokens, num_logits, shape, self.scratch)
+        ids, positions, write_positions, slot_ids, rows = batch.to(self.device)
+        return self.run(ids, positions, write_positions, slot_ids, shape.span, rows)
+
+    @property
+    def scratch(self) -> tuple[int, int]:
+        """(slot, column) that padding writes to and nothing reads."""
+        return self.max_slots, self.max_context
+
+    def run(self, ids, positions, write_positions, slot_ids, span: int, rows=None) -> torch.Tensor:
+        """The model on a padded batch, all on the device (so a CUDA graph can capture it).
+
+        ids / positions / write_positions [B, Q] int64, slot_ids [B]; keys 0..span-1 are
+        attended (span >= every end). Returns logits [len(rows), V], or [B*Q, V] if rows is None.
+        """
         inner = self.model.model
-        x = inner.embed_tokens(batch.token_ids)  # [B, Q, hidden]
-        cos, sin = inner.rotary_emb(x, batch.positions)  # [B, Q, head_dim]
-        slot_ids = torch.tensor(slots, device=self.device)
-        mask = batch.attention_mask()  # [B, 1, Q, Tk]
-        for i, layer in enumerate(inner.layers):
-            h = layer.input_layernorm(x)
-            x = x + self._reduce(self._attention(i, layer.self_attn, h, cos, sin, slot_ids, batch, mask))
-            x = x + self._reduce(layer.mlp(layer.post_attention_layernorm(x)))
-        rows = batch.logit_rows(num_logits)  # [N] flat indices into [B*Q]
-        x = inner.norm(x.flatten(0, 1)[rows])
-        return self.model.lm_head(x)
+        bsz, q_len = ids.shape
+        x = inner.embed_tokens(ids)  # [B, Q, hidden]
+        cos, sin = inner.rotary_emb(x, positions)  # [B, Q, head_dim]
+        cos, sin = cos.flatten(0, 1), sin.flatten(0, 1)  # [N, D], N = B*Q
+        keys = torch.arange(span, device=ids.device)
+        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, Q, span]
+        token_slots = slot_ids[:, None].expand(bsz, q_len).flatten()  # [N]
+        write_positions = write_positions.flatten()
+        x = x.flatten(0, 1)  # [N, hidden]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            h, residual = rms_norm(x, layer.input_norm, self.eps, residual)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [N, (H + 2 kvH) D]
+            if layer.q_norm is not None:  # Qwen3 normalises q and k per head before RoPE
+                qkv = self._qk_norm(layer, qkv)
+            q = rope_and_cache(
+                qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
+                self.k_cache[i], self.v_cache[i], token_slots, write_positions,
+            )  # [N, H, D]
+            k_all = self.k_cache[i][slot_ids, :span].transpose(1, 2)  # [B, kvH, span, D]
+            v_all = self.v_cache[i][slot_ids, :span].transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q.view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2), k_all, v_all,
+                attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads,
+            )  # [B, H, Q, D]
+            x = self._reduce(F.linear(out.transpose(1, 2).reshape(bsz * q_len, -1), layer.o_proj))
+            h, residual = rms_norm(x, layer.post_norm, self.eps, residual)
+            x = self._reduce(F.linear(silu_mul(F.linear(h, layer.gate_up)), layer.down))
+        if rows is not None:
+            x, residual = x[rows], residual[rows]
+        h, _ = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon, residual)
+        return self.model.lm_head(h)
+
+    def _qk_norm(self, layer: _FusedLayer, qkv: torch.Tensor) -> torch.Tensor:
+        n, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        q = layer.q_norm(q.view(n, -1, d)).flatten(1)
+        k = layer.k_norm(k.view(n, -1, d)).flatten(1)
+        return torch.cat([q, k, v], dim=-1)
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Row-parallel blocks leave partial sums on each rank: one all-reduce per block."""
@@ -66,65 +134,96 @@ class LlamaEngine(Engine):
             dist.all_reduce(partial, group=self.tp_group)
         return partial
 
-    def _attention(self, i, attn, h, cos, sin, slot_ids, batch, mask) -> torch.Tensor:
-        bsz, q_len, _ = h.shape
-        q = attn.q_proj(h).view(bsz, q_len, -1, self.head_dim)  # [B, Q, H, D]
-        k = attn.k_proj(h).view(bsz, q_len, -1, self.head_dim)  # [B, Q, kvH, D]
-        v = attn.v_proj(h).view(bsz, q_len, -1, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        write = (slot_ids.unsqueeze(1), batch.write_positions)  # ([B,1], [B,Q])
-        self.k_cache[i][write] = k
-        self.v_cache[i][write] = v
-        tk = mask.shape[-1]
-        keys = self.k_cache[i][slot_ids, :tk].transpose(1, 2)  # [B, kvH, Tk, D]
-        values = self.v_cache[i][slot_ids, :tk].transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask,
-            enable_gqa=keys.shape[1] != q.shape[2],
-        )  # [B, H, Q, D]
-        return attn.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
+
+@dataclass
+class _FusedLayer:
+    """One decoder layer's weights, q/k/v and gate/up each fused into one matrix.
+
+    The transformers modules' own weights become views into the fused ones, so nothing is
+    stored twice and the HF model still runs as before.
+    """
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: torch.Tensor  # [(H + 2 kvH) D, hidden]
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    gate_up: torch.Tensor  # [2 I, hidden]
+    down: torch.Tensor
+    q_norm: torch.nn.Module | None  # Qwen3's per-head norms of q and k (None elsewhere)
+    k_norm: torch.nn.Module | None
+
+    @staticmethod
+    def of(layer) -> _FusedLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "weight")
+        bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "bias") if attn.q_proj.bias is not None else None
+        gate_up = _fuse([mlp.gate_proj, mlp.up_proj], "weight")
+        assert attn.o_proj.bias is None and mlp.down_proj.bias is None, "biased o_proj / down_proj"
+        return _FusedLayer(
+            layer.input_layernorm.weight, layer.post_attention_layernorm.weight, qkv, bias,
+            attn.o_proj.weight, gate_up, mlp.down_proj.weight, getattr(attn, "q_norm", None), getattr(attn, "k_norm", None),
+        )
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, Q, H, D], cos/sin [B, Q, D]: rotate pairs (i, i + D/2), as transformers does."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _fuse(linears, name: str) -> torch.Tensor:
+    """Concatenate the modules' weights (or biases) by output feature; point each module at its slice."""
+    fused = torch.cat([getattr(m, name).data for m in linears], dim=0)
+    offset = 0
+    for m in linears:
+        param = getattr(m, name)
+        n = param.shape[0]
+        param.data = fused[offset : offset + n]
+        offset += n
+    return fused
 
 
-class _PaddedBatch:
-    """A ragged batch padded to Q = max(q_b) query tokens per request."""
+@dataclass(frozen=True)
+class Shape:
+    """A forward's batch size, query length and attention span (keys 0..span-1)."""
 
-    def __init__(self, token_ids, positions, valid, ends, scratch) -> None:
-        self.token_ids = token_ids  # [B, Q] int64
-        self.positions = positions  # [B, Q] int64: start_b + j
-        self.valid = valid  # [B, Q] bool: j < q_b
-        self.ends = ends  # [B] int64: start_b + q_b
-        self.write_positions = torch.where(valid, positions, scratch)  # padding -> scratch column
+    batch: int
+    query: int
+    span: int
 
-    def attention_mask(self) -> torch.Tensor:  # [B, 1, Q, Tk] bool, True = attend
-        tk = int(self.ends.max())
-        keys = torch.arange(tk, device=self.positions.device)
-        return (keys[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)
-
-    def logit_rows(self, num_logits: list[int]) -> torch.Tensor:  # [sum(num_logits)]
-        """Flat indices of the last num_logits[b] valid rows of each request."""
-        q = self.token_ids.shape[1]
-        lens = self.valid.sum(1).tolist()
-        rows = [b * q + j for b, (n, k) in enumerate(zip(lens, num_logits)) for j in range(n - k, n)]
-        return torch.tensor(rows, device=self.token_ids.device)
+    @staticmethod
+    def of(starts: list[int], tokens: list[list[int]]) -> Shape:
+        return Shape(len(tokens), max(len(t) for t in tokens), max(s + len(t) for s, t in zip(starts, tokens)))
 
 
-def _pad_batch(starts, tokens, scratch: int, device) -> _PaddedBatch:
-    q = max(len(t) for t in tokens)
-    ids = torch.zeros(len(tokens), q, dtype=torch.long)
-    for b, t in enumerate(tokens):
-        ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-    lens = torch.tensor([len(t) for t in tokens])
-    start = torch.tensor(starts)
-    positions = start[:, None] + torch.arange(q)[None, :]
-    valid = torch.arange(q)[None, :] < lens[:, None]
-    return _PaddedBatch(ids.to(device), positions.to(device), valid.to(device), (start + lens).to(device), scratch)
+@dataclass
+class HostBatch:
+    """A ragged batch padded to a shape, as one int64 host tensor (one copy to the device)."""
+
+    shape: Shape
+    data: torch.Tensor  # [3·B·Q + B + R]: ids, positions, write positions, slots, logit rows
+    num_rows: int
+
+    @staticmethod
+    def build(slots, starts, tokens, num_logits, shape: Shape, scratch: tuple[int, int]) -> HostBatch:
+        """Pad to shape (extra requests go to the scratch slot); rows = last num_logits[b] of each."""
+        bsz, q = shape.batch, shape.query
+        scratch_slot, scratch_col = scratch
+        ids = [0] * (bsz * q)
+        positions = [0] * (bsz * q)
+        writes = [scratch_col] * (bsz * q)
+        slot_ids = list(slots) + [scratch_slot] * (bsz - len(slots))
+        rows = []
+        for b, (start, t, n) in enumerate(zip(starts, tokens, num_logits)):
+            base = b * q
+            ids[base : base + len(t)] = t
+            positions[base : base + q] = range(start, start + q)
+            writes[base : base + len(t)] = range(start, start + len(t))
+            rows.extend(range(base + len(t) - n, base + len(t)))
+        data = torch.tensor(ids + positions + writes + slot_ids + rows, dtype=torch.long)
+        return HostBatch(shape, data, len(rows))
+
+    def split(self, data: torch.Tensor):
+        """(ids [B, Q], positions [B, Q], write positions [B, Q], slots [B], rows [R]) views of data."""
+        bsz, q = self.shape.batch, self.shape.query
+        n = bsz * q
+        ids, positions, writes, slot_ids, rows = data.split([n, n, n, bsz, self.num_rows])
+        return ids.view(bsz, q), positions.view(bsz, q), writes.view(bsz, q), slot_ids, rows
+
+    def to(self, device):
+        return self.split(self.data.to(device, non_blocking=True))

@@ -25,7 +25,7 @@ class SamplingParams:
     seed: int | None = None  # None: the server picks one
     ignore_eos: bool = False
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         if self.max_tokens <= 0:
             raise TandemError(f"max_tokens must be > 0, got {self.max_tokens}")
         if self.temperature < 0:
@@ -37,7 +37,7 @@ class SamplingParams:
         return self
 
     @staticmethod
-    def make_dummy() -> "SamplingParams":
+    def make_dummy() -> SamplingParams:
         return SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=0)
 
 
@@ -48,7 +48,7 @@ class SpecParams:
     adaedl: bool = True
     send_draft_probs: bool = True  # False: one-hot (greedy) drafts, cheaper to send (DESIGN §3)
 
-    def validate(self) -> "SpecParams":
+    def validate(self) -> SpecParams:
         if self.mode not in MODES:
             raise TandemError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not 0 <= self.max_draft <= 64:
@@ -56,7 +56,7 @@ class SpecParams:
         return self
 
     @staticmethod
-    def make_dummy() -> "SpecParams":
+    def make_dummy() -> SpecParams:
         return SpecParams(mode="sd", max_draft=3)
 
 
@@ -73,7 +73,7 @@ class DraftItem:
     send_probs: bool = True
 
     @staticmethod
-    def make_dummy() -> "DraftItem":
+    def make_dummy() -> DraftItem:
         return DraftItem("r0", 0, [1, 2, 3], 4, SamplingParams.make_dummy(), True)
 
 
@@ -86,7 +86,7 @@ class DraftChunk:
     lam: float | None = None  # the request's AdaEDL threshold after this draft (stats)
 
     @staticmethod
-    def make_dummy(vocab: int = 8) -> "DraftChunk":
+    def make_dummy(vocab: int = 8) -> DraftChunk:
         return DraftChunk([1, 2], torch.full((2, vocab), 1.0 / vocab), 0.5)
 
 
@@ -100,7 +100,7 @@ class VerifyItem:
     sampling: SamplingParams
 
     @staticmethod
-    def make_dummy() -> "VerifyItem":
+    def make_dummy() -> VerifyItem:
         return VerifyItem(0, [1, 2, 3], 2, SamplingParams.make_dummy())
 
 
@@ -114,7 +114,7 @@ class DraftRound:
     max_len: int
 
     @staticmethod
-    def make_dummy() -> "DraftRound":
+    def make_dummy() -> DraftRound:
         return DraftRound("r0", 4, 2, 4)
 
 

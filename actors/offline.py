@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from actors.adaedl import AdaEDLConfig
 from actors.batch import SpecBatch
-from actors.drafter import Drafter
+from actors.drafter import Drafter, ThreadedDrafter
 from actors.messages import RequestStats, SamplingParams, SpecParams
 from actors.pair import ModelPair
 
@@ -23,10 +23,19 @@ def generate(
     sampling: SamplingParams | list[SamplingParams],
     spec: SpecParams | list[SpecParams],
     adaedl: AdaEDLConfig | None = None,
+    overlap: bool = False,
 ) -> list[Completion]:
-    """Run the prompts as one continuous batch; return each one's verified tokens."""
-    batch = SpecBatch(pair.target, Drafter(pair.draft, adaedl), pair.stop_ids)
-    return run_batch(batch, prompts, sampling, spec)
+    """Run the prompts as one continuous batch; return each one's verified tokens.
+
+    overlap=True drafts in a background thread on its own CUDA stream (or the draft's own GPU),
+    so PEARL's draft and verify run at the same time in one process.
+    """
+    drafter = ThreadedDrafter(pair.draft, adaedl) if overlap else Drafter(pair.draft, adaedl)
+    try:
+        return run_batch(SpecBatch(pair.target, drafter, pair.stop_ids), prompts, sampling, spec)
+    finally:
+        if overlap:
+            drafter.close()
 
 
 def run_batch(batch: SpecBatch, prompts, sampling, spec) -> list[Completion]:

@@ -35,7 +35,11 @@ def load_pair(
     engine: EngineKind = "auto",
     max_slots: int = 8,
     max_context: int | None = None,
+    cuda_graphs: bool | None = None,
+    draft_device: str | None = None,
 ) -> ModelPair:
+    """Both engines of a pair. cuda_graphs: None = on for the native engine on CUDA.
+    draft_device: put the draft on another device (e.g. "cuda:1"); default: `device`."""
     tokenizer = load_tokenizer(target)
     target_cfg, draft_cfg = read_config(target), read_config(draft)
     if target_cfg.get("vocab_size") != draft_cfg.get("vocab_size"):
@@ -44,8 +48,10 @@ def load_pair(
             f"{target_cfg.get('vocab_size')}, draft {draft} has {draft_cfg.get('vocab_size')}"
         )
     _check_same_tokenizer(tokenizer, draft)
-    kwargs = dict(device=device, dtype=dtype, engine=engine, max_slots=max_slots, max_context=max_context)
-    return ModelPair(tokenizer, load_engine(target, **kwargs), load_engine(draft, **kwargs))
+    kwargs = dict(dtype=dtype, engine=engine, max_slots=max_slots, max_context=max_context, cuda_graphs=cuda_graphs)
+    return ModelPair(
+        tokenizer, load_engine(target, device=device, **kwargs), load_engine(draft, device=draft_device or device, **kwargs)
+    )
 
 
 def read_config(path: str | Path) -> dict:
@@ -76,7 +82,8 @@ def _check_same_tokenizer(tokenizer, draft: str | Path) -> None:
 
 
 def load_engine(
-    path: str | Path, device: str, dtype: str, engine: EngineKind, max_slots: int, max_context: int | None
+    path: str | Path, device: str, dtype: str, engine: EngineKind, max_slots: int, max_context: int | None,
+    cuda_graphs: bool | None = None,
 ) -> Engine:
     from actors.hf_engine import HFEngine
     from actors.llama import SUPPORTED_MODEL_TYPES, LlamaEngine
@@ -86,8 +93,9 @@ def load_engine(
     if engine == "native" and not native:
         raise TandemError(f"the native engine supports {SUPPORTED_MODEL_TYPES}, not {cfg.get('model_type')!r}")
     model = load_hf_model(path, device, dtype)
-    cls = LlamaEngine if (native and engine != "hf") else HFEngine
-    return cls(model, max_slots=max_slots, max_context=max_context)
+    if native and engine != "hf":
+        return LlamaEngine(model, max_slots=max_slots, max_context=max_context, cuda_graphs=cuda_graphs)
+    return HFEngine(model, max_slots=max_slots, max_context=max_context)
 
 
 def load_hf_model(path: str | Path, device: str, dtype: str):

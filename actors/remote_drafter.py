@@ -12,7 +12,7 @@ import time
 
 import torch.distributed as dist
 
-from actors.drafter import DraftFuture, Drafter
+from actors.drafter import Drafter, DraftFuture
 from actors.messages import DraftChunk, DraftItem, DraftRound
 
 
@@ -48,7 +48,7 @@ class RemoteDrafter:
         if rounds:
             self._send("update", rounds)
 
-    def submit(self, items: list[DraftItem]) -> "RemoteDraftFuture | DraftFuture":
+    def submit(self, items: list[DraftItem]) -> RemoteDraftFuture | DraftFuture:
         if all(it.max_len == 0 for it in items):  # nothing to draft (AR): skip the round trip
             return DraftFuture([DraftChunk([], None) for _ in items], 0.0)
         self._send("propose", items)

@@ -14,12 +14,18 @@ All randomness comes in as tensors (uniforms for the accept tests, exponential n
 categorical draws), so a fused kernel given the same tensors must produce the same tokens.
 Categorical draws use the exponential race: argmax_v probs[v] / E[v] with E ~ Exp(1) is a
 sample from probs (normalisation is not needed).
+
+Three implementations: rejection_sample_reference (one request at a time, to be read),
+rejection_sample_torch (batched torch, no host sync) and rejection_sample_triton (one program
+per request); rejection_sample picks Triton for CUDA tensors and torch otherwise.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from kernels._triton import first_argmax, jit, keep_first_max, pick_triton, tl, triton
 
 
 @dataclass
@@ -101,6 +107,23 @@ def rejection_sample(
     bonus: torch.Tensor,  # [B] bool
     uniforms: torch.Tensor,  # [B, K]
     noise: torch.Tensor,  # [B, V]
+    use_triton: bool | None = None,  # None: Triton on CUDA when installed
+) -> RejectionOutput:
+    """Batched rejection sampling: the same tokens as rejection_sample_reference for the same inputs."""
+    args = (draft_ids, num_draft, draft_probs, target_probs, bonus, uniforms, noise)
+    if pick_triton(target_probs, use_triton):
+        return rejection_sample_triton(*args)
+    return rejection_sample_torch(*args)
+
+
+def rejection_sample_torch(
+    draft_ids: torch.Tensor,  # [B, K] int64
+    num_draft: torch.Tensor,  # [B] int64
+    draft_probs: torch.Tensor | None,  # [B, K, V] or None (one-hot drafts)
+    target_probs: torch.Tensor,  # [B, K+1, V]
+    bonus: torch.Tensor,  # [B] bool
+    uniforms: torch.Tensor,  # [B, K]
+    noise: torch.Tensor,  # [B, V]
 ) -> RejectionOutput:
     """Batched, no host sync: the same tokens as rejection_sample_reference for the same inputs."""
     batch, k = draft_ids.shape
@@ -136,3 +159,124 @@ def rejection_sample(
 
 def _one_hot_rows(ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # ids [B] -> [B, V]
     return torch.zeros_like(like).scatter_(-1, ids[:, None], 1.0)
+
+
+def rejection_sample_triton(
+    draft_ids: torch.Tensor,  # [B, K] int64
+    num_draft: torch.Tensor,  # [B] int64, each <= K
+    draft_probs: torch.Tensor | None,  # [B, K, V] float32 or None (one-hot drafts)
+    target_probs: torch.Tensor,  # [B, K+1, V] float32
+    bonus: torch.Tensor,  # [B] bool
+    uniforms: torch.Tensor,  # [B, K] float32
+    noise: torch.Tensor,  # [B, V] float32
+    block_v: int = 1024,
+) -> RejectionOutput:
+    """One Triton program per request, no host sync: the same tokens as rejection_sample_torch.
+
+    Float inputs must be float32: the torch path computes p - q and p / E in the inputs' dtype, and
+    bit-identical ratios and races need the same arithmetic (divisions are IEEE, div_rn).
+    """
+    batch, k = draft_ids.shape
+    vocab = target_probs.shape[-1]
+    assert target_probs.shape == (batch, k + 1, vocab), f"target_probs {tuple(target_probs.shape)}, want {(batch, k + 1, vocab)}"
+    assert draft_probs is None or draft_probs.shape == (batch, k, vocab), f"draft_probs {tuple(draft_probs.shape)}"
+    assert uniforms.shape == (batch, k) and noise.shape == (batch, vocab), f"{tuple(uniforms.shape)}, {tuple(noise.shape)}"
+    floats = [t for t in (draft_probs, target_probs, uniforms, noise) if t is not None]
+    assert all(t.dtype == torch.float32 for t in floats), f"float32 needed, got {[t.dtype for t in floats]}"
+    device = draft_ids.device
+    out = torch.empty(batch, k + 1, dtype=torch.long, device=device)
+    num_accepted = torch.empty(batch, dtype=torch.long, device=device)
+    num_emitted = torch.empty(batch, dtype=torch.long, device=device)
+    if batch == 0:
+        return RejectionOutput(out, num_accepted, num_emitted)
+    target_probs = target_probs.contiguous()
+    q = draft_probs.contiguous() if draft_probs is not None else target_probs  # unread when None
+    _rejection_kernel[(batch,)](
+        draft_ids.contiguous(), num_draft.contiguous(), q, target_probs, bonus.contiguous(),
+        uniforms.contiguous(), noise.contiguous(), out, num_accepted, num_emitted, k, vocab,
+        HAS_Q=draft_probs is not None, BLOCK_K=triton.next_power_of_2(k + 1),
+        BLOCK_V=min(triton.next_power_of_2(vocab), block_v),
+    )
+    return RejectionOutput(out, num_accepted, num_emitted)
+
+
+@jit
+def _rejection_kernel(
+    draft_ids_ptr, num_draft_ptr, q_ptr, p_ptr, bonus_ptr, uniforms_ptr, noise_ptr,
+    out_ptr, num_accepted_ptr, num_emitted_ptr, K, V,
+    HAS_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.load(num_draft_ptr + b).to(tl.int64)
+    ids_row = draft_ids_ptr + b * K
+    first = _first_rejection(
+        ids_row, p_ptr + b * (K + 1) * V, q_ptr + b * K * V, uniforms_ptr + b * K, n, V, HAS_Q, BLOCK_K
+    )
+    was_rejected = first < n
+    emits = was_rejected | (tl.load(bonus_ptr + b) != 0)
+    extra = _draw_extra(
+        p_ptr + (b * (K + 1) + first) * V,  # the rejected position's p, or the bonus position's
+        q_ptr + (b * K + first) * V, noise_ptr + b * V, tl.load(ids_row + first, mask=was_rejected, other=-1),
+        was_rejected, V, HAS_Q, BLOCK_V,
+    )
+    # Output row: accepted drafts, then the correction / bonus (or -1), then -1 padding.
+    pos = tl.arange(0, BLOCK_K)
+    ids = tl.load(ids_row + pos, mask=pos < first, other=-1).to(tl.int64)
+    ids = tl.where(pos == first, tl.where(emits, extra, -1), ids)
+    tl.store(out_ptr + b * (K + 1) + pos, ids, mask=pos < K + 1)
+    tl.store(num_accepted_ptr + b, first)
+    tl.store(num_emitted_ptr + b, first + emits.to(tl.int64))
+
+
+@jit
+def _first_rejection(ids_row, p_req, q_req, u_row, n, V, HAS_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The first draft position j < n with u_j >= min(1, p_j(d_j) / q_j(d_j)), or n when none."""
+    pos = tl.arange(0, BLOCK_K)
+    in_draft = pos < n
+    d = tl.load(ids_row + pos, mask=in_draft, other=0)
+    p_d = tl.load(p_req + pos * V + d, mask=in_draft, other=0.0)
+    if HAS_Q:
+        q_d = tl.load(q_req + pos * V + d, mask=in_draft, other=1.0)
+        ratio = tl.minimum(tl.math.div_rn(p_d, tl.maximum(q_d, 1e-30)), 1.0)
+    else:
+        ratio = tl.minimum(p_d, 1.0)  # one-hot draft: q(d) = 1
+    u = tl.load(u_row + pos, mask=in_draft, other=0.0)
+    # e.g. n = 3, rejected [F, T, T] -> 1; [F, F, F] -> 3.
+    return tl.min(tl.where((u >= ratio) & in_draft, pos.to(tl.int64), n), axis=0)
+
+
+@jit
+def _draw_extra(p_row, q_row, noise_row, d, was_rejected, V, HAS_Q: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The correction (from max(0, p - q), rejected) or the bonus (from p) by exponential race.
+
+    Both candidates race in one pass over V, and an all-zero residual falls back to p (p == q up
+    to rounding: the rejection was an artefact), as in rejection_sample_torch. d: the draft token
+    at the rejected position (one-hot drafts), -1 when none was rejected.
+    """
+    q_len = tl.where(was_rejected, V, 0)  # q is read only at a rejected position
+    lanes = tl.arange(0, BLOCK_V)
+    res_max = tl.zeros([BLOCK_V], tl.float32)
+    best_r = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_r_at = tl.zeros([BLOCK_V], tl.int32)
+    best_p = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_p_at = tl.zeros([BLOCK_V], tl.int32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + lanes
+        mask = offs < V
+        p = tl.load(p_row + offs, mask=mask, other=0.0)
+        e = tl.load(noise_row + offs, mask=mask, other=1.0)
+        if HAS_Q:
+            q = tl.load(q_row + offs, mask=offs < q_len, other=0.0)
+        else:
+            q = tl.where(offs == d, 1.0, 0.0)
+        residual = tl.maximum(p - q, 0.0)
+        res_max = tl.maximum(res_max, residual)
+        # weights / noise with IEEE division (div_rn), as torch computes it: the same winner.
+        race = tl.where(mask, tl.math.div_rn(residual, e), float("-inf"))
+        best_r, best_r_at = keep_first_max(race, offs, best_r, best_r_at)
+        race = tl.where(mask, tl.math.div_rn(p, e), float("-inf"))
+        best_p, best_p_at = keep_first_max(race, offs, best_p, best_p_at)
+    use_residual = was_rejected & (tl.max(res_max, axis=0) > 0.0)
+    from_residual = first_argmax(best_r, best_r_at, V)
+    from_p = first_argmax(best_p, best_p_at, V)
+    return tl.where(use_residual, from_residual, from_p).to(tl.int64)

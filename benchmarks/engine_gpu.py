@@ -1,0 +1,132 @@
+"""Engine step times on the GPU: eager vs CUDA graphs, decode and verify shapes, draft vs target.
+
+    python benchmarks/engine_gpu.py                       # bench-preset shapes, random weights
+    python benchmarks/engine_gpu.py --target T --draft D  # a trained pair
+
+Random weights are fine for timing (the work does not depend on the values; they are not
+zeros). Reports the median of many CUDA-event-timed forwards per shape, the draft/target ratio
+c, and how much the step logic adds on top of the raw engine (AR through SpecBatch vs a bare
+engine loop). Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from actors.llama import LlamaEngine
+from actors.messages import SamplingParams, SpecParams
+from actors.offline import generate
+from actors.pair import ModelPair
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bench_models(args):
+    from tandem import zoo
+
+    if args.target:
+        from actors.pair import load_hf_model
+
+        return load_hf_model(args.target, "cuda", "bfloat16"), load_hf_model(args.draft, "cuda", "bfloat16")
+    preset = zoo.presets()["bench"]
+    models = []
+    for i, shape in enumerate((preset.target, preset.draft)):
+        torch.manual_seed(i)
+        with torch.device("cuda"):
+            models.append(zoo.build_model(shape, preset, seed=i).to(torch.bfloat16).eval())
+    return models
+
+
+def time_forward(engine, query: int, context: int, reps: int) -> float:
+    """Median ms of one forward feeding `query` tokens after `context` cached ones, batch 1."""
+    slot = engine.allocate()
+    seq = [int(x) for x in torch.randint(1, engine.vocab_size, (context + query,))]
+    engine.forward([slot], [seq[:context]], [1])
+    times = []
+    for _ in range(reps):
+        engine.forward([slot], [seq[:context]], [1])  # roll back to the context (cheap: 1 token)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.forward([slot], [seq], [query])
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    engine.release(slot)
+    return statistics.median(times)
+
+
+def bare_decode(engine, prompt: list[int], n: int) -> float:
+    """ms per token of a bare greedy loop on the engine (no step logic)."""
+    slot = engine.allocate()
+    seq = list(prompt)
+    logits = engine.forward([slot], [seq], [1])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        seq.append(int(logits[-1].argmax()))
+        logits = engine.forward([slot], [seq], [1])
+    torch.cuda.synchronize()
+    engine.release(slot)
+    return 1000 * (time.perf_counter() - start) / n
+
+
+class _NoTokenizer:
+    eos_token_id = None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target")
+    ap.add_argument("--draft")
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/engine_gpu.json"))
+    args = ap.parse_args()
+    target_model, draft_model = bench_models(args)
+    rows = []
+    for name, model in (("target", target_model), ("draft", draft_model)):
+        params = sum(p.numel() for p in model.parameters())
+        for graphs in (False, True):
+            eng = LlamaEngine(model, max_slots=4, max_context=1024, cuda_graphs=graphs)
+            for q in (1, 4, 9, 17):
+                ms = time_forward(eng, q, args.context, args.reps)
+                rows.append({"model": name, "params": params, "graphs": graphs, "query": q, "ms": ms})
+                print(f"{name:6} graphs={graphs!s:5} q={q:2} {ms:7.3f} ms", flush=True)
+            del eng
+    step = {(r["model"], r["graphs"], r["query"]): r["ms"] for r in rows}
+    c = step[("target", True, 1)] / step[("draft", True, 1)]
+    # What the step logic costs on top of the engine: AR through SpecBatch vs a bare loop.
+    target = LlamaEngine(target_model, max_slots=4, max_context=1024)
+    draft = LlamaEngine(draft_model, max_slots=4, max_context=1024)
+    prompt = [int(x) for x in torch.randint(1, target.vocab_size, (64,))]
+    bare = bare_decode(target, prompt, 128)
+    pair = ModelPair(_NoTokenizer(), target, draft)
+    sampling = SamplingParams(128, ignore_eos=True)
+    overhead = {}
+    for label, spec, overlap in (("ar", SpecParams("ar"), False), ("sd k=4", SpecParams("sd", 4, adaedl=False), False),
+                                 ("pearl γ=4", SpecParams("pearl", 4, adaedl=False), True)):
+        generate(pair, [prompt], SamplingParams(16, ignore_eos=True), spec, overlap=overlap)  # warm
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        done = generate(pair, [prompt], sampling, spec, overlap=overlap)[0]
+        ms = 1000 * (time.perf_counter() - start)
+        overhead[label] = {"ms_per_step": ms / done.stats.steps, "steps": done.stats.steps}
+        print(f"{label}: {ms / done.stats.steps:.3f} ms/step over {done.stats.steps} steps", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "rows": rows, "c": c, "bare_ar_ms_per_token": bare,
+              "step_logic": overhead}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\n{'model':6} {'q':>3} {'eager ms':>9} {'graphs ms':>10}")
+    for name in ("target", "draft"):
+        for q in (1, 4, 9, 17):
+            print(f"{name:6} {q:>3} {step[(name, False, q)]:>9.3f} {step[(name, True, q)]:>10.3f}")
+    print(f"c = target/draft decode step (graphs) = {c:.2f}; bare AR loop {bare:.3f} ms/token; "
+          f"AR through the step logic {overhead['ar']['ms_per_step']:.3f} ms/step")
+
+
+if __name__ == "__main__":
+    main()

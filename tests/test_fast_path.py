@@ -1,0 +1,102 @@
+"""The fast engine path: bucketed shapes (CUDA graphs on GPU) and the overlapping drafter.
+
+On CPU the bucketed path runs the same padding and row selection without capture, so its
+bookkeeping is tested everywhere; the tests marked gpu capture real CUDA graphs and compare
+with transformers on the device.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, make_pair, random_llama
+
+from actors.graphs import GraphRunner
+from actors.llama import LlamaEngine, Shape
+from actors.messages import SamplingParams, SpecParams
+from actors.offline import generate
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [42]]
+
+
+def hf_logits(model, seq):  # [len(seq), V]
+    with torch.no_grad():
+        return model(torch.tensor([seq], device=model.device)).logits[0].float()
+
+
+def test_buckets_round_up_and_large_shapes_run_eagerly(target_model):
+    runner = GraphRunner(LlamaEngine(target_model, max_slots=6, max_context=200), max_batch=6)
+    assert runner.batch_buckets == [1, 2, 4, 6]
+    assert runner.bucket(Shape(3, 5, 20)) == Shape(4, 8, 128)
+    assert runner.bucket(Shape(1, 1, 150)) == Shape(1, 1, 200)  # the span never passes the context
+    assert runner.bucket(Shape(1, 33, 40)) is None  # a prompt: eager
+    assert runner.bucket(Shape(7, 1, 40)) is None
+
+
+def test_bucketed_path_matches_eager_with_rollback(target_model):
+    eager = LlamaEngine(target_model, max_slots=4)
+    bucketed = LlamaEngine(target_model, max_slots=4, cuda_graphs=True)
+    assert bucketed.graphs is not None
+    slots = [eager.allocate() for _ in range(3)]
+    assert [bucketed.allocate() for _ in range(3)] == slots
+    steps = [  # ragged batches: prompts (eager), then decode / verify shapes with a rollback
+        ([list(range(1, 12)), [5, 6, 7], list(range(40, 70))], [3, 1, 5]),
+        ([list(range(1, 13)), [5, 6, 7, 8, 9, 10], list(range(40, 71))], [1, 3, 1]),
+        ([list(range(1, 13)) + [3], [5, 6, 7, 8, 2], list(range(40, 71)) + [1, 2, 3]], [2, 2, 4]),
+    ]
+    for seqs, n in steps:
+        a = eager.forward(slots, seqs, n)
+        b = bucketed.forward(slots, seqs, n)
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+        ref = torch.cat([hf_logits(target_model, s)[-k:] for s, k in zip(seqs, n)])
+        assert torch.allclose(b, ref, atol=1e-4)
+    assert len(bucketed.graphs.graphs) == 2  # the two decode/verify steps; the prompts ran eagerly
+
+
+@pytest.mark.parametrize("spec", [SpecParams("pearl", 4, adaedl=True), SpecParams("sd", 4, adaedl=False)])
+def test_overlapping_drafter_is_lossless(spec, target_model):
+    pair = make_pair(target_model, random_llama(0, layers=1))
+    ref = generate(pair, PROMPTS, SamplingParams(max_tokens=20), SpecParams("ar"))
+    done = generate(pair, PROMPTS, SamplingParams(max_tokens=20), spec, overlap=True)
+    assert [d.token_ids for d in done] == [r.token_ids for r in ref]
+    assert sum(d.stats.accepted for d in done) > 0
+
+
+# --------------------------------------------------------------------------- on the GPU
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphs_match_transformers_forward_on_gpu(dtype):
+    model = random_llama(5, hidden=256, layers=3, vocab=512, kv_heads=2).to("cuda", dtype)
+    eng = LlamaEngine(model, max_slots=4)
+    assert eng.graphs is not None
+    seqs = [list(range(1, 30)), [5, 6, 7], list(range(40, 90))]
+    slots = [eng.allocate() for _ in seqs]
+    eng.forward(slots, seqs, [1, 1, 1])  # prompts: eager
+    for extra, n in (([3], 1), ([3, 4, 5], 3), ([9, 8], 2)):  # decode / verify: graphs
+        seqs = [s + extra for s in seqs]
+        out = eng.forward(slots, seqs, [n] * 3).float()
+        ref = torch.cat([hf_logits(model, s)[-n:] for s in seqs])
+        err = (out - ref).norm() / ref.norm()
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+    assert len(eng.graphs.graphs) >= 2
+
+
+@gpu
+@pytest.mark.parametrize("overlap", [False, True])
+def test_tiny_pair_lossless_on_gpu_with_graphs(overlap):
+    from actors.pair import load_pair
+
+    pair = load_pair(TINY / "target", TINY / "draft", device="cuda", dtype="float32", max_slots=4)
+    assert pair.target.graphs is not None and pair.draft.graphs is not None
+    prompts = [pair.tokenizer.encode(p) for p in ("def main(", "import os\n", "class A:\n    def", "    return ")]
+    sampling = SamplingParams(max_tokens=48, ignore_eos=True)
+    ref = generate(pair, prompts, sampling, SpecParams("ar"))
+    model = pair.target.model
+    for p, r in zip(prompts, ref):
+        hf = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=48, min_new_tokens=48, do_sample=False)
+        assert hf[0, len(p):].tolist() == r.token_ids
+    for spec in (SpecParams("sd", 5, adaedl=False), SpecParams("pearl", 4, adaedl=True)):
+        done = generate(pair, prompts, sampling, spec, overlap=overlap)
+        assert [d.token_ids for d in done] == [r.token_ids for r in ref], spec

@@ -60,7 +60,7 @@ def join(spec: LaneSpec, rank: int, init_method: str):
 
 
 def _kwargs(spec: LaneSpec) -> dict:
-    return dict(max_slots=spec.max_slots, max_context=spec.max_context)
+    return {"max_slots": spec.max_slots, "max_context": spec.max_context}
 
 
 def _target_engine(spec: LaneSpec, rank: int, group):

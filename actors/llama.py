@@ -94,7 +94,7 @@ class LlamaEngine(Engine):
         cos, sin = cos.flatten(0, 1), sin.flatten(0, 1)  # [N, D], N = B*Q
         keys = torch.arange(span, device=ids.device)
         mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, Q, span]
-        token_slots = slot_ids[:, None].expand(bsz, q_len).flatten()  # [N]
+        token_slots = slot_ids.repeat_interleave(q_len)  # [N] (a real copy: kernels index it)
         write_positions = write_positions.flatten()
         x = x.flatten(0, 1)  # [N, hidden]
         residual = None

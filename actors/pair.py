@@ -48,7 +48,7 @@ def load_pair(
             f"{target_cfg.get('vocab_size')}, draft {draft} has {draft_cfg.get('vocab_size')}"
         )
     _check_same_tokenizer(tokenizer, draft)
-    kwargs = dict(dtype=dtype, engine=engine, max_slots=max_slots, max_context=max_context, cuda_graphs=cuda_graphs)
+    kwargs = {"dtype": dtype, "engine": engine, "max_slots": max_slots, "max_context": max_context, "cuda_graphs": cuda_graphs}
     return ModelPair(
         tokenizer, load_engine(target, device=device, **kwargs), load_engine(draft, device=draft_device or device, **kwargs)
     )

@@ -5,6 +5,8 @@ Without Triton, `jit` leaves kernel bodies as plain functions that nothing launc
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -20,6 +22,12 @@ except ImportError:  # CPU-only install: the torch paths are used
         return fn
 
 
+def triton_enabled() -> bool:
+    """TANDEM_TRITON=0 turns every Triton kernel off (the torch references run): a switch to
+    rule a kernel in or out when an output looks wrong."""
+    return os.environ.get("TANDEM_TRITON", "1") != "0"
+
+
 def pick_triton(x: torch.Tensor, use_triton: bool | None) -> bool:
     """None: Triton for CUDA tensors when it is installed; True / False: the caller's choice.
 
@@ -27,7 +35,7 @@ def pick_triton(x: torch.Tensor, use_triton: bool | None) -> bool:
     is first imported), which is how the tests check the kernels without a GPU.
     """
     if use_triton is None:
-        return triton is not None and x.is_cuda
+        return triton is not None and x.is_cuda and triton_enabled()
     assert not use_triton or triton is not None, "use_triton=True but triton is not installed"
     return use_triton
 

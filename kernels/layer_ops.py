@@ -29,6 +29,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from kernels._triton import triton_enabled
+
 # triton.language, bound by _kernels() on first use. Triton is optional and imported lazily so
 # that CPU installs never need it and tests can set TRITON_INTERPRET before the kernels are built.
 tl = None
@@ -38,7 +40,7 @@ def _use_triton(t: torch.Tensor, use_triton: bool | None) -> bool:
     """None: Triton for CUDA tensors when it is installed. True forces it (tests run the kernels
     on CPU under TRITON_INTERPRET=1); False forces the reference."""
     if use_triton is None:
-        return t.is_cuda and importlib.util.find_spec("triton") is not None
+        return t.is_cuda and triton_enabled() and importlib.util.find_spec("triton") is not None
     return use_triton
 
 
@@ -181,6 +183,7 @@ def rope_and_cache(
         return rope_and_cache_reference(
             qkv, num_heads, num_kv_heads, head_dim, cos, sin, k_cache, v_cache, slots, positions)
     assert cos.is_contiguous() and sin.is_contiguous(), "cos/sin must be contiguous"
+    assert slots.is_contiguous() and positions.is_contiguous() and slots.numel() == positions.numel() == n
     assert k_cache.stride() == v_cache.stride() and k_cache.stride()[2:] == (head_dim, 1), k_cache.stride()
     k = _kernels()
     q_rot = qkv.new_empty(n, num_heads, head_dim)

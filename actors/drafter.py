@@ -15,7 +15,13 @@ from actors.adaedl import AdaEDLConfig, AdaEDLState
 from actors.engine import Engine
 from actors.messages import DraftChunk, DraftItem, DraftRound
 from kernels.entropy import softmax_entropy
-from kernels.sampling import entropy, logits_to_probs, sample, sampling_tensors
+from kernels.sampling import (
+    entropy,
+    logits_to_probs,
+    sample,
+    sampling_flags,
+    sampling_tensors,
+)
 
 
 class Drafter:
@@ -90,17 +96,21 @@ class Drafter:
     def _next_distributions(self, items, seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [n, V] after each sequence, the entropy [n] AdaEDL looks at, and the argmax [n]."""
         logits = self.engine.forward([it.slot for it in items], seqs, [1] * len(items))
-        temp, top_k, top_p = sampling_tensors([it.sampling for it in items], logits.device)
-        if all(it.sampling.top_k == 0 and it.sampling.top_p >= 1 for it in items):
+        params = [it.sampling for it in items]
+        if all(p.top_k == 0 and p.top_p >= 1 for p in params):
+            temp = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(logits.device)
             return softmax_entropy(logits, temp)  # fused on CUDA
-        q = logits_to_probs(logits, temp, top_k, top_p)
+        temp, top_k, top_p = sampling_tensors(params, logits.device)
+        q = logits_to_probs(logits, temp, top_k, top_p, sampling_flags(params))
         # Greedy requests: entropy of the plain softmax, not of the one-hot q (DESIGN §5).
         plain = torch.softmax(logits.float(), dim=-1)
         h = entropy(torch.where((temp <= 0).unsqueeze(-1), plain, q))
         return q, h, logits.argmax(-1)
 
     def _chunk(self, item: DraftItem, ids: list[int], probs: list[torch.Tensor]) -> DraftChunk:
-        q = torch.stack(probs) if (probs and item.send_probs) else None
+        # At temperature 0 q is one-hot on the draft token: sending it adds nothing.
+        send = probs and item.send_probs and item.sampling.temperature > 0
+        q = torch.stack(probs) if send else None
         lam = self._adaedl[item.rid].lam if item.rid in self._adaedl else None
         return DraftChunk(ids, q, lam)
 

@@ -6,7 +6,8 @@ write their K/V into a scratch column past the end of every slot and are masked 
 
 The layer is written for speed on GPUs (DESIGN §7): q/k/v and gate/up are each one fused
 matrix, and the elementwise work is three fused kernels (kernels/layer_ops.py: residual add +
-RMSNorm, RoPE + KV-cache write, SiLU·mul). On CUDA, decode and verify shapes (batch and query
+RMSNorm, RoPE + KV-cache write, SiLU·mul) and attention reads K/V straight from the slots
+(kernels/attention.py; on CPU: a gather and SDPA). On CUDA, decode and verify shapes (batch and query
 length bucketed, attention span bucketed) replay CUDA graphs (actors/graphs.py); prefill and
 other large shapes run eagerly. Rotary embeddings are transformers' own module, so any RoPE
 scaling the checkpoint uses is computed by transformers.
@@ -14,6 +15,7 @@ Checked against transformers' own forward and generate in tests/test_engines.py.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from actors.engine import Engine
+from kernels._triton import pick_triton
+from kernels.attention import slot_attention
 from kernels.layer_ops import rms_norm, rope_and_cache, silu_mul
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -88,14 +92,20 @@ class LlamaEngine(Engine):
         attended (span >= every end). Returns logits [len(rows), V], or [B*Q, V] if rows is None.
         """
         inner = self.model.model
-        bsz, q_len = ids.shape
+        q_len = ids.shape[1]
         x = inner.embed_tokens(ids)  # [B, Q, hidden]
         cos, sin = inner.rotary_emb(x, positions)  # [B, Q, head_dim]
         cos, sin = cos.flatten(0, 1), sin.flatten(0, 1)  # [N, D], N = B*Q
-        keys = torch.arange(span, device=ids.device)
-        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, Q, span]
         token_slots = slot_ids.repeat_interleave(q_len)  # [N] (a real copy: kernels index it)
         write_positions = write_positions.flatten()
+        if pick_triton(ids, None):  # one kernel reads K/V straight from the slots
+            flat_positions = positions.flatten()
+            attend = functools.partial(
+                slot_attention, slots=token_slots, positions=flat_positions, span=span, query_len=q_len)
+        else:  # gather each request's keys, then SDPA with a causal mask by position
+            keys = torch.arange(span, device=ids.device)
+            mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, Q, span]
+            attend = functools.partial(self._sdpa, slot_ids=slot_ids, span=span, mask=mask)
         x = x.flatten(0, 1)  # [N, hidden]
         residual = None
         for i, layer in enumerate(self.layers):
@@ -107,19 +117,24 @@ class LlamaEngine(Engine):
                 qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
                 self.k_cache[i], self.v_cache[i], token_slots, write_positions,
             )  # [N, H, D]
-            k_all = self.k_cache[i][slot_ids, :span].transpose(1, 2)  # [B, kvH, span, D]
-            v_all = self.v_cache[i][slot_ids, :span].transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                q.view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2), k_all, v_all,
-                attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads,
-            )  # [B, H, Q, D]
-            x = self._reduce(F.linear(out.transpose(1, 2).reshape(bsz * q_len, -1), layer.o_proj))
+            out = attend(q, self.k_cache[i], self.v_cache[i])  # [N, H*D]
+            x = self._reduce(F.linear(out, layer.o_proj))
             h, residual = rms_norm(x, layer.post_norm, self.eps, residual)
             x = self._reduce(F.linear(silu_mul(F.linear(h, layer.gate_up)), layer.down))
         if rows is not None:
             x, residual = x[rows], residual[rows]
         h, _ = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon, residual)
         return self.model.lm_head(h)
+
+    def _sdpa(self, q, k_cache, v_cache, slot_ids, span: int, mask) -> torch.Tensor:  # [N, H*D]
+        bsz, q_len = mask.shape[0], mask.shape[2]
+        k_all = k_cache[slot_ids, :span].transpose(1, 2)  # [B, kvH, span, D]
+        v_all = v_cache[slot_ids, :span].transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2), k_all, v_all,
+            attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # [B, H, Q, D]
+        return out.transpose(1, 2).reshape(bsz * q_len, -1)
 
     def _qk_norm(self, layer: _FusedLayer, qkv: torch.Tensor) -> torch.Tensor:
         n, d = qkv.shape[0], self.head_dim

@@ -39,23 +39,29 @@ def speculative_step(
     t0 = time.perf_counter()
     modes = [MODE_STEPS[r.spec.mode] for r in reqs]
     future = drafter.submit([m.draft_item(r, room) for m, r, room in zip(modes, reqs, rooms)])
+    greedy = all(r.sampling.temperature <= 0 for r in reqs)  # p one-hot: only argmaxes matter
+    score = verifier.greedy if greedy else verifier.score
     overlapped = not any(m.verify_needs_draft for m in modes)
     if overlapped:  # PEARL / AR: the verifier does not wait for the drafter (they overlap when remote)
-        target_probs, t.verify = _timed(verifier.score, [m.verify_item(r, None) for m, r in zip(modes, reqs)])
+        target, t.verify = _timed(score, [m.verify_item(r, None) for m, r in zip(modes, reqs)])
         chunks, t.wait = _timed(future.result)
     else:  # vanilla SD: verify what was just drafted
         chunks, t.wait = _timed(future.result)
-        target_probs, t.verify = _timed(verifier.score, [m.verify_item(r, c) for m, r, c in zip(modes, reqs, chunks)])
+        target, t.verify = _timed(score, [m.verify_item(r, c) for m, r, c in zip(modes, reqs, chunks)])
     t.draft = future.seconds
     round_trip = time.perf_counter() - t0 - (0.0 if overlapped else t.verify)
     # What the round trip spent beyond computing: with overlap, beyond the longer of the two sides.
     t.exchange = max(0.0, round_trip - (max(t.draft, t.verify) if overlapped else t.draft))
     checks = [m.checked(r, c) for m, r, c in zip(modes, reqs, chunks)]
-    verdict = judge(checks, target_probs, [r.generator for r in reqs])
+    if greedy:
+        num_accepted, out_ids = judge_greedy(checks, target)
+        num_emitted = [len(o) for o in out_ids]
+    else:
+        verdict = judge(checks, target, [r.generator for r in reqs])
+        # One device-to-host copy for the whole batch (a sync per request adds up at batch 64).
+        out_ids = verdict.output_ids.tolist()
+        num_accepted, num_emitted = verdict.num_accepted.tolist(), verdict.num_emitted.tolist()
     emitted_all, rounds = [], []
-    # One device-to-host copy for the whole batch (a sync per request adds up at batch 64).
-    out_ids = verdict.output_ids.tolist()
-    num_accepted, num_emitted = verdict.num_accepted.tolist(), verdict.num_emitted.tolist()
     for b, (m, r, c) in enumerate(zip(modes, reqs, chunks)):
         accepted = num_accepted[b]
         emitted = out_ids[b][: num_emitted[b]]
@@ -71,6 +77,23 @@ def _timed(fn, *args):
     start = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - start
+
+
+def judge_greedy(checks, target_ids: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """Rejection sampling with one-hot p (temperature 0), on the host: accept while the draft
+    equals the target's argmax; at the first mismatch emit the argmax; all accepted, the bonus.
+    The same tokens rejection_sample gives for one-hot p and any q (tests/test_rejection.py)."""
+    accepted_all, emitted_all = [], []
+    for (ids, _, bonus), top in zip(checks, target_ids):
+        n = 0
+        while n < len(ids) and ids[n] == top[n]:
+            n += 1
+        emitted = list(ids[:n])
+        if n < len(ids) or bonus:
+            emitted.append(top[n])
+        accepted_all.append(n)
+        emitted_all.append(emitted)
+    return accepted_all, emitted_all
 
 
 def judge(checks, target_probs: list[torch.Tensor], generators) -> RejectionOutput:

@@ -5,7 +5,13 @@ the target alone, and read each mode's step-time breakdown (draft / verify / wai
     python benchmarks/cluster_gpu.py --tp 2 --verifier-gpus 0.75 --drafter-gpus 0.25  # (b)
 
 (b) puts the two verifier ranks on different GPUs (0.75 + 0.75 cannot share one) and the drafter
-beside one of them. Prints a table and writes JSON.
+beside one of them. Each mode also runs in-process first (same pair, prompts, batching; PEARL
+with the overlapping drafter), so the table shows what the cluster path (Serve, gRPC, lanes,
+the remote drafter) costs: the `ratio` column is cluster / in-process tokens/s.
+
+    python benchmarks/cluster_gpu.py --target runs/bench/target --draft runs/bench/draft \
+        --dtype bfloat16 --verifier-gpus 0.5 --drafter-gpus 0.5 --modes ar,sd,pearl+adaedl  # one GPU
+Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -32,30 +38,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reference(args) -> list[list[int]]:
+def parse_mode(text: str) -> tuple[str, bool]:
+    """'pearl+adaedl' -> ('pearl', True); 'sd' -> ('sd', False)."""
+    mode, _, extra = text.partition("+")
+    return mode, extra == "adaedl"
+
+
+def in_process(args) -> tuple[list[list[int]], list[dict]]:
+    """AR's greedy tokens (the reference), and each mode run in one process on the same prompts."""
     from actors.messages import SamplingParams, SpecParams
     from actors.offline import generate
     from actors.pair import load_pair
 
     pair = load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, max_slots=len(PROMPTS))
     prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
-    done = generate(pair, prompts, SamplingParams(args.max_tokens, ignore_eos=True), SpecParams("ar"))
+    sampling = SamplingParams(args.max_tokens, ignore_eos=True)
+    ref = [d.token_ids for d in generate(pair, prompts, sampling, SpecParams("ar"))]
+    rows = []
+    for text in args.modes.split(","):
+        mode, adaedl = parse_mode(text)
+        spec = SpecParams(mode, args.max_draft, adaedl=adaedl)
+        for conc in (1, len(PROMPTS)):
+            generate(pair, prompts[:conc], SamplingParams(16, ignore_eos=True), spec, overlap=mode == "pearl")  # warm
+            _sync()
+            start, tokens = time.perf_counter(), 0
+            for i in range(0, len(PROMPTS), conc):  # the same batches the cluster sees
+                done = generate(pair, prompts[i : i + conc], sampling, spec, overlap=mode == "pearl")
+                tokens += sum(len(d.token_ids) for d in done)
+            _sync()
+            rows.append({"mode": text, "concurrency": conc, "tokens_per_s": tokens / (time.perf_counter() - start)})
+            print("in-process", json.dumps(rows[-1]), flush=True)
     del pair
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return [d.token_ids for d in done]
+    return ref, rows
 
 
-def run_mode(client, lane, mode: str, concurrency: int, args) -> dict:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_mode(client, lane, text: str, concurrency: int, args) -> dict:
+    mode, adaedl = parse_mode(text)
+
+    def one(prompt):
+        return client.complete(prompt, max_tokens=args.max_tokens, mode=mode, max_draft=args.max_draft,
+                               adaedl=adaedl, ignore_eos=True)
+
+    one(PROMPTS[0])  # warm: graphs of this mode's shapes
     lane.reset_timing.remote().result()
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        outs = list(pool.map(lambda p: client.complete(p, max_tokens=args.max_tokens, mode=mode, max_draft=args.max_draft,
-                                                        ignore_eos=True), PROMPTS))
+        outs = list(pool.map(one, PROMPTS))
     elapsed = time.perf_counter() - start
     timing = lane.load.remote().result()["step_timing"]
     tokens = sum(len(o.token_ids) for o in outs)
-    return {"mode": mode, "concurrency": concurrency, "tokens_per_s": tokens / elapsed, "outputs": [o.token_ids for o in outs],
+    return {"mode": text, "concurrency": concurrency, "tokens_per_s": tokens / elapsed, "outputs": [o.token_ids for o in outs],
             "acceptance": sum(o.stats.accepted for o in outs) / max(1, sum(o.stats.checked for o in outs)), **timing}
 
 
@@ -70,9 +109,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: a dry run with fake GPUs")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-draft", type=int, default=4)
+    ap.add_argument("--modes", default="ar,sd,pearl", help="comma-separated; '+adaedl' turns AdaEDL on")
     ap.add_argument("--out", default="cluster_gpu.json")
     args = ap.parse_args()
-    ref = reference(args)
+    ref, local = in_process(args)
     grpc_port = free_port()
     ray.init(num_cpus=12, num_gpus=torch.cuda.device_count() or 2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
@@ -89,15 +129,20 @@ def main() -> None:
     lane = serve.get_deployment_handle("Lane", app_name="tandem")
     client = TandemClient(f"127.0.0.1:{grpc_port}")
     rows = []
-    for mode in ("ar", "sd", "pearl"):
+    for text in args.modes.split(","):
         for conc in (1, len(PROMPTS)):
-            r = run_mode(client, lane, mode, conc, args)
+            r = run_mode(client, lane, text, conc, args)
             r["greedy_equal_to_ar"] = r.pop("outputs") == ref
+            same = next(x for x in local if x["mode"] == text and x["concurrency"] == conc)
+            r["in_process_tokens_per_s"] = same["tokens_per_s"]
+            r["cluster_vs_in_process"] = r["tokens_per_s"] / same["tokens_per_s"]
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n{'mode':<6} {'conc':>4} {'equal':>5} {'tok/s':>8} {'accept':>6} {'step':>7} {'draft':>7} {'verify':>7} {'wait':>7} {'exch':>7}  (ms)")
+    print(f"\n{'mode':<13} {'conc':>4} {'equal':>5} {'tok/s':>8} {'local':>8} {'ratio':>5} {'accept':>6} {'step':>7} {'draft':>7} "
+          f"{'verify':>7} {'wait':>7} {'exch':>7}  (ms)")
     for r in rows:
-        print(f"{r['mode']:<6} {r['concurrency']:>4} {str(r['greedy_equal_to_ar']):>5} {r['tokens_per_s']:>8.1f} {r['acceptance']:>6.2f} "
+        print(f"{r['mode']:<13} {r['concurrency']:>4} {str(r['greedy_equal_to_ar']):>5} {r['tokens_per_s']:>8.1f} "
+              f"{r['in_process_tokens_per_s']:>8.1f} {r['cluster_vs_in_process']:>5.2f} {r['acceptance']:>6.2f} "
               f"{r['total_ms']:>7.2f} {r['draft_ms']:>7.2f} {r['verify_ms']:>7.2f} {r['wait_ms']:>7.2f} {r['exchange_ms']:>7.2f}")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     Path(args.out).write_text(json.dumps({"device": device, "gpus": torch.cuda.device_count(),

@@ -74,6 +74,21 @@ def bare_decode(engine, prompt: list[int], n: int) -> float:
     return 1000 * (time.perf_counter() - start) / n
 
 
+def profile_step(engine, context: int) -> None:
+    """Which kernels one graphed decode step spends its time in (torch.profiler sees into graphs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    slot = engine.allocate()
+    seq = [int(x) for x in torch.randint(1, engine.vocab_size, (context,))]
+    engine.forward([slot], [seq], [1])
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(10):
+            engine.forward([slot], [seq + [i + 1]], [1])
+        torch.cuda.synchronize()
+    engine.release(slot)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+
+
 class _NoTokenizer:
     eos_token_id = None
 
@@ -84,6 +99,7 @@ def main() -> None:
     ap.add_argument("--draft")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--profile", action="store_true", help="print the kernels of a graphed target step")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/engine_gpu.json"))
     args = ap.parse_args()
     target_model, draft_model = bench_models(args)
@@ -92,6 +108,8 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         for graphs in (False, True):
             eng = LlamaEngine(model, max_slots=4, max_context=1024, cuda_graphs=graphs)
+            if graphs:
+                eng.graphs.warmup(batch_sizes=[1], query_lens=[1, 2, 4, 8, 16, 32])
             for q in (1, 4, 9, 17):
                 ms = time_forward(eng, q, args.context, args.reps)
                 rows.append({"model": name, "params": params, "graphs": graphs, "query": q, "ms": ms})
@@ -102,6 +120,10 @@ def main() -> None:
     # What the step logic costs on top of the engine: AR through SpecBatch vs a bare loop.
     target = LlamaEngine(target_model, max_slots=4, max_context=1024)
     draft = LlamaEngine(draft_model, max_slots=4, max_context=1024)
+    for eng in (target, draft):  # capture outside the timed loops
+        eng.graphs.warmup(batch_sizes=[1], query_lens=[1, 2, 4, 8, 16])
+    if args.profile:
+        profile_step(target, args.context)
     prompt = [int(x) for x in torch.randint(1, target.vocab_size, (64,))]
     bare = bare_decode(target, prompt, 128)
     pair = ModelPair(_NoTokenizer(), target, draft)

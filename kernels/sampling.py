@@ -17,15 +17,20 @@ def logits_to_probs(
     temperature: torch.Tensor,  # [N] float, 0 = greedy
     top_k: torch.Tensor,  # [N] int, 0 = off
     top_p: torch.Tensor,  # [N] float in (0, 1], 1 = off
+    flags: tuple[bool, bool, bool] | None = None,  # sampling_flags(): skips three device syncs
 ) -> torch.Tensor:  # [N, V] float32, rows sum to 1
     """Per-row temperature / top-k / top-p, then softmax; greedy rows become one-hot."""
+    any_greedy, any_top_k, any_top_p = flags or (
+        bool((temperature <= 0).any()), bool((top_k > 0).any()), bool((top_p < 1).any()))
     logits = logits.float()
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1)
-    scaled = _mask_top_k(scaled, top_k)
-    scaled = _mask_top_p(scaled, top_p)
+    if any_top_k:
+        scaled = _mask_top_k(scaled, top_k)
+    if any_top_p:
+        scaled = _mask_top_p(scaled, top_p)
     probs = torch.softmax(scaled, dim=-1)
-    if greedy.any():
+    if any_greedy:
         one_hot = torch.zeros_like(probs)
         one_hot.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         probs = torch.where(greedy.unsqueeze(-1), one_hot, probs)
@@ -34,8 +39,6 @@ def logits_to_probs(
 
 def _mask_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep the k largest logits of each row (k = 0 keeps all)."""
-    if not (top_k > 0).any():
-        return logits
     vocab = logits.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).long()
     # kth largest value per row: sort descending, pick index k-1.
@@ -45,8 +48,6 @@ def _mask_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
 
 def _mask_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability reaches top_p (always the top one)."""
-    if not (top_p < 1).any():
-        return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     # Mass strictly before each token; a token is dropped once that mass already reaches top_p.
@@ -75,3 +76,9 @@ def sampling_tensors(params, device) -> tuple[torch.Tensor, torch.Tensor, torch.
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
     return temp, top_k, top_p
+
+
+def sampling_flags(params) -> tuple[bool, bool, bool]:
+    """(any greedy, any top-k, any top-p) from the host-side parameters, for logits_to_probs."""
+    return (any(p.temperature <= 0 for p in params), any(p.top_k > 0 for p in params),
+            any(p.top_p < 1 for p in params))

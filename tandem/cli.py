@@ -72,7 +72,9 @@ def run_generate(args: argparse.Namespace) -> int:
     adaedl = AdaEDLConfig() if args.adaedl_lambda is None else AdaEDLConfig(lambda0=args.adaedl_lambda)
     pair = load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, engine=args.engine, max_slots=1)
     prompt = pair.tokenizer.encode(args.prompt, add_special_tokens=False)
-    done = generate(pair, [prompt], sampling, spec, adaedl)[0]
+    # PEARL drafts on a background CUDA stream while the verifier runs (in-process overlap).
+    overlap = spec.mode == "pearl" and pair.draft.device.type == "cuda"
+    done = generate(pair, [prompt], sampling, spec, adaedl, overlap=overlap)[0]
     text = pair.tokenizer.decode(done.token_ids, skip_special_tokens=True)
     stats = done.stats.as_dict()
     if args.json:

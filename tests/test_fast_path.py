@@ -100,3 +100,26 @@ def test_tiny_pair_lossless_on_gpu_with_graphs(overlap):
     for spec in (SpecParams("sd", 5, adaedl=False), SpecParams("pearl", 4, adaedl=True)):
         done = generate(pair, prompts, sampling, spec, overlap=overlap)
         assert [d.token_ids for d in done] == [r.token_ids for r in ref], spec
+
+
+def test_greedy_judge_equals_rejection_sampling():
+    """The temperature-0 host path gives the tokens the rejection sampler gives for one-hot p."""
+    from actors.step import judge, judge_greedy
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 7
+    for _ in range(200):
+        batch = int(torch.randint(1, 5, (1,), generator=g))
+        checks, targets = [], []
+        for _ in range(batch):
+            n = int(torch.randint(0, 5, (1,), generator=g))
+            bonus = bool(torch.randint(0, 2, (1,), generator=g)) or n == 0
+            top = torch.randint(0, 3, (n + int(bonus),), generator=g).tolist()  # small range: matches happen
+            ids = torch.randint(0, 3, (n,), generator=g).tolist()
+            checks.append((ids, None, bonus))
+            targets.append(top)
+        probs = [torch.nn.functional.one_hot(torch.tensor(t, dtype=torch.long), vocab).float() for t in targets]
+        verdict = judge(checks, probs, [torch.Generator().manual_seed(1) for _ in checks])
+        accepted, emitted = judge_greedy(checks, targets)
+        assert accepted == verdict.num_accepted.tolist()
+        assert emitted == [o[:k] for o, k in zip(verdict.output_ids.tolist(), verdict.num_emitted.tolist())]

@@ -1,0 +1,93 @@
+"""The GPU benchmark scripts run end to end on CPU with the shipped tiny pair (tiny settings).
+
+They are run once on a GPU machine with no second chance, so the CPU run checks what can be
+checked here: every section is written, the greedy outputs of every tandem mode equal tandem
+AR's (fp32 CPU: exactly), and the plots draw from the JSON the run wrote.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "models" / "tiny"
+SECTIONS = ("calibration", "latency_t0", "latency_t1", "concurrency", "natural_language")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the runs are tiny, and on a small shared VM two OpenMP threads can
+    stall each other at every barrier (seen here: 7 ms forwards becoming 130 ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "gpu_bench.json"
+    rc = load_script("gpu_bench").main([
+        "--target", str(TINY / "target"), "--draft", str(TINY / "draft"), "--device", "cpu", "--dtype", "float32",
+        "--prompts", "1", "--max-tokens", "8", "--warmup-tokens", "4", "--sd-ks", "3", "--nl-prompts", "2",
+        "--concurrency", "1,2", "--calibration-iters", "5", "--out", str(out),
+    ])
+    assert rc == 0
+    return out
+
+
+def test_every_section_is_written(bench_json):
+    data = json.loads(bench_json.read_text())
+    for section in SECTIONS:
+        assert section in data, f"section {section} missing"
+    assert not data["skipped"] and not data.get("errors"), (data["skipped"], data.get("errors"))
+    rows = [r for s in SECTIONS[1:] for r in data[s]["rows"]]
+    assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
+    assert {"command", "versions", "params", "devices"} <= set(data["meta"])
+    assert data["calibration"]["c"] > 0 and set(data["calibration"]["target_verify_ms"]) == {"4", "6", "9", "17"}
+    names = {r["name"] for r in data["latency_t0"]["rows"]}
+    assert {"tandem ar", "hf generate", "hf assisted", "sd k=3", "sd+adaedl (cap 16)"} <= names
+    assert {n for r in data["concurrency"]["rows"] for n in [r["concurrency"]]} == {1, 2}
+
+
+def test_tandem_greedy_rows_equal_ar(bench_json):
+    data = json.loads(bench_json.read_text())
+    for section in ("latency_t0", "concurrency", "natural_language"):
+        for r in data[section]["rows"]:
+            if r["engine"] == "tandem":
+                assert r["lossless"]["exact_fraction"] == 1.0, (section, r["name"], r["lossless"])
+                assert "step_ms" in r and r["tokens"] > 0
+            else:  # HF generate in fp32 on CPU agrees with tandem AR too
+                assert r["agreement_with_tandem_ar"]["exact_fraction"] == 1.0, (section, r["name"])
+    assert not data["warnings"]
+
+
+def test_hbm_floor_on_the_tiny_target(tmp_path):
+    out = tmp_path / "hbm_floor.json"
+    rc = load_script("hbm_floor").main(["--target", str(TINY / "target"), "--device", "cpu", "--dtype", "float32",
+                                        "--skip-8b", "--copy-gb", "0.01", "--steps", "8", "--out", str(out)])
+    assert rc == 0
+    m = json.loads(out.read_text())["models"][0]
+    assert m["tied_embeddings"] and m["floor_ms"] == m["floor_all_weights_ms"] > m["floor_minus_embedding_ms"] > 0
+    assert m["tandem"]["ms_per_token"] > 0 and m["hf_generate"]["steps"] == 8
+
+
+def test_plots_draw_from_the_json(bench_json):
+    pytest.importorskip("matplotlib")
+    load_script("plot_gpu").main([str(bench_json)])
+    for kind in ("tokens_per_s", "concurrency", "steps"):
+        png = bench_json.with_name(f"gpu_bench_{kind}.png")
+        assert png.is_file() and png.stat().st_size > 1000, png

@@ -16,6 +16,7 @@ Checked against transformers' own forward and generate in tests/test_engines.py.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,7 @@ class LlamaEngine(Engine):
         shape = (cfg.num_hidden_layers, max_slots + 1, self.max_context + 1, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.fp32_logits = _has_fp32_output_mm(self.device, dtype) and self.model.lm_head.bias is None
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and tp_group is None
         # cuda_graphs=True off CUDA runs the same bucketed, padded path without capture (tests).
@@ -98,7 +100,8 @@ class LlamaEngine(Engine):
         cos, sin = cos.flatten(0, 1), sin.flatten(0, 1)  # [N, D], N = B*Q
         token_slots = slot_ids.repeat_interleave(q_len)  # [N] (a real copy: kernels index it)
         write_positions = write_positions.flatten()
-        if pick_triton(ids, None):  # one kernel reads K/V straight from the slots
+        if pick_triton(ids, None) and os.environ.get("TANDEM_TRITON_ATTENTION", "1") != "0":
+            # one kernel reads K/V straight from the slots
             flat_positions = positions.flatten()
             attend = functools.partial(
                 slot_attention, slots=token_slots, positions=flat_positions, span=span, query_len=q_len)
@@ -124,6 +127,8 @@ class LlamaEngine(Engine):
         if rows is not None:
             x, residual = x[rows], residual[rows]
         h, _ = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon, residual)
+        if self.fp32_logits:  # bf16 logits tie often (0.0625 apart near 10): keep the argmax stable
+            return torch.mm(h, self.model.lm_head.weight.t(), out_dtype=torch.float32)
         return self.model.lm_head(h)
 
     def _sdpa(self, q, k_cache, v_cache, slot_ids, span: int, mask) -> torch.Tensor:  # [N, H*D]
@@ -148,6 +153,17 @@ class LlamaEngine(Engine):
         if self.tp_group is not None:
             dist.all_reduce(partial, group=self.tp_group)
         return partial
+
+
+def _has_fp32_output_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """16-bit weights, fp32 logits straight from the matmul (CUDA's mm out_dtype)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 @dataclass

@@ -126,6 +126,7 @@ class Row:
     spec: SpecParams | None = None  # None: Hugging Face generate
     overlap: bool = False  # PEARL: drafter in a background thread / on its own GPU
     assisted: bool = False  # HF: assistant_model=the draft
+    paper_adaedl: bool = False  # AdaEDL with the paper's defaults instead of --adaedl-lambda/alpha
 
     @property
     def is_hf(self) -> bool:
@@ -283,14 +284,17 @@ def summarize(stats: list, seconds: float) -> dict:
             "drafted_per_step": sum(s.drafted for s in stats) / steps if steps else 0.0}
 
 
-def make_drafter(b: Bench, overlap: bool):
+def make_drafter(b: Bench, overlap: bool, paper_adaedl: bool = False):
+    from actors.adaedl import AdaEDLConfig
+
     cls = threaded_drafter_cls() if overlap else None
-    return (cls or Drafter)(b.pair.draft)
+    config = AdaEDLConfig() if paper_adaedl else AdaEDLConfig(lambda0=b.args.adaedl_lambda, alpha=b.args.adaedl_alpha)
+    return (cls or Drafter)(b.pair.draft, config)
 
 
 def run_tandem(b: Bench, row: Row, prompts, samplings, group: int) -> tuple[dict, list[list[int]]]:
     """Warm up on one short batch, then run the prompts `group` at a time as one continuous batch."""
-    drafter = make_drafter(b, row.overlap)
+    drafter = make_drafter(b, row.overlap, row.paper_adaedl)
     try:
         warm = [dataclasses.replace(s, max_tokens=min(b.args.warmup_tokens, s.max_tokens)) for s in samplings[:group]]
         run_batch(SpecBatch(b.pair.target, drafter, b.pair.stop_ids), prompts[:group], warm, row.spec)
@@ -435,10 +439,11 @@ def latency_rows(b: Bench, temperature: float) -> list[Row]:
     rows = [Row(AR, SpecParams("ar")), Row("hf generate")]
     rows += [Row(f"sd k={k}", SpecParams("sd", k, adaedl=False)) for k in b.args.sd_ks]
     rows += [Row("sd+adaedl (cap 16)", SpecParams("sd", 16, adaedl=True)),
+             Row("sd+adaedl paper λ0=.5 α=.9", SpecParams("sd", 16, adaedl=True), paper_adaedl=True),
              Row(f"pearl γ={g}", SpecParams("pearl", g, adaedl=False), overlap=True),
-             Row(f"pearl+adaedl (cap {cap})", SpecParams("pearl", cap, adaedl=True), overlap=True)]
-    if temperature == 0:  # once, for reference: what the overlap buys
-        rows.append(Row(f"pearl γ={g} no overlap", SpecParams("pearl", g, adaedl=False)))
+             Row(f"pearl+adaedl (cap {cap})", SpecParams("pearl", cap, adaedl=True), overlap=True),
+             Row(f"pearl γ={g} no overlap", SpecParams("pearl", g, adaedl=False)),
+             Row(f"pearl+adaedl (cap {cap}) no overlap", SpecParams("pearl", cap, adaedl=True))]
     rows.append(Row("hf assisted", assisted=True))
     return [r for r in rows if not (r.is_hf and b.args.skip_hf)]
 
@@ -450,9 +455,9 @@ def latency(b: Bench, temperature: float) -> None:
 
 
 def best(b: Bench, mode: str, fallback: Row) -> Row:
-    """The fastest T=0 batch-1 row of a mode (static SD: no AdaEDL; PEARL: with overlap)."""
+    """The fastest T=0 batch-1 row of a mode (static SD: no AdaEDL; PEARL: with or without overlap)."""
     rows = [r for r in b.report.rows("latency_t0") if r.get("mode") == mode and "tokens_per_s" in r
-            and (mode != "sd" or not r["adaedl"]) and (mode != "pearl" or r["overlap"])]
+            and (mode != "sd" or not r["adaedl"]) and "paper" not in r["name"]]
     if not rows:
         return fallback
     r = max(rows, key=lambda r: r["tokens_per_s"])
@@ -463,7 +468,7 @@ def concurrency(b: Bench) -> None:
     cap = min(16, 2 * b.gamma)
     rows = [Row(AR, SpecParams("ar")), best(b, "sd", Row("sd k=5", SpecParams("sd", 5, adaedl=False))),
             Row("sd+adaedl (cap 16)", SpecParams("sd", 16, adaedl=True)),
-            Row(f"pearl+adaedl (cap {cap})", SpecParams("pearl", cap, adaedl=True), overlap=True)]
+            best(b, "pearl", Row(f"pearl+adaedl (cap {cap})", SpecParams("pearl", cap, adaedl=True), overlap=True))]
     seconds = warm_graphs(b, b.args.concurrency)
     b.report.data.setdefault("concurrency", {"rows": []})["graph_warmup_s"] = seconds
     for n in b.args.concurrency:
@@ -500,6 +505,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--nl-prompts", type=int, default=len(NL_PROMPTS), help="natural-language prompts (at most 12)")
     ap.add_argument("--deadline-s", type=float, default=None, help="overall budget; later work is skipped")
     ap.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the untimed run before each row")
+    ap.add_argument("--adaedl-lambda", type=float, default=0.3, help="AdaEDL λ0 (paper default 0.5)")
+    ap.add_argument("--adaedl-alpha", type=float, default=0.75,
+                    help="AdaEDL target acceptance α (paper 0.9; a pair accepting less keeps raising λ)")
     ap.add_argument("--skip-hf", action="store_true", help="no Hugging Face generate rows")
     ap.add_argument("--hf-prompts", type=int, default=None, help="run HF rows on the first N prompts only")
     ap.add_argument("--calibration-iters", type=int, default=30, help="timed forwards per calibration median")

@@ -12,7 +12,9 @@ from contextlib import nullcontext
 import torch
 
 from actors.adaedl import AdaEDLConfig, AdaEDLState
+from actors.draft_steps import draft_window
 from actors.engine import Engine
+from actors.llama import LlamaEngine
 from actors.messages import DraftChunk, DraftItem, DraftRound
 from kernels.entropy import softmax_entropy
 from kernels.sampling import (
@@ -24,9 +26,14 @@ from kernels.sampling import (
 )
 
 
+PIECE = 4  # AdaEDL requests draft this many tokens per device program: a stop wastes at most 3
+
+
 class Drafter:
-    def __init__(self, engine: Engine, adaedl: AdaEDLConfig | None = None) -> None:
+    def __init__(self, engine: Engine, adaedl: AdaEDLConfig | None = None, fused: bool = True) -> None:
         self.engine = engine
+        # A whole window per device program (actors/draft_steps.py) where the engine has it.
+        self.fused = fused and isinstance(engine, LlamaEngine)
         self.adaedl_config = adaedl or AdaEDLConfig()
         self._adaedl: dict[str, AdaEDLState] = {}
         self._generators: dict[str, torch.Generator] = {}
@@ -69,7 +76,41 @@ class Drafter:
 
     @torch.inference_mode()
     def propose(self, items: list[DraftItem]) -> list[DraftChunk]:
-        """Draft up to item.max_len tokens per request, all requests in one batch per position."""
+        """Draft up to item.max_len tokens per request (AdaEDL may stop a chunk earlier)."""
+        plain = all(it.sampling.top_k == 0 and it.sampling.top_p >= 1 for it in items)
+        return self.propose_fused(items) if self.fused and plain else self.propose_stepwise(items)
+
+    def propose_fused(self, items: list[DraftItem]) -> list[DraftChunk]:
+        """Whole windows on the device (pieces of PIECE for AdaEDL requests), AdaEDL applied to
+        the returned entropies: the same tokens as propose_stepwise for the same distributions."""
+        seqs = [list(it.seq) for it in items]
+        ids: list[list[int]] = [[] for _ in items]
+        probs: list[list[torch.Tensor]] = [[] for _ in items]
+        active = [b for b, it in enumerate(items) if it.max_len > 0]
+        while active:
+            batch = [items[b] for b in active]
+            steps = [min(it.max_len - len(ids[b]), PIECE if it.adaedl else it.max_len) for b, it in zip(active, batch)]
+            tokens, entropies, q = draft_window(
+                self.engine, [it.slot for it in batch], [seqs[b] for b in active], steps,
+                [it.sampling.temperature for it in batch], [_samples(it) for it in batch],
+                [self._generators[it.rid] for it in batch])
+            still = []
+            for row, (b, it) in enumerate(zip(active, batch)):
+                for j, (token, h) in enumerate(zip(tokens[row], entropies[row])):
+                    if ids[b] and it.adaedl and self._adaedl[it.rid].should_stop(h):
+                        break  # AdaEDL: the next token is likely rejected; always keep >= 1
+                    ids[b].append(token)
+                    seqs[b].append(token)
+                    if q is not None:
+                        probs[b].append(q[row, j])
+                else:
+                    if len(ids[b]) < it.max_len:
+                        still.append(b)
+            active = still
+        return [self._chunk(it, ids[b], probs[b]) for b, it in enumerate(items)]
+
+    def propose_stepwise(self, items: list[DraftItem]) -> list[DraftChunk]:
+        """The reference: all requests in one batch per position, a host decision per token."""
         seqs = [list(it.seq) for it in items]
         ids: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
@@ -82,9 +123,7 @@ class Drafter:
                 it = items[b]
                 if ids[b] and it.adaedl and self._adaedl[it.rid].should_stop(h[row]):
                     continue  # AdaEDL: the next token is likely rejected; always keep >= 1
-                # Sampled drafts come from q; one-hot drafts (and greedy requests) are the argmax.
-                sampled = it.send_probs and it.sampling.temperature > 0
-                token = sample(q[row], self._generators[it.rid]) if sampled else top[row]
+                token = sample(q[row], self._generators[it.rid]) if _samples(it) else top[row]
                 ids[b].append(token)
                 probs[b].append(q[row])
                 seqs[b].append(token)
@@ -115,6 +154,11 @@ class Drafter:
         return DraftChunk(ids, q, lam)
 
 
+def _samples(item: DraftItem) -> bool:
+    """Sampled drafts come from q; one-hot drafts (and greedy requests) are the argmax."""
+    return item.send_probs and item.sampling.temperature > 0
+
+
 class DraftFuture:
     """The chunks of a submitted draft, available through result()."""
 
@@ -134,8 +178,8 @@ class ThreadedDrafter(Drafter):
     from it (its verify waits for the draft). On CPU it is correct but the GIL limits overlap.
     """
 
-    def __init__(self, engine: Engine, adaedl: AdaEDLConfig | None = None) -> None:
-        super().__init__(engine, adaedl)
+    def __init__(self, engine: Engine, adaedl: AdaEDLConfig | None = None, fused: bool = True) -> None:
+        super().__init__(engine, adaedl, fused)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-drafter")
         cuda = engine.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=engine.device) if cuda else None

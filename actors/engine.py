@@ -61,18 +61,32 @@ class Engine(ABC):
         self, slots: list[int], seqs: list[list[int]], num_logits: list[int]
     ) -> torch.Tensor:  # [sum(num_logits), V] float, request b's rows are contiguous
         """Logits predicting the token after each of the last num_logits[b] tokens of seqs[b]."""
-        starts, new_tokens = [], []
-        for slot, seq, n in zip(slots, seqs, num_logits):
-            assert 1 <= n <= len(seq), f"num_logits {n} for a sequence of {len(seq)}"
-            if len(seq) > self.max_context:
-                raise TandemError(f"sequence of {len(seq)} tokens exceeds the context of {self.max_context}")
-            keep = min(_common_prefix(self._fed[slot], seq), len(seq) - n)
-            if keep < len(self._fed[slot]):
-                self._truncate(slot, keep)
-            starts.append(keep)
-            new_tokens.append(seq[keep:])
-            self._fed[slot] = list(seq)
+        starts = [self.feed(slot, seq, n) for slot, seq, n in zip(slots, seqs, num_logits)]
+        new_tokens = [seq[start:] for seq, start in zip(seqs, starts)]
         return self._forward(slots, starts, new_tokens, num_logits)
+
+    def feed(self, slot: int, seq: list[int], num_logits: int = 1) -> int:
+        """Roll the slot back to what it shares with seq; return where seq's unfed tokens start.
+
+        At least num_logits tokens are fed (their logits are asked for), even if the slot has
+        their KV already. The slot is then recorded as holding all of seq.
+        """
+        keep = self.fed_start(slot, seq, num_logits)
+        if keep < len(self._fed[slot]):
+            self._truncate(slot, keep)
+        self._fed[slot] = list(seq)
+        return keep
+
+    def fed_start(self, slot: int, seq: list[int], num_logits: int = 1) -> int:
+        """Where `feed` would start feeding seq (changes nothing)."""
+        assert 1 <= num_logits <= len(seq), f"num_logits {num_logits} for a sequence of {len(seq)}"
+        if len(seq) > self.max_context:
+            raise TandemError(f"sequence of {len(seq)} tokens exceeds the context of {self.max_context}")
+        return min(_common_prefix(self._fed[slot], seq), len(seq) - num_logits)
+
+    def record_fed(self, slot: int, seq: list[int]) -> None:
+        """The slot's KV now holds seq (a caller that fed more than `feed` saw, e.g. drafted tokens)."""
+        self._fed[slot] = list(seq)
 
     @abstractmethod
     def _forward(

@@ -1,4 +1,4 @@
-"""CUDA graphs for the native engine's decode and verify shapes (DESIGN §7).
+"""CUDA graphs for the native engine's decode, verify and draft shapes (DESIGN §7).
 
 At batch 1 a 1B-parameter target's step is about a millisecond of weight reads but a few
 hundred kernel launches; replaying a captured graph removes the launch gaps. Shapes are
@@ -8,12 +8,16 @@ engine's scratch slot / column and are never read. A graph is captured the first
 bucket is used (`warmup` captures ahead of time); shapes past the largest bucket (prefill of a
 long prompt) run eagerly.
 
+Two kinds of program are captured: a forward (`run`: logits of the rows asked for) and a
+multi-step draft (`draft`: actors/draft_steps.py, a whole draft window in one replay).
 All of an engine's graphs share one memory pool; each keeps its own input and output tensors,
-and the caller gathers its logit rows before the next replay.
+and the caller copies what it needs out of the outputs before the next replay.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,17 +28,27 @@ QUERY_BUCKETS = (1, 2, 4, 8, 16, 32)
 MIN_SPAN = 128
 
 
+@dataclass(frozen=True)
+class DraftShape:
+    """A multi-step draft's bucket: the first forward's shape, the steps, whether rows sample."""
+
+    first: Shape  # batch, first-step query length (the unfed tokens), attention span
+    steps: int
+    sampled: bool  # some row draws from q (noise in, q out); else argmax only
+
+
 class _Graph:
-    """One bucket's static inputs and outputs; `graph` is None off CUDA (replay runs eagerly)."""
+    """One bucket's static inputs and outputs. Off CUDA `graph` is None and replay reruns fn."""
 
-    def __init__(self, graph, data: torch.Tensor, logits: torch.Tensor | None, rerun=None) -> None:
-        self.graph, self.data, self.logits, self._rerun = graph, data, logits, rerun
+    def __init__(self, graph, inputs: tuple, outputs, fn: Callable) -> None:
+        self.graph, self.inputs, self.outputs, self._fn = graph, inputs, outputs, fn
 
-    def replay(self) -> None:
+    def replay(self):
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.logits = self._rerun()
+            self.outputs = self._fn(*self.inputs)
+        return self.outputs
 
 
 class GraphRunner:
@@ -42,7 +56,7 @@ class GraphRunner:
         self.engine = engine
         self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [min(max_batch, BATCH_BUCKETS[-1])]
         self.query_buckets = QUERY_BUCKETS
-        self.graphs: dict[Shape, _Graph] = {}
+        self.graphs: dict[Shape | DraftShape, _Graph] = {}
         self.capture = engine.device.type == "cuda"  # elsewhere the same padded path runs eagerly (tests)
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
@@ -55,53 +69,112 @@ class GraphRunner:
         span = max(MIN_SPAN, 1 << (shape.span - 1).bit_length())
         return Shape(batch, query, min(span, self.engine.max_context))
 
+    def _device(self):
+        return torch.cuda.device(self.engine.device) if self.capture else nullcontext()
+
     def run(self, bucket: Shape, batch: HostBatch) -> torch.Tensor:  # [rows, V]
-        with torch.cuda.device(self.engine.device) if self.capture else nullcontext():
-            g = self.graphs.get(bucket) or self._capture(bucket)
+        with self._device():
+            g = self.graphs.get(bucket) or self._capture_forward(bucket)
             n = batch.data.numel()
-            g.data[:n].copy_(batch.data, non_blocking=True)
-            g.replay()
-            rows = g.data[n - batch.num_rows : n]
-            return g.logits.index_select(0, rows)
+            data = g.inputs[0]
+            data[:n].copy_(batch.data, non_blocking=True)
+            logits = g.replay()
+            return logits.index_select(0, data[n - batch.num_rows : n])
+
+    def draft(self, bucket: DraftShape, data: torch.Tensor, temperature: torch.Tensor, fill_noise):
+        """Replay a multi-step draft: data (host int64, draft_steps.DraftBatch layout) and
+        temperature [B] go into the static inputs, fill_noise(noise [B, steps, V]) writes the
+        sampled rows' noise in place. Returns the graph's (tokens, entropy, q or None)."""
+        with self._device():
+            g = self.graphs.get(bucket) or self._capture_draft(bucket)
+            static_data, static_temp, noise = g.inputs
+            static_data[: data.numel()].copy_(data, non_blocking=True)
+            static_temp.copy_(temperature, non_blocking=True)
+            if noise is not None:
+                fill_noise(noise)
+            return g.replay()
 
     def warmup(self, batch_sizes=None, query_lens=None, spans=None) -> int:
-        """Capture the graphs of these buckets now (default: every bucket); returns how many."""
-        spans = spans or [s for s in (MIN_SPAN << i for i in range(16)) if s < self.engine.max_context]
-        spans = list(spans) + [self.engine.max_context]
-        for b in batch_sizes or self.batch_buckets:
-            for q in query_lens or self.query_buckets:
-                for s in spans:
+        """Capture the forward graphs of these buckets now (default: every bucket); returns how many."""
+        for s in self._spans(spans):
+            for b in batch_sizes or self.batch_buckets:
+                for q in query_lens or self.query_buckets:
                     bucket = self.bucket(Shape(b, q, s))
                     if bucket is not None and bucket not in self.graphs:
-                        with torch.cuda.device(self.engine.device) if self.capture else nullcontext():
-                            self._capture(bucket)
+                        with self._device():
+                            self._capture_forward(bucket)
         return len(self.graphs)
 
-    @torch.inference_mode()
-    def _capture(self, bucket: Shape) -> _Graph:
+    def warmup_drafts(self, batch_sizes, steps, first_lens=(1, 2), sampled=(False,), spans=None) -> int:
+        """Capture multi-step draft graphs ahead of time; returns how many graphs there are now."""
+        for s in self._spans(spans):
+            for b in batch_sizes:
+                for q in first_lens:
+                    first = self.bucket(Shape(b, q, s))
+                    for n in steps:
+                        for smp in sampled:
+                            key = DraftShape(first, n, smp) if first is not None else None
+                            if key is not None and key not in self.graphs:
+                                with self._device():
+                                    self._capture_draft(key)
+        return len(self.graphs)
+
+    def _spans(self, spans) -> list[int]:
+        spans = spans or [s for s in (MIN_SPAN << i for i in range(16)) if s < self.engine.max_context]
+        return list(spans) + [self.engine.max_context]
+
+    # -- capture -----------------------------------------------------------------------------
+    def _capture_forward(self, bucket: Shape) -> _Graph:
         eng = self.engine
-        bsz, q = bucket.batch, bucket.query
-        scratch_slot, scratch_col = eng.scratch
-        n = bsz * q
-        # Static inputs: ids, positions, write positions, slots, then room for every row index.
-        data = torch.zeros(3 * n + bsz + n, dtype=torch.long, device=eng.device)
-        data[2 * n : 3 * n] = scratch_col
-        data[3 * n : 3 * n + bsz] = scratch_slot
-        ids, positions, writes, slots = data[:n].view(bsz, q), data[n : 2 * n].view(bsz, q), \
-            data[2 * n : 3 * n].view(bsz, q), data[3 * n : 3 * n + bsz]
+        data = _static_ints(bucket, eng.scratch, bucket.batch * bucket.query, eng.device)  # room for every row index
+        split = HostBatch(bucket, data, 0).split
+
+        def forward(data):
+            ids, positions, writes, slots, _ = split(data[: data.numel() - bucket.batch * bucket.query])
+            return eng.run(ids, positions, writes, slots, bucket.span)
+
+        return self._capture(bucket, (data,), forward)
+
+    def _capture_draft(self, key: DraftShape) -> _Graph:
+        from actors.draft_steps import DraftBatch, draft_program
+
+        eng, first = self.engine, key.first
+        data = _static_ints(first, eng.scratch, 3 * first.batch, eng.device)  # + last, steps, sample
+        temperature = torch.zeros(first.batch, device=eng.device)
+        noise = torch.ones(first.batch, key.steps, eng.vocab_size, device=eng.device) if key.sampled else None
+        split = DraftBatch.splitter(first)
+
+        def draft(data, temperature, noise):
+            return draft_program(eng, *split(data), temperature, noise, key.steps, first.span)
+
+        return self._capture(key, (data, temperature, noise), draft)
+
+    @torch.inference_mode()
+    def _capture(self, key, inputs: tuple, fn: Callable) -> _Graph:
         if not self.capture:
-            g = _Graph(None, data, None, lambda: eng.run(ids, positions, writes, slots, bucket.span))
-            self.graphs[bucket] = g
+            g = _Graph(None, inputs, None, fn)
+            self.graphs[key] = g
             return g
-        side = torch.cuda.Stream(device=eng.device)
+        side = torch.cuda.Stream(device=self.engine.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up: allocator, cuBLAS handles, lazy kernels
             for _ in range(2):
-                eng.run(ids, positions, writes, slots, bucket.span)
+                fn(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = eng.run(ids, positions, writes, slots, bucket.span)
-        g = _Graph(graph, data, logits)
-        self.graphs[bucket] = g
+            outputs = fn(*inputs)
+        g = _Graph(graph, inputs, outputs, fn)
+        self.graphs[key] = g
         return g
+
+
+def _static_ints(shape: Shape, scratch: tuple[int, int], extra: int, device) -> torch.Tensor:
+    """A static int64 input laid out as HostBatch.data (ids, positions, writes, slots) + extra,
+    with padding already pointing at the scratch slot and column."""
+    scratch_slot, scratch_col = scratch
+    n = shape.batch * shape.query
+    data = torch.zeros(3 * n + shape.batch + extra, dtype=torch.long)
+    data[2 * n : 3 * n] = scratch_col
+    data[3 * n : 3 * n + shape.batch] = scratch_slot
+    return data.to(device)

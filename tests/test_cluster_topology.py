@@ -5,6 +5,7 @@ that joins while another is running (continuous batching must not change either 
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -26,6 +27,9 @@ def two_nodes():
     from cluster.app import build_app
 
     temp = tempfile.mkdtemp(prefix="tdc", dir="/tmp")
+    # Cluster() records the head's address in Ray's default folder whatever temp_dir says; on a
+    # fresh machine (CI) nothing has created that folder yet.
+    os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 2, "resources": {"verifier": 2}, "temp_dir": temp,
         "object_store_memory": 150 * 1024**2, "include_dashboard": False})

@@ -1,0 +1,110 @@
+"""Whole draft windows in one device program (actors/draft_steps.py) against the drafter's
+token-by-token loop, the reference: the same greedy tokens (AdaEDL stops included) over rounds
+with rollbacks and ragged batches, and sampled drafts that follow q.
+
+On CPU the bucketed path (cuda_graphs=True) runs the graphs' padded programs eagerly; the gpu
+test captures them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_llama
+from scipy.stats import chisquare
+
+from actors.adaedl import AdaEDLConfig
+from actors.drafter import Drafter
+from actors.llama import LlamaEngine
+from actors.messages import DraftItem, SamplingParams
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+GREEDY = SamplingParams(max_tokens=64)
+
+
+def drafters(model, graphs: bool, adaedl: AdaEDLConfig, slots: int = 4):
+    fused = Drafter(LlamaEngine(model, max_slots=slots, cuda_graphs=graphs), adaedl)
+    stepwise = Drafter(LlamaEngine(model, max_slots=slots, cuda_graphs=False), adaedl, fused=False)
+    assert fused.fused and not stepwise.fused
+    return fused, stepwise
+
+
+def start(drafter: Drafter, n: int) -> list[int]:
+    return [drafter.start(f"r{i}", seed=i) for i in range(n)]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("lambda0", [0.0, 0.93])  # 0: never stops; .93: stops mid-window often
+def test_fused_greedy_drafts_equal_the_token_loop(graphs, lambda0):
+    model = random_llama(3, hidden=64, layers=2, vocab=300, tied=False, init=0.2)
+    fused, stepwise = drafters(model, graphs, AdaEDLConfig(lambda0=lambda0))
+    slots = start(fused, 3)
+    assert start(stepwise, 3) == slots
+    seqs = [list(range(1, 20)), [5, 6], list(range(40, 47))]  # a backlog longer than MAX_FIRST, and short ones
+    stops = 0
+    for rnd in range(6):
+        lens = [(rnd + b) % 7 for b in range(3)]  # ragged windows, 0 included
+        items = [DraftItem(f"r{b}", slots[b], seqs[b], lens[b], GREEDY, adaedl=lambda0 > 0) for b in range(3)]
+        a, b_ = fused.propose(items), stepwise.propose(items)
+        assert [c.ids for c in a] == [c.ids for c in b_], (rnd, lens)
+        assert all(c.probs is None for c in a)  # greedy: q is one-hot, never sent
+        stops += sum(len(c.ids) < n for c, n in zip(a, lens))
+        # The verifier keeps part of each chunk and appends a correction: a rollback next round.
+        seqs = [s + c.ids[: len(c.ids) // 2] + [7 + rnd] for s, c in zip(seqs, a)]
+    assert (stops > 0) == (lambda0 > 0)
+
+
+def test_fused_sampled_drafts_follow_q():
+    """The first drafted token of a sampled window is a draw from q = softmax(logits / T)."""
+    torch.manual_seed(0)
+    vocab, temperature, rows, rounds = 12, 0.8, 32, 40
+    model = random_llama(4, hidden=32, layers=1, vocab=vocab, tied=False, init=0.3)
+    drafter = Drafter(LlamaEngine(model, max_slots=rows, cuda_graphs=True), AdaEDLConfig())
+    slots = start(drafter, rows)
+    sampling = SamplingParams(max_tokens=8, temperature=temperature)
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].float()
+    q_ref = torch.softmax(logits / temperature, -1)
+    counts = torch.zeros(vocab)
+    for _ in range(rounds):
+        chunks = drafter.propose([DraftItem(f"r{b}", slots[b], prompt, 3, sampling, False) for b in range(rows)])
+        for c in chunks:
+            assert len(c.ids) == 3 and c.probs.shape == (3, vocab)
+            assert torch.allclose(c.probs[0], q_ref, atol=1e-5)
+            assert torch.allclose(c.probs.sum(-1), torch.ones(3), atol=1e-5)
+            counts[c.ids[0]] += 1
+    expected = q_ref * rows * rounds
+    keep = expected >= 5  # chi-square needs expected counts >= 5; pool the rare tokens
+    obs = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
+    exp = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
+    assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
+
+
+def test_seeded_sampled_drafts_do_not_depend_on_the_batch():
+    model = random_llama(4, hidden=32, layers=1, vocab=50, tied=False, init=0.3)
+    sampling = SamplingParams(max_tokens=8, temperature=1.0)
+
+    def draft(n_requests):
+        d = Drafter(LlamaEngine(model, max_slots=4, cuda_graphs=True), AdaEDLConfig())
+        slots = start(d, n_requests)
+        items = [DraftItem(f"r{b}", slots[b], [1, 2, 3 + b], 5, sampling, False) for b in range(n_requests)]
+        return d.propose(items)[0].ids
+
+    assert draft(1) == draft(3)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_draft_graphs_equal_the_token_loop_on_gpu(dtype):
+    model = random_llama(3, hidden=128, layers=2, vocab=500, tied=False, init=0.2).to("cuda", dtype)
+    fused, stepwise = drafters(model, True, AdaEDLConfig(lambda0=0.9))
+    slots = start(fused, 3)
+    start(stepwise, 3)
+    seqs = [list(range(1, 30)), [5, 6], list(range(40, 52))]
+    for rnd in range(5):
+        items = [DraftItem(f"r{b}", slots[b], seqs[b], 2 + (rnd + b) % 6, GREEDY, adaedl=True) for b in range(3)]
+        a, b_ = fused.propose(items), stepwise.propose(items)
+        if dtype == torch.float32:
+            assert [c.ids for c in a] == [c.ids for c in b_], rnd
+        seqs = [s + c.ids + [9] for s, c in zip(seqs, b_)]
+    assert any(type(k).__name__ == "DraftShape" for k in fused.engine.graphs.graphs)

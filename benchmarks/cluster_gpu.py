@@ -59,7 +59,8 @@ def in_process(args) -> tuple[list[list[int]], list[dict]]:
         mode, adaedl = parse_mode(text)
         spec = SpecParams(mode, args.max_draft, adaedl=adaedl)
         for conc in (1, len(PROMPTS)):
-            generate(pair, prompts[:conc], SamplingParams(16, ignore_eos=True), spec, overlap=mode == "pearl")  # warm
+            for i in range(0, len(PROMPTS), conc):  # warm: every graph these batches need is captured
+                generate(pair, prompts[i : i + conc], sampling, spec, overlap=mode == "pearl")
             _sync()
             start, tokens = time.perf_counter(), 0
             for i in range(0, len(PROMPTS), conc):  # the same batches the cluster sees
@@ -79,6 +80,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def best_mode(path: str) -> tuple[str, int]:
+    """('ar,<mode>[+adaedl]', max_draft) of the fastest tandem row of gpu_bench's latency_t0."""
+    rows = [r for r in json.loads(Path(path).read_text())["latency_t0"]["rows"]
+            if r.get("engine") == "tandem" and r.get("mode") != "ar" and "tokens_per_s" in r]
+    top = max(rows, key=lambda r: r["tokens_per_s"])
+    return f"ar,{top['mode']}{'+adaedl' if top['adaedl'] else ''}", top["max_draft"]
+
+
 def run_mode(client, lane, text: str, concurrency: int, args) -> dict:
     mode, adaedl = parse_mode(text)
 
@@ -86,7 +95,8 @@ def run_mode(client, lane, text: str, concurrency: int, args) -> dict:
         return client.complete(prompt, max_tokens=args.max_tokens, mode=mode, max_draft=args.max_draft,
                                adaedl=adaedl, ignore_eos=True)
 
-    one(PROMPTS[0])  # warm: graphs of this mode's shapes
+    with ThreadPoolExecutor(concurrency) as pool:  # warm: the graphs of this mode's shapes
+        list(pool.map(one, PROMPTS))
     lane.reset_timing.remote().result()
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -111,7 +121,11 @@ def main() -> None:
     ap.add_argument("--max-draft", type=int, default=4)
     ap.add_argument("--modes", default="ar,sd,pearl", help="comma-separated; '+adaedl' turns AdaEDL on")
     ap.add_argument("--out", default="cluster_gpu.json")
+    ap.add_argument("--best-from", help="a gpu_bench.json: run AR and its fastest batch-1 T=0 tandem mode")
     args = ap.parse_args()
+    if args.best_from:
+        args.modes, args.max_draft = best_mode(args.best_from)
+        print(f"modes {args.modes}, max_draft {args.max_draft} (from {args.best_from})", flush=True)
     ref, local = in_process(args)
     grpc_port = free_port()
     ray.init(num_cpus=12, num_gpus=torch.cuda.device_count() or 2, include_dashboard=False)

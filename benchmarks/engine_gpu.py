@@ -74,23 +74,99 @@ def bare_decode(engine, prompt: list[int], n: int) -> float:
     return 1000 * (time.perf_counter() - start) / n
 
 
-def profile_step(engine, context: int) -> None:
-    """Which kernels one graphed decode step spends its time in (torch.profiler sees into graphs)."""
+def split_forward(engine, context: int, reps: int) -> dict:
+    """One decode forward cut in two: the host's part (the call returns once the graph is
+    launched) and the device's (CUDA events around back-to-back replays of the same graph)."""
+    slot = engine.allocate()
+    seq = [int(x) for x in torch.randint(1, engine.vocab_size, (context + 1,))]
+    engine.forward([slot], [seq], [1])
+    host = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.forward([slot], [seq], [1])  # feeds the last token again (same shape)
+        host.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    graph = next(g for k, g in engine.graphs.graphs.items() if getattr(k, "query", 0) == 1 and k.span >= context + 1)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    engine.release(slot)
+    return {"host_ms": 1000 * statistics.median(host), "device_ms": start.elapsed_time(end) / reps}
+
+
+def draft_windows(draft_engine, reps: int) -> list[dict]:
+    """A k-token greedy draft at batch 1: fused (one program) vs the token-by-token loop."""
+    from actors.drafter import Drafter
+    from actors.messages import DraftItem
+
+    rows = []
+    prompt = [int(x) for x in torch.randint(1, draft_engine.vocab_size, (100,))]
+    for fused in (True, False):
+        d = Drafter(draft_engine, fused=fused)
+        slot = d.start("r", 0)
+        for k in (1, 4, 8, 16):
+            item = DraftItem("r", slot, prompt, k, SamplingParams(64), adaedl=False)
+            d.propose([item])  # capture / warm
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                d.propose([item])
+            torch.cuda.synchronize()
+            rows.append({"fused": fused, "k": k, "ms": 1000 * (time.perf_counter() - t0) / reps})
+            print(f"draft fused={fused!s:5} k={k:2} {rows[-1]['ms']:7.3f} ms", flush=True)
+        d.finish("r", slot)
+    return rows
+
+
+def cpu_profile(pair, spec, overlap: bool, tokens: int) -> str:
+    """Host-side cost by op for one generate call (what Python and dispatch spend per step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    slot = engine.allocate()
-    seq = [int(x) for x in torch.randint(1, engine.vocab_size, (context,))]
-    engine.forward([slot], [seq], [1])
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(10):
-            engine.forward([slot], [seq + [i + 1]], [1])
+    prompt = [int(x) for x in torch.randint(1, pair.target.vocab_size, (64,))]
+    generate(pair, [prompt], SamplingParams(16, ignore_eos=True), spec, overlap=overlap)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(pair, [prompt], SamplingParams(tokens, ignore_eos=True), spec, overlap=overlap)
         torch.cuda.synchronize()
-    engine.release(slot)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    table = prof.key_averages()
+    return table.table(sort_by="self_cpu_time_total", row_limit=22) + "\n" + \
+        table.table(sort_by="self_device_time_total", row_limit=22)
 
 
 class _NoTokenizer:
     eos_token_id = None
+
+
+def step_logic(pair, prompt, bare: float) -> dict:
+    """AR / SD / PEARL through SpecBatch at batch 1: ms per step and where it goes."""
+    from actors.batch import SpecBatch
+    from actors.drafter import Drafter, ThreadedDrafter
+    from actors.offline import run_batch
+
+    out = {}
+    for label, spec, overlap in (("ar", SpecParams("ar"), False), ("sd k=4", SpecParams("sd", 4, adaedl=False), False),
+                                 ("sd k=8", SpecParams("sd", 8, adaedl=False), False),
+                                 ("pearl γ=4", SpecParams("pearl", 4, adaedl=False), True),
+                                 ("pearl γ=8", SpecParams("pearl", 8, adaedl=False), True)):
+        drafter = (ThreadedDrafter if overlap else Drafter)(pair.draft)
+        run_batch(SpecBatch(pair.target, drafter, set()), [prompt], SamplingParams(16, ignore_eos=True), spec)
+        batch = SpecBatch(pair.target, drafter, set())
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        done = run_batch(batch, [prompt], SamplingParams(128, ignore_eos=True), spec)[0]
+        ms = 1000 * (time.perf_counter() - start)
+        if overlap:
+            drafter.close()
+        out[label] = {"ms_per_step": ms / done.stats.steps, "steps": done.stats.steps,
+                      "ms_per_token": ms / len(done.token_ids), "timing": batch.timing.as_dict()}
+        t = out[label]["timing"]
+        print(f"{label:10}: {ms / done.stats.steps:.3f} ms/step, {ms / len(done.token_ids):.3f} ms/token "
+              f"(bare AR {bare:.3f}); draft {t['draft_ms']:.2f} verify {t['verify_ms']:.2f} "
+              f"wait {t['wait_ms']:.2f} exchange {t['exchange_ms']:.2f}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -99,7 +175,7 @@ def main() -> None:
     ap.add_argument("--draft")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--profile", action="store_true", help="print the kernels of a graphed target step")
+    ap.add_argument("--profile", action="store_true", help="print the host-side ops of AR and SD steps")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/engine_gpu.json"))
     args = ap.parse_args()
     target_model, draft_model = bench_models(args)
@@ -117,29 +193,24 @@ def main() -> None:
             del eng
     step = {(r["model"], r["graphs"], r["query"]): r["ms"] for r in rows}
     c = step[("target", True, 1)] / step[("draft", True, 1)]
-    # What the step logic costs on top of the engine: AR through SpecBatch vs a bare loop.
     target = LlamaEngine(target_model, max_slots=4, max_context=1024)
     draft = LlamaEngine(draft_model, max_slots=4, max_context=1024)
     for eng in (target, draft):  # capture outside the timed loops
         eng.graphs.warmup(batch_sizes=[1], query_lens=[1, 2, 4, 8, 16])
-    if args.profile:
-        profile_step(target, args.context)
+    split = {name: split_forward(eng, args.context, args.reps) for name, eng in (("target", target), ("draft", draft))}
+    for name, v in split.items():
+        print(f"{name} decode: host {v['host_ms']:.3f} ms to launch, device {v['device_ms']:.3f} ms", flush=True)
+    windows = draft_windows(draft, 20)
     prompt = [int(x) for x in torch.randint(1, target.vocab_size, (64,))]
     bare = bare_decode(target, prompt, 128)
     pair = ModelPair(_NoTokenizer(), target, draft)
-    sampling = SamplingParams(128, ignore_eos=True)
-    overhead = {}
-    for label, spec, overlap in (("ar", SpecParams("ar"), False), ("sd k=4", SpecParams("sd", 4, adaedl=False), False),
-                                 ("pearl γ=4", SpecParams("pearl", 4, adaedl=False), True)):
-        generate(pair, [prompt], SamplingParams(16, ignore_eos=True), spec, overlap=overlap)  # warm
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        done = generate(pair, [prompt], sampling, spec, overlap=overlap)[0]
-        ms = 1000 * (time.perf_counter() - start)
-        overhead[label] = {"ms_per_step": ms / done.stats.steps, "steps": done.stats.steps}
-        print(f"{label}: {ms / done.stats.steps:.3f} ms/step over {done.stats.steps} steps", flush=True)
+    overhead = step_logic(pair, prompt, bare)
+    if args.profile:
+        for label, spec, overlap in (("ar", SpecParams("ar"), False), ("sd k=4", SpecParams("sd", 4, adaedl=False), False)):
+            print(f"--- host-side ops, {label}, 32 tokens", flush=True)
+            print(cpu_profile(pair, spec, overlap, 32), flush=True)
     result = {"device": torch.cuda.get_device_name(), "rows": rows, "c": c, "bare_ar_ms_per_token": bare,
-              "step_logic": overhead}
+              "forward_split": split, "draft_windows": windows, "step_logic": overhead}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\n{'model':6} {'q':>3} {'eager ms':>9} {'graphs ms':>10}")

@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout that is not pip
 import torch
 
 from actors.batch import SpecBatch
-from actors.drafter import Drafter
+from actors.drafter import PIECE, Drafter
 from actors.messages import SamplingParams, SpecParams
 from actors.offline import run_batch
 from actors.pair import load_pair, load_tokenizer
@@ -63,6 +63,7 @@ NL_PROMPTS = [
     "Write a Python function that checks an email address with a regular expression.",
 ]
 VERIFY_LENS = (4, 6, 9, 17)  # k+1 for k = 3, 5, 8, 16
+SECTIONS = ("calibration", "latency", "concurrency", "natural_language", "lossless_fp32")
 AR = "tandem ar"
 
 
@@ -192,12 +193,16 @@ def threaded_drafter_cls():
     return getattr(actors.drafter, "ThreadedDrafter", None)
 
 
-def warm_graphs(b: Bench, batch_sizes: list[int]) -> float:
-    """Capture the CUDA graphs of these batch sizes now, so no timed row pays for a capture."""
+def warm_graphs(b: Bench, batch_sizes: list[int], draft_steps=range(1, 17), sampled=(False, True)) -> float:
+    """Capture the CUDA graphs of these batch sizes now, so no timed row pays for a capture:
+    target forwards (decode and verify shapes), draft forwards (prefill tails) and the draft's
+    multi-step windows (actors/draft_steps.py) of every length a row can ask for."""
     start = time.perf_counter()
     for name, engine in (("target", b.pair.target), ("draft", b.pair.draft)):
         if graphs_of(engine) is not None:
             n = engine.graphs.warmup(batch_sizes=batch_sizes, query_lens=[1, 2, 4, 8, 16, 32])
+            if name == "draft":
+                n = engine.graphs.warmup_drafts(batch_sizes, list(draft_steps), sampled=sampled)
             print(f"[{b.budget.elapsed():6.1f}s] {name}: {n} CUDA graphs captured (batch sizes {batch_sizes})", flush=True)
     b.sync()
     return time.perf_counter() - start
@@ -466,16 +471,54 @@ def best(b: Bench, mode: str, fallback: Row) -> Row:
 
 def concurrency(b: Bench) -> None:
     cap = min(16, 2 * b.gamma)
-    rows = [Row(AR, SpecParams("ar")), best(b, "sd", Row("sd k=5", SpecParams("sd", 5, adaedl=False))),
-            Row("sd+adaedl (cap 16)", SpecParams("sd", 16, adaedl=True)),
-            best(b, "pearl", Row(f"pearl+adaedl (cap {cap})", SpecParams("pearl", cap, adaedl=True), overlap=True))]
-    seconds = warm_graphs(b, b.args.concurrency)
+    sd = best(b, "sd", Row("sd k=5", SpecParams("sd", 5, adaedl=False)))
+    pearl = best(b, "pearl", Row(f"pearl+adaedl (cap {cap})", SpecParams("pearl", cap, adaedl=True), overlap=True))
+    rows = [Row(AR, SpecParams("ar")), sd, Row("sd+adaedl (cap 16)", SpecParams("sd", 16, adaedl=True)), pearl]
+    # Window lengths these rows ask for (shorter tails at a request's end are captured when met).
+    steps = sorted({*range(1, PIECE + 1), sd.spec.max_draft, pearl.spec.max_draft})
+    seconds = warm_graphs(b, [n for n in b.args.concurrency if n > 1], steps, sampled=(False,))
     b.report.data.setdefault("concurrency", {"rows": []})["graph_warmup_s"] = seconds
     for n in b.args.concurrency:
         if b.budget.left() <= 0:
             b.report.skip(f"concurrency n={n}", "deadline reached")
             continue
         run_rows(b, "concurrency", rows, b.code[:n], 0.0, group=n, extra={"concurrency": n})
+
+
+@torch.inference_mode()
+def lossless_fp32(b: Bench) -> None:
+    """The pair in fp32 on the same device: every tandem mode's greedy tokens against tandem AR.
+
+    In bf16 a verify forward (k+1 query rows) and a decode forward (1 row) take different GEMM
+    kernels, so near-tied argmaxes can flip between them and outputs drift apart; fp32 leaves
+    rounding differences ~1e-6, far under the gap between the two best logits. Equality here
+    says a bf16 difference is numerics, not the algorithm.
+    """
+    args = b.args
+    n = min(args.lossless_prompts, len(b.code))
+    fp32 = load_pair(args.target, args.draft, device=args.device, dtype="float32", engine="native",
+                     max_slots=max(4, n), max_context=max(len(p) for p in b.code[:n]) + args.lossless_tokens + 40,
+                     draft_device=args.draft_device)
+    saved = b.pair
+    b.pair = fp32
+    try:
+        g = b.gamma
+        rows = [Row(AR, SpecParams("ar")), Row("sd k=5", SpecParams("sd", 5, adaedl=False)),
+                Row("sd+adaedl (cap 16)", SpecParams("sd", 16, adaedl=True)),
+                Row(f"pearl γ={g}", SpecParams("pearl", g, adaedl=False), overlap=True),
+                Row(f"pearl+adaedl (cap {min(16, 2 * g)})", SpecParams("pearl", min(16, 2 * g), adaedl=True), overlap=True)]
+        saved_tokens, args.max_tokens = args.max_tokens, args.lossless_tokens
+        try:
+            b.report.rows("lossless_fp32")
+            for group in (1, n):
+                run_rows(b, "lossless_fp32", rows, b.code[:n], 0.0, group=group, extra={"concurrency": group})
+        finally:
+            args.max_tokens = saved_tokens
+    finally:
+        b.pair = saved
+        del fp32
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def natural_language(b: Bench) -> None:
@@ -511,6 +554,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--skip-hf", action="store_true", help="no Hugging Face generate rows")
     ap.add_argument("--hf-prompts", type=int, default=None, help="run HF rows on the first N prompts only")
     ap.add_argument("--calibration-iters", type=int, default=30, help="timed forwards per calibration median")
+    ap.add_argument("--lossless-prompts", type=int, default=4, help="prompts of the fp32 equality section")
+    ap.add_argument("--lossless-tokens", type=int, default=64, help="tokens per prompt in the fp32 section")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"which to run, of {','.join(SECTIONS)}")
+    ap.add_argument("--resume", action="store_true",
+                    help="start from the rows already in --out (e.g. a first call's calibration and latency)")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/gpu_bench.json"))
     return ap.parse_args(argv)
 
@@ -520,16 +568,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.deadline_s)
     report = Report(Path(args.out), budget)
+    if args.resume and report.path.is_file():
+        report.data = json.loads(report.path.read_text())
+        report.data["meta"].setdefault("calls", []).append(shlex.join(["python", "benchmarks/gpu_bench.py", *argv]))
     _quiet_transformers()
     b = load(args, report, budget)
-    report.data["meta"] = meta(b, argv)
+    if not args.resume:
+        report.data["meta"] = meta(b, argv)
+    b.gamma = report.data.get("calibration", {}).get("gamma", b.gamma)
     report.data["meta"]["graph_warmup_s"] = warm_graphs(b, [1])
     report.save()
     print(f"[{budget.elapsed():6.1f}s] loaded; {report.data['meta']['params']} params, features {b.features}", flush=True)
     sections = [("calibration", lambda: calibration(b))]
     sections += [(f"latency_t{t:g}", lambda t=t: latency(b, t)) for t in map(float, args.temperatures.split(","))]
-    sections += [("concurrency", lambda: concurrency(b)), ("natural_language", lambda: natural_language(b))]
+    sections += [("concurrency", lambda: concurrency(b)), ("natural_language", lambda: natural_language(b)),
+                 ("lossless_fp32", lambda: lossless_fp32(b))]
+    wanted = set(args.sections.split(","))
+    unknown = wanted - set(SECTIONS)
+    assert not unknown, f"unknown sections {sorted(unknown)}; choose from {SECTIONS}"
     for name, run in sections:
+        if name.split("_t")[0] not in wanted and name not in wanted:
+            continue
         if budget.left() <= 0:
             report.skip(name, f"deadline of {args.deadline_s:g} s reached")
             continue
@@ -576,7 +635,7 @@ def print_table(data: dict) -> None:
               f"c {cal['c']:.2f}, verify {cal['target_verify_ms']}")
     print(f"{'section':<16} {'T':<4}{'row':<32} {'tok/s':>7} {'vs AR':>6} {'acc':>5} {'tok/st':>5} "
           f"{'same':>4} {'pref':>4} {'draft':>6} {'verify':>6} {'wait':>6} {'step':>6}  (same/pref: vs tandem AR; ms/step)")
-    sections = [k for k in data if k.startswith("latency_")] + ["concurrency", "natural_language"]
+    sections = [k for k in data if k.startswith("latency_")] + ["concurrency", "natural_language", "lossless_fp32"]
     for section in sections:
         for r in data.get(section, {}).get("rows", []):
             print(f"{section:<16} {row_line(r)}")

@@ -12,9 +12,19 @@ Two kinds of program are captured: a forward (`run`: logits of the rows asked fo
 multi-step draft (`draft`: actors/draft_steps.py, a whole draft window in one replay).
 All of an engine's graphs share one memory pool; each keeps its own input and output tensors,
 and the caller copies what it needs out of the outputs before the next replay.
+
+Two engines' graphs may replay at the same time (PEARL in one process: the draft on the
+drafter's stream while the target verifies), so nothing they write may be shared. cuBLAS keys
+its workspace by (handle, stream) and a graph bakes in the workspace of the stream it was
+captured on: were both engines captured on one stream, their split-K GEMMs would write the same
+workspace concurrently (seen on an H200: wrong target logits, outputs that left AR's). Each
+runner therefore warms up and captures on a stream of its own. Captures themselves are
+serialized process-wide: PyTorch cannot capture two graphs at once (its allocator and RNG
+bookkeeping are global).
 """
 from __future__ import annotations
 
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +36,7 @@ from actors.llama import HostBatch, Shape
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 QUERY_BUCKETS = (1, 2, 4, 8, 16, 32)
 MIN_SPAN = 128
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,8 @@ class GraphRunner:
         self.graphs: dict[Shape | DraftShape, _Graph] = {}
         self.capture = engine.device.type == "cuda"  # elsewhere the same padded path runs eagerly (tests)
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        # This runner's own capture stream, hence its own cuBLAS workspace (module docstring).
+        self.stream = torch.cuda.Stream(device=engine.device) if self.capture else None
 
     def bucket(self, shape: Shape) -> Shape | None:
         """The graph shape that covers this forward, or None (run it eagerly)."""
@@ -155,15 +168,15 @@ class GraphRunner:
             g = _Graph(None, inputs, None, fn)
             self.graphs[key] = g
             return g
-        side = torch.cuda.Stream(device=self.engine.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up: allocator, cuBLAS handles, lazy kernels
-            for _ in range(2):
-                fn(*inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            outputs = fn(*inputs)
+        with _CAPTURE_LOCK:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):  # warm up: allocator, cuBLAS workspace, lazy kernels
+                for _ in range(2):
+                    fn(*inputs)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                outputs = fn(*inputs)
+            torch.cuda.current_stream().wait_stream(self.stream)
         g = _Graph(graph, inputs, outputs, fn)
         self.graphs[key] = g
         return g

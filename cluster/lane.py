@@ -38,7 +38,7 @@ class Lane:
         finished = False
         try:
             while not finished:
-                e = await inbox.get()
+                e = _merge(await _drain(inbox))
                 finished = e.finish_reason is not None
                 yield {"token_ids": e.token_ids, "finish_reason": e.finish_reason,
                        "stats": e.stats.as_dict() if finished else None, "lane": self.lane_id}
@@ -72,6 +72,29 @@ class Lane:
         core = getattr(self, "core", None)
         if core is not None:
             core.stop()
+
+
+async def _drain(inbox: asyncio.Queue) -> list[Emission]:
+    """The next emission and every one queued behind it.
+
+    Each streamed item costs Python time in this replica (Serve's streaming) and in the router,
+    and the step loop shares this interpreter. Sent one item per step and request, 8 streams of
+    AR through the cluster ran at 0.27x in-process on an H200 although the lane's steps filled
+    under half of the wall time. When the stream falls behind the steps, what has piled up
+    goes out as one item.
+    """
+    items = [await inbox.get()]
+    while not inbox.empty():
+        items.append(inbox.get_nowait())
+    return items
+
+
+def _merge(items: list[Emission]) -> Emission:
+    """Consecutive emissions of one request as one (the last one carries finish_reason and stats)."""
+    last = items[-1]
+    if len(items) == 1:
+        return last
+    return Emission(last.rid, [t for e in items for t in e.token_ids], last.finish_reason, last.stats)
 
 
 LaneDeployment = serve.deployment(Lane, name="Lane")

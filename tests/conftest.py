@@ -14,11 +14,11 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "models" / "tiny"
 
 
-def random_llama(seed: int, hidden=64, layers=2, vocab=300, tied=True, init=0.02, kv_heads=2) -> LlamaForCausalLM:
+def random_llama(seed: int, hidden=64, layers=2, vocab=300, tied=True, init=0.02, kv_heads=2, heads=4) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
         tie_word_embeddings=tied, initializer_range=init, eos_token_id=None, bos_token_id=None,
     )
     return LlamaForCausalLM(cfg).eval()

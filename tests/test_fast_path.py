@@ -102,6 +102,24 @@ def test_tiny_pair_lossless_on_gpu_with_graphs(overlap):
         assert [d.token_ids for d in done] == [r.token_ids for r in ref], spec
 
 
+@gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_overlapped_drafting_leaves_the_target_alone_on_gpu(batch):
+    """In-process PEARL replays the draft's graphs on the drafter's stream while the target's
+    replay. GEMMs this wide use cuBLAS split-K and its workspace; when both engines' graphs were
+    captured on one stream they shared it and the target's logits came out wrong. With the same
+    shapes and kernels, overlapped and sequential drafting must give identical tokens, also in bf16."""
+    target = random_llama(6, hidden=2048, layers=2, vocab=4096, heads=16, kv_heads=8).to("cuda", torch.bfloat16)
+    draft = random_llama(7, hidden=512, layers=2, vocab=4096, heads=4, kv_heads=4).to("cuda", torch.bfloat16)
+    pair = make_pair(target, draft, slots=4)
+    prompts = [list(range(3 + b, 40 + 7 * b)) for b in range(batch)]
+    sampling = SamplingParams(max_tokens=64, ignore_eos=True)
+    for spec in (SpecParams("pearl", 6, adaedl=False), SpecParams("pearl", 12, adaedl=True)):
+        alone = generate(pair, prompts, sampling, spec, overlap=False)
+        overlapped = generate(pair, prompts, sampling, spec, overlap=True)
+        assert [d.token_ids for d in overlapped] == [d.token_ids for d in alone], spec
+
+
 def test_greedy_judge_equals_rejection_sampling():
     """The temperature-0 host path gives the tokens the rejection sampler gives for one-hot p."""
     from actors.step import judge, judge_greedy

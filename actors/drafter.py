@@ -162,6 +162,8 @@ def _samples(item: DraftItem) -> bool:
 class DraftFuture:
     """The chunks of a submitted draft, available through result()."""
 
+    concurrent = False  # drafted inside submit: nothing else ran meanwhile
+
     def __init__(self, chunks: list[DraftChunk], seconds: float) -> None:
         self._chunks = chunks
         self.seconds = seconds  # drafting compute time
@@ -202,6 +204,8 @@ class ThreadedDrafter(Drafter):
 
 class ThreadedDraftFuture:
     """result() waits for the drafting thread; `seconds` is its compute time."""
+
+    concurrent = True  # the caller verifies while the thread drafts
 
     def __init__(self, future: Future, consumer_stream) -> None:
         self._future = future

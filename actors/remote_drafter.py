@@ -59,6 +59,8 @@ class RemoteDrafter:
 
 
 class RemoteDraftFuture:
+    concurrent = True  # the drafter process drafts while the leader verifies
+
     def __init__(self, drafter: RemoteDrafter) -> None:
         self._drafter = drafter
         self._chunks: list[DraftChunk] | None = None

@@ -50,8 +50,11 @@ def speculative_step(
         target, t.verify = _timed(score, [m.verify_item(r, c) for m, r, c in zip(modes, reqs, chunks)])
     t.draft = future.seconds
     round_trip = time.perf_counter() - t0 - (0.0 if overlapped else t.verify)
-    # What the round trip spent beyond computing: with overlap, beyond the longer of the two sides.
-    t.exchange = max(0.0, round_trip - (max(t.draft, t.verify) if overlapped else t.draft))
+    # What the round trip spent beyond computing: where both sides ran at once, beyond the longer
+    # of the two; where the drafter drafted inside submit (in-process, no thread), beyond both.
+    concurrent = overlapped and future.concurrent
+    busy = max(t.draft, t.verify) if concurrent else t.draft + (t.verify if overlapped else 0.0)
+    t.exchange = max(0.0, round_trip - busy)
     checks = [m.checked(r, c) for m, r, c in zip(modes, reqs, chunks)]
     if greedy:
         num_accepted, out_ids = judge_greedy(checks, target)

@@ -1,6 +1,10 @@
-set -o pipefail; export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv
-python -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_draft_steps.py tests/test_triton_kernels.py tests/test_attention.py tests/test_layer_ops.py tests/test_rejection.py tests/test_engines.py 2>&1 | tail -25 > $OUT/gpu_tests.log
-python benchmarks/engine_gpu.py --profile --reps 30 --out $OUT/engine_gpu.json > $OUT/engine_gpu.log 2>&1
-python benchmarks/hbm_floor.py --device cuda --deadline 120 --steps 64 --out $OUT/hbm_floor.json > $OUT/hbm_floor.log 2>&1
-cat $OUT/gpu_tests.log; grep -v "^-\|^ *$" $OUT/engine_gpu.log | head -150 | cut -c1-180; tail -8 $OUT/hbm_floor.log
+# GPU check after the shared-workspace fix (one H200, ~4 min, carry .devcarry): GPU tests, engine
+# timings + overlap equality on random bench-shaped weights, the cluster path on a random pair.
+set -o pipefail; export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
+python -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_draft_steps.py 2>&1 | tail -4 > $OUT/tests.log; cat $OUT/tests.log
+python benchmarks/engine_gpu.py --reps 20 --out $OUT/engine_gpu.json > $OUT/engine_gpu.log 2>&1; grep -E "ms/step|decode:|^c =" $OUT/engine_gpu.log | cut -c1-220
+python benchmarks/random_pair.py --out /tmp/rand > /dev/null 2>&1
+for f in .devcarry/ray-*.tar.xz; do tar -C /tmp -xJf $f; done; export PYTHONPATH=/tmp/raypack:$PWD
+timeout 200 python benchmarks/cluster_gpu.py --target /tmp/rand/target --draft /tmp/rand/draft --dtype bfloat16 --verifier-gpus 0.5 \
+  --drafter-gpus 0.5 --max-tokens 128 --modes ar,pearl --max-draft 4 --out $OUT/cluster_rand.json > $OUT/cluster.log 2>&1
+grep -v "INFO\|WARN\|pid=" $OUT/cluster.log | tail -7

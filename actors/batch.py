@@ -116,6 +116,7 @@ class TimingStats:
     def __init__(self) -> None:
         self.steps, self.requests = 0, 0
         self.sums = StepTiming()
+        self.gap = 0.0  # seconds between the end of one step and the start of the next (lane loop)
 
     def add(self, t: StepTiming, batch_size: int) -> None:
         self.steps += 1
@@ -126,4 +127,4 @@ class TimingStats:
     def as_dict(self) -> dict:
         n = max(self.steps, 1)
         out = {f"{k}_ms": 1000 * v / n for k, v in self.sums.__dict__.items()}
-        return {"steps": self.steps, "mean_batch": self.requests / n, **out}
+        return {"steps": self.steps, "mean_batch": self.requests / n, **out, "gap_ms": 1000 * self.gap / n}

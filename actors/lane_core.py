@@ -97,11 +97,18 @@ class LaneCore:
     # -- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            last = None  # end of the previous step while requests were running
             while self._admit_and_cancel():
+                start = time.perf_counter()
+                if last is not None and len(self.batch):
+                    # Time the loop spent outside steps with work to do: admission, delivery,
+                    # and waiting for the interpreter (the replica's event loop shares it).
+                    self.batch.timing.gap += start - last
                 emissions = self.batch.step()
                 self.steps += 1
                 for e in emissions:
                     self._deliver(e)
+                last = time.perf_counter() if len(self.batch) else None
             if self.on_stop is not None:
                 self.on_stop(self.batch)
         except BaseException as e:  # a fault in the engines: fail every request, mark unhealthy

@@ -160,11 +160,11 @@ def main() -> None:
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(f"\n{'mode':<13} {'conc':>4} {'=AR':>5} {'=local':>6} {'tok/s':>8} {'local':>8} {'ratio':>5} {'accept':>6} {'step':>7} {'draft':>7} "
-          f"{'verify':>7} {'wait':>7} {'exch':>7}  (ms)")
+          f"{'verify':>7} {'wait':>7} {'exch':>7} {'gap':>7}  (ms; gap: the lane loop between steps)")
     for r in rows:
         print(f"{r['mode']:<13} {r['concurrency']:>4} {str(r['greedy_equal_to_ar']):>5} {str(r['equal_to_in_process']):>6} {r['tokens_per_s']:>8.1f} "
               f"{r['in_process_tokens_per_s']:>8.1f} {r['cluster_vs_in_process']:>5.2f} {r['acceptance']:>6.2f} "
-              f"{r['total_ms']:>7.2f} {r['draft_ms']:>7.2f} {r['verify_ms']:>7.2f} {r['wait_ms']:>7.2f} {r['exchange_ms']:>7.2f}")
+              f"{r['total_ms']:>7.2f} {r['draft_ms']:>7.2f} {r['verify_ms']:>7.2f} {r['wait_ms']:>7.2f} {r['exchange_ms']:>7.2f} {r.get('gap_ms', 0.0):>7.2f}")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     Path(args.out).write_text(json.dumps({"device": device, "gpus": torch.cuda.device_count(),
                                           "args": vars(args), "rows": rows}, indent=1))

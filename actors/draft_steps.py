@@ -24,6 +24,15 @@ from kernels.entropy import softmax_entropy
 MAX_FIRST = 4  # unfed tokens the first step takes; a longer backlog (a prompt) is prefilled first
 
 
+@dataclass(frozen=True)
+class DraftShape:
+    """A multi-step draft's CUDA-graph bucket: the first forward's shape, the steps, whether rows sample."""
+
+    first: Shape  # batch, first-step query length (the unfed tokens), attention span
+    steps: int
+    sampled: bool  # some row draws from q (noise in, q out); else argmax only
+
+
 @dataclass
 class DraftBatch:
     """The first forward of a draft, padded to a shape, as one int64 host tensor.
@@ -118,8 +127,6 @@ def draft_window(
                 noise[b, : steps[b]].exponential_(generator=g)
 
     if bucket is not None:
-        from actors.graphs import DraftShape
-
         key = DraftShape(bucket, total, any(sample))
         tokens, entropy, q = eng.graphs.draft(key, batch.data, temps, fill_noise)
     else:

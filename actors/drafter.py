@@ -103,7 +103,7 @@ class Drafter:
                     seqs[b].append(token)
                     if q is not None:
                         probs[b].append(q[row, j])
-                else:
+                else:  # no AdaEDL stop in this piece: draft on if the window is not full
                     if len(ids[b]) < it.max_len:
                         still.append(b)
             active = still

@@ -26,26 +26,17 @@ from __future__ import annotations
 
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from actors.draft_steps import DraftBatch, DraftShape, draft_program
 from actors.llama import HostBatch, Shape
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 QUERY_BUCKETS = (1, 2, 4, 8, 16, 32)
 MIN_SPAN = 128
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (see the module docstring)
-
-
-@dataclass(frozen=True)
-class DraftShape:
-    """A multi-step draft's bucket: the first forward's shape, the steps, whether rows sample."""
-
-    first: Shape  # batch, first-step query length (the unfed tokens), attention span
-    steps: int
-    sampled: bool  # some row draws from q (noise in, q out); else argmax only
 
 
 class _Graph:
@@ -139,18 +130,17 @@ class GraphRunner:
     # -- capture -----------------------------------------------------------------------------
     def _capture_forward(self, bucket: Shape) -> _Graph:
         eng = self.engine
-        data = _static_ints(bucket, eng.scratch, bucket.batch * bucket.query, eng.device)  # room for every row index
-        split = HostBatch(bucket, data, 0).split
+        rows = bucket.batch * bucket.query  # room for every row index
+        data = _static_ints(bucket, eng.scratch, rows, eng.device)
+        split = HostBatch(bucket, data, rows).split
 
         def forward(data):
-            ids, positions, writes, slots, _ = split(data[: data.numel() - bucket.batch * bucket.query])
+            ids, positions, writes, slots, _ = split(data)
             return eng.run(ids, positions, writes, slots, bucket.span)
 
         return self._capture(bucket, (data,), forward)
 
     def _capture_draft(self, key: DraftShape) -> _Graph:
-        from actors.draft_steps import DraftBatch, draft_program
-
         eng, first = self.engine, key.first
         data = _static_ints(first, eng.scratch, 3 * first.batch, eng.device)  # + last, steps, sample
         temperature = torch.zeros(first.batch, device=eng.device)

@@ -78,10 +78,9 @@ async def _drain(inbox: asyncio.Queue) -> list[Emission]:
     """The next emission and every one queued behind it.
 
     Each streamed item costs Python time in this replica (Serve's streaming) and in the router,
-    and the step loop shares this interpreter. Sent one item per step and request, 8 streams of
-    AR through the cluster ran at 0.27x in-process on an H200 although the lane's steps filled
-    under half of the wall time. When the stream falls behind the steps, what has piled up
-    goes out as one item.
+    and the step loop shares this interpreter: when the stream falls behind the steps, what has
+    piled up goes out as one item. (It did not cure the cluster's loss at 8 streams on an H200,
+    0.27x in-process before and after; BENCHMARKS.md says what is measured next.)
     """
     items = [await inbox.get()]
     while not inbox.empty():

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 
 import torch
 
-from actors.adaedl import AdaEDLConfig, AdaEDLState
+from actors.adaedl import AcceptanceTable, AdaEDLConfig, AdaEDLState
 from actors.draft_steps import draft_window
 from actors.engine import Engine
 from actors.llama import LlamaEngine
@@ -27,16 +27,26 @@ from kernels.sampling import (
 
 
 PIECE = 4  # AdaEDL requests draft this many tokens per device program: a stop wastes at most 3
+EMA = 0.9  # smoothing of the measured step and draft-position times (AdaEDL's cost ratio)
 
 
 class Drafter:
-    def __init__(self, engine: Engine, adaedl: AdaEDLConfig | None = None, fused: bool = True) -> None:
+    def __init__(self, engine: Engine, adaedl: AdaEDLConfig | None = None, fused: bool = True,
+                 acceptance: dict[bool, AcceptanceTable] | None = None) -> None:
         self.engine = engine
         # A whole window per device program (actors/draft_steps.py) where the engine has it.
         self.fused = fused and isinstance(engine, LlamaEngine)
         self.adaedl_config = adaedl or AdaEDLConfig()
         self._adaedl: dict[str, AdaEDLState] = {}
+        # What the verifier accepted, by draft entropy, greedy and sampled requests apart; pass
+        # one dict to several drafters of one pair to share what they learn.
+        self._tables = {} if acceptance is None else acceptance
+        for sampled in (False, True):
+            self._tables.setdefault(sampled, AcceptanceTable(self.adaedl_config.gamma))
         self._generators: dict[str, torch.Generator] = {}
+        # Seconds per draft position and per step without drafting: c = step / position.
+        self._position_s: float | None = None
+        self._step_s: float | None = None
 
     @property
     def max_context(self) -> int:
@@ -69,27 +79,51 @@ class Drafter:
     def lam(self, rid: str) -> float:
         return self._adaedl[rid].lam
 
-    def update(self, rounds: list[DraftRound]) -> None:
+    @property
+    def cost_ratio(self) -> float | None:
+        """c for AdaEDL's cost-aware stop: configured, or measured (None until both are)."""
+        if self.adaedl_config.cost_ratio is not None:
+            return self.adaedl_config.cost_ratio
+        if self._position_s is None or self._step_s is None:
+            return None
+        return self._step_s / self._position_s
+
+    def update(self, rounds: list[DraftRound], step_s: float | None = None) -> None:
+        """Fold the verifier's verdicts into AdaEDL; step_s: the step's time outside drafting."""
+        if step_s is not None and rounds:
+            self._step_s = _ema(self._step_s, step_s)
         for r in rounds:
             if r.rid in self._adaedl:
-                self._adaedl[r.rid].update(r.n_drafted, r.n_accepted, r.max_len)
+                self._adaedl[r.rid].update(r.n_drafted, r.n_accepted, r.max_len, r.entropies)
 
     @torch.inference_mode()
     def propose(self, items: list[DraftItem]) -> list[DraftChunk]:
         """Draft up to item.max_len tokens per request (AdaEDL may stop a chunk earlier)."""
         plain = all(it.sampling.top_k == 0 and it.sampling.top_p >= 1 for it in items)
-        return self.propose_fused(items) if self.fused and plain else self.propose_stepwise(items)
+        c = self.cost_ratio
+        for it in items:
+            if it.adaedl:
+                self._adaedl[it.rid].begin_round(self._tables[it.sampling.temperature > 0], c)
+        start = time.perf_counter()
+        chunks, positions = self.propose_fused(items) if self.fused and plain else self.propose_stepwise(items)
+        if positions:  # both paths end in a device-to-host copy: the time is the device's
+            self._position_s = _ema(self._position_s, (time.perf_counter() - start) / positions)
+        return chunks
 
-    def propose_fused(self, items: list[DraftItem]) -> list[DraftChunk]:
+    def propose_fused(self, items: list[DraftItem]) -> tuple[list[DraftChunk], int]:
         """Whole windows on the device (pieces of PIECE for AdaEDL requests), AdaEDL applied to
-        the returned entropies: the same tokens as propose_stepwise for the same distributions."""
+        the returned entropies: the same tokens as propose_stepwise for the same distributions.
+        Also returns how many positions the device drafted (the longest window of each piece)."""
         seqs = [list(it.seq) for it in items]
         ids: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
+        hs: list[list[float]] = [[] for _ in items]
         active = [b for b, it in enumerate(items) if it.max_len > 0]
+        positions = 0
         while active:
             batch = [items[b] for b in active]
             steps = [min(it.max_len - len(ids[b]), PIECE if it.adaedl else it.max_len) for b, it in zip(active, batch)]
+            positions += max(steps)
             tokens, entropies, q = draft_window(
                 self.engine, [it.slot for it in batch], [seqs[b] for b in active], steps,
                 [it.sampling.temperature for it in batch], [_samples(it) for it in batch],
@@ -97,9 +131,10 @@ class Drafter:
             still = []
             for row, (b, it) in enumerate(zip(active, batch)):
                 for j, (token, h) in enumerate(zip(tokens[row], entropies[row])):
-                    if ids[b] and it.adaedl and self._adaedl[it.rid].should_stop(h):
-                        break  # AdaEDL: the next token is likely rejected; always keep >= 1
+                    if it.adaedl and self._adaedl[it.rid].stop_before(h):
+                        break  # AdaEDL: the next token is not worth drafting; always keep >= 1
                     ids[b].append(token)
+                    hs[b].append(h)
                     seqs[b].append(token)
                     if q is not None:
                         probs[b].append(q[row, j])
@@ -107,30 +142,34 @@ class Drafter:
                     if len(ids[b]) < it.max_len:
                         still.append(b)
             active = still
-        return [self._chunk(it, ids[b], probs[b]) for b, it in enumerate(items)]
+        return [self._chunk(it, ids[b], probs[b], hs[b]) for b, it in enumerate(items)], positions
 
-    def propose_stepwise(self, items: list[DraftItem]) -> list[DraftChunk]:
+    def propose_stepwise(self, items: list[DraftItem]) -> tuple[list[DraftChunk], int]:
         """The reference: all requests in one batch per position, a host decision per token."""
         seqs = [list(it.seq) for it in items]
         ids: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
+        hs: list[list[float]] = [[] for _ in items]
         active = [b for b, it in enumerate(items) if it.max_len > 0]
+        positions = 0
         while active:
+            positions += 1
             q, h, top = self._next_distributions([items[b] for b in active], [seqs[b] for b in active])
             h, top = h.tolist(), top.tolist()  # one sync per position for the whole batch
             still = []
             for row, b in enumerate(active):
                 it = items[b]
-                if ids[b] and it.adaedl and self._adaedl[it.rid].should_stop(h[row]):
-                    continue  # AdaEDL: the next token is likely rejected; always keep >= 1
+                if it.adaedl and self._adaedl[it.rid].stop_before(h[row]):
+                    continue  # AdaEDL: the next token is not worth drafting; always keep >= 1
                 token = sample(q[row], self._generators[it.rid]) if _samples(it) else top[row]
                 ids[b].append(token)
+                hs[b].append(h[row])
                 probs[b].append(q[row])
                 seqs[b].append(token)
                 if len(ids[b]) < it.max_len:
                     still.append(b)
             active = still
-        return [self._chunk(it, ids[b], probs[b]) for b, it in enumerate(items)]
+        return [self._chunk(it, ids[b], probs[b], hs[b]) for b, it in enumerate(items)], positions
 
     def _next_distributions(self, items, seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [n, V] after each sequence, the entropy [n] AdaEDL looks at, and the argmax [n]."""
@@ -146,12 +185,16 @@ class Drafter:
         h = entropy(torch.where((temp <= 0).unsqueeze(-1), plain, q))
         return q, h, logits.argmax(-1)
 
-    def _chunk(self, item: DraftItem, ids: list[int], probs: list[torch.Tensor]) -> DraftChunk:
+    def _chunk(self, item: DraftItem, ids: list[int], probs: list[torch.Tensor], hs: list[float]) -> DraftChunk:
         # At temperature 0 q is one-hot on the draft token: sending it adds nothing.
         send = probs and item.send_probs and item.sampling.temperature > 0
         q = torch.stack(probs) if send else None
         lam = self._adaedl[item.rid].lam if item.rid in self._adaedl else None
-        return DraftChunk(ids, q, lam)
+        return DraftChunk(ids, q, lam, hs if item.adaedl else [])
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else EMA * old + (1 - EMA) * new
 
 
 def _samples(item: DraftItem) -> bool:
@@ -180,8 +223,9 @@ class ThreadedDrafter(Drafter):
     from it (its verify waits for the draft). On CPU it is correct but the GIL limits overlap.
     """
 
-    def __init__(self, engine: Engine, adaedl: AdaEDLConfig | None = None, fused: bool = True) -> None:
-        super().__init__(engine, adaedl, fused)
+    def __init__(self, engine: Engine, adaedl: AdaEDLConfig | None = None, fused: bool = True,
+                 acceptance: dict[bool, AcceptanceTable] | None = None) -> None:
+        super().__init__(engine, adaedl, fused, acceptance)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-drafter")
         cuda = engine.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=engine.device) if cuda else None

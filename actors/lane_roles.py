@@ -33,6 +33,8 @@ class LaneSpec:
     max_slots: int = 8
     max_context: int | None = None
     adaedl_lambda0: float = 0.5
+    adaedl_stop: str = "cost"
+    adaedl_cost_ratio: float | None = None
 
     @property
     def world(self) -> int:
@@ -95,7 +97,8 @@ def run_drafter(spec: LaneSpec, init_method: str) -> None:
     _, exchange = join(spec, spec.drafter_rank, init_method)
     engine = load_engine(spec.draft, spec.device, spec.dtype, spec.engine, spec.max_slots, spec.max_context)
     dist.send_object_list([engine.max_context], dst=0, group=exchange)
-    serve_drafter(Drafter(engine, AdaEDLConfig(lambda0=spec.adaedl_lambda0)), leader=0, group=exchange)
+    serve_drafter(Drafter(engine, AdaEDLConfig(lambda0=spec.adaedl_lambda0, stop=spec.adaedl_stop,
+                                         cost_ratio=spec.adaedl_cost_ratio)), leader=0, group=exchange)
 
 
 def stop_lane(batch: SpecBatch) -> None:

@@ -84,6 +84,7 @@ class DraftChunk:
     ids: list[int]
     probs: torch.Tensor | None  # [len(ids), V] q; None for one-hot drafts
     lam: float | None = None  # the request's AdaEDL threshold after this draft (stats)
+    entropies: list[float] = field(default_factory=list)  # AdaEDL: each token's draft entropy
 
     @staticmethod
     def make_dummy(vocab: int = 8) -> DraftChunk:
@@ -112,10 +113,11 @@ class DraftRound:
     n_drafted: int
     n_accepted: int
     max_len: int
+    entropies: list[float] = field(default_factory=list)  # the chunk's, from DraftChunk
 
     @staticmethod
     def make_dummy() -> DraftRound:
-        return DraftRound("r0", 4, 2, 4)
+        return DraftRound("r0", 4, 2, 4, [0.1, 0.5, 2.0, 0.3])
 
 
 @dataclass

@@ -38,7 +38,7 @@ class SDMode:
         r.verified += emitted
         if not chunk.ids:
             return []
-        return [DraftRound(r.rid, len(chunk.ids), accepted, r.spec.max_draft)]
+        return [DraftRound(r.rid, len(chunk.ids), accepted, r.spec.max_draft, chunk.entropies)]
 
 
 class ARMode(SDMode):
@@ -89,12 +89,12 @@ class PearlMode:
         if not chunk.ids or accepted < n_pending:
             return rounds  # no chunk, or it was drafted after a token now rejected: never judged
         if accepted == n_pending:  # the chunk's first token was rejected
-            return rounds + [DraftRound(r.rid, len(chunk.ids), 0, r.spec.max_draft)]
+            return rounds + [DraftRound(r.rid, len(chunk.ids), 0, r.spec.max_draft, chunk.entropies)]
         if len(chunk.ids) == 1:  # fully verified already
-            return rounds + [DraftRound(r.rid, 1, 1, r.spec.max_draft)]
+            return rounds + [DraftRound(r.rid, 1, 1, r.spec.max_draft, chunk.entropies)]
         r.pending = chunk.ids[1:]
         r.pending_probs = chunk.probs[1:] if chunk.probs is not None else None
-        r.pending_chunk = (len(chunk.ids), r.spec.max_draft)
+        r.pending_chunk = (len(chunk.ids), r.spec.max_draft, chunk.entropies)
         return rounds
 
     @staticmethod
@@ -102,9 +102,9 @@ class PearlMode:
         """The chunk in flight had its first token accepted last step; now its rest was judged."""
         if r.pending_chunk is None:
             return []
-        length, window = r.pending_chunk
+        length, window, entropies = r.pending_chunk
         n_acc = 1 + min(accepted, len(r.pending))
-        return [DraftRound(r.rid, length, n_acc, window)]
+        return [DraftRound(r.rid, length, n_acc, window, entropies)]
 
 
 MODE_STEPS = {"ar": ARMode(), "sd": SDMode(), "pearl": PearlMode()}

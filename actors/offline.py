@@ -30,7 +30,8 @@ def generate(
     overlap=True drafts in a background thread on its own CUDA stream (or the draft's own GPU),
     so PEARL's draft and verify run at the same time in one process.
     """
-    drafter = ThreadedDrafter(pair.draft, adaedl) if overlap else Drafter(pair.draft, adaedl)
+    kind = ThreadedDrafter if overlap else Drafter
+    drafter = kind(pair.draft, adaedl, acceptance=pair.acceptance)
     try:
         return run_batch(SpecBatch(pair.target, drafter, pair.stop_ids), prompts, sampling, spec)
     finally:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +20,9 @@ class ModelPair:
     tokenizer: object  # transformers PreTrainedTokenizerBase
     target: Engine
     draft: Engine
+    # AdaEDL's acceptance by draft entropy, learned by every drafter this pair's draft serves
+    # (actors/adaedl.py): kept here so in-process generate() calls go on learning.
+    acceptance: dict = field(default_factory=dict)
 
     @property
     def stop_ids(self) -> set[int]:

@@ -44,9 +44,9 @@ class RemoteDrafter:
         self._free.append(slot)
         self._send("finish", rid, slot)
 
-    def update(self, rounds: list[DraftRound]) -> None:
+    def update(self, rounds: list[DraftRound], step_s: float | None = None) -> None:
         if rounds:
-            self._send("update", rounds)
+            self._send("update", rounds, step_s)
 
     def submit(self, items: list[DraftItem]) -> RemoteDraftFuture | DraftFuture:
         if all(it.max_len == 0 for it in items):  # nothing to draft (AR): skip the round trip

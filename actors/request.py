@@ -22,7 +22,7 @@ class RequestState:
     # PEARL: drafted tokens awaiting verification, their q, and the chunk they came from
     pending: list[int] = field(default_factory=list)
     pending_probs: torch.Tensor | None = None  # [len(pending), V]
-    pending_chunk: tuple[int, int] | None = None  # (chunk length, window) of the chunk in flight
+    pending_chunk: tuple[int, int, list[float]] | None = None  # (length, window, entropies) of the chunk in flight
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: str | None = None
     started_at: float = 0.0

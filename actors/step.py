@@ -71,7 +71,8 @@ def speculative_step(
         _count(r, c, len(checks[b][0]), accepted)
         rounds += m.apply(r, c, accepted, emitted)
         emitted_all.append(emitted)
-    drafter.update(rounds)
+    # AdaEDL's cost ratio: what the step cost beyond drafting (all of it where the draft ran beside)
+    drafter.update(rounds, time.perf_counter() - t0 - (0.0 if concurrent else t.draft))
     t.total = time.perf_counter() - t0
     return emitted_all, t
 

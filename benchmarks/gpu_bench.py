@@ -127,7 +127,7 @@ class Row:
     spec: SpecParams | None = None  # None: Hugging Face generate
     overlap: bool = False  # PEARL: drafter in a background thread / on its own GPU
     assisted: bool = False  # HF: assistant_model=the draft
-    paper_adaedl: bool = False  # AdaEDL with the paper's defaults instead of --adaedl-lambda/alpha
+    paper_adaedl: bool = False  # AdaEDL's own stop rule (λ, --adaedl-lambda/alpha), not the cost-aware one
 
     @property
     def is_hf(self) -> bool:
@@ -293,8 +293,10 @@ def make_drafter(b: Bench, overlap: bool, paper_adaedl: bool = False):
     from actors.adaedl import AdaEDLConfig
 
     cls = threaded_drafter_cls() if overlap else None
-    config = AdaEDLConfig() if paper_adaedl else AdaEDLConfig(lambda0=b.args.adaedl_lambda, alpha=b.args.adaedl_alpha)
-    return (cls or Drafter)(b.pair.draft, config)
+    config = AdaEDLConfig(stop="paper", lambda0=b.args.adaedl_lambda, alpha=b.args.adaedl_alpha) if paper_adaedl \
+        else AdaEDLConfig()
+    # Every row's drafter learns into the pair's acceptance tables, as a server's lane would.
+    return (cls or Drafter)(b.pair.draft, config, acceptance=b.pair.acceptance)
 
 
 def run_tandem(b: Bench, row: Row, prompts, samplings, group: int) -> tuple[dict, list[list[int]]]:
@@ -444,7 +446,7 @@ def latency_rows(b: Bench, temperature: float) -> list[Row]:
     rows = [Row(AR, SpecParams("ar")), Row("hf generate")]
     rows += [Row(f"sd k={k}", SpecParams("sd", k, adaedl=False)) for k in b.args.sd_ks]
     rows += [Row("sd+adaedl (cap 16)", SpecParams("sd", 16, adaedl=True)),
-             Row("sd+adaedl paper λ0=.5 α=.9", SpecParams("sd", 16, adaedl=True), paper_adaedl=True),
+             Row("sd+adaedl paper rule (cap 16)", SpecParams("sd", 16, adaedl=True), paper_adaedl=True),
              Row(f"pearl γ={g}", SpecParams("pearl", g, adaedl=False), overlap=True),
              Row(f"pearl+adaedl (cap {cap})", SpecParams("pearl", cap, adaedl=True), overlap=True),
              Row(f"pearl γ={g} no overlap", SpecParams("pearl", g, adaedl=False)),
@@ -548,9 +550,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--nl-prompts", type=int, default=len(NL_PROMPTS), help="natural-language prompts (at most 12)")
     ap.add_argument("--deadline-s", type=float, default=None, help="overall budget; later work is skipped")
     ap.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the untimed run before each row")
-    ap.add_argument("--adaedl-lambda", type=float, default=0.3, help="AdaEDL λ0 (paper default 0.5)")
-    ap.add_argument("--adaedl-alpha", type=float, default=0.75,
-                    help="AdaEDL target acceptance α (paper 0.9; a pair accepting less keeps raising λ)")
+    ap.add_argument("--adaedl-lambda", type=float, default=0.5, help="λ0 of the paper-rule AdaEDL row")
+    ap.add_argument("--adaedl-alpha", type=float, default=0.9, help="α of the paper-rule AdaEDL row")
     ap.add_argument("--skip-hf", action="store_true", help="no Hugging Face generate rows")
     ap.add_argument("--hf-prompts", type=int, default=None, help="run HF rows on the first N prompts only")
     ap.add_argument("--calibration-iters", type=int, default=30, help="timed forwards per calibration median")
@@ -599,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             report.data.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {e}")
             report.save()
     report.data["meta"]["total_s"] = budget.elapsed()
+    report.data["goals"] = goals(report.data)
     report.save()
     print_table(report.data)
     print(f"wrote {args.out} in {budget.elapsed():.0f} s", flush=True)
@@ -626,6 +628,39 @@ def row_line(r: dict) -> str:
     return f"T={r['temperature']:g} {n}{r['name']:<26} {r['tokens_per_s']:8.1f} {vs} {acc} {same} {st}"
 
 
+GOALS = {  # issue 4's goals: (what, target ratio)
+    "best_vs_ar_t0": ("tandem's best mode vs tandem AR, batch 1, T=0", 2.5),
+    "pearl_vs_best_sd_t0": ("best PEARL vs best static SD, T=0", 1.25),
+    "adaedl_vs_best_static_t1": ("SD+AdaEDL vs the best static k, T=1", 1.05),
+    "adaedl_vs_k16_t1": ("SD+AdaEDL vs static k=16, T=1", 1.4),
+    "best_vs_hf_assisted_t0": ("tandem's best mode vs HF assisted generation, T=0", 3.0),
+}
+
+
+def goals(data: dict) -> dict:
+    """The goal ratios from the latency sections' rows (side by side in this run)."""
+    def rows(t, keep):
+        return [r for r in data.get(f"latency_t{t}", {}).get("rows", []) if "tokens_per_s" in r and keep(r)]
+
+    def top(t, keep):
+        found = rows(t, keep)
+        return max(r["tokens_per_s"] for r in found) if found else None
+
+    tandem = lambda r: r.get("engine") == "tandem"  # noqa: E731
+    spec = lambda r: tandem(r) and r.get("mode") != "ar"  # noqa: E731
+    static = lambda r: tandem(r) and r.get("mode") == "sd" and not r.get("adaedl")  # noqa: E731
+    adaedl = lambda r: tandem(r) and r.get("mode") == "sd" and r.get("adaedl") and "paper" not in r["name"]  # noqa: E731
+    values = {
+        "best_vs_ar_t0": (top(0, spec), top(0, lambda r: tandem(r) and r.get("mode") == "ar")),
+        "pearl_vs_best_sd_t0": (top(0, lambda r: tandem(r) and r.get("mode") == "pearl"), top(0, static)),
+        "adaedl_vs_best_static_t1": (top(1, adaedl), top(1, static)),
+        "adaedl_vs_k16_t1": (top(1, adaedl), top(1, lambda r: static(r) and r.get("max_draft") == 16)),
+        "best_vs_hf_assisted_t0": (top(0, spec), top(0, lambda r: r["name"] == "hf assisted")),
+    }
+    return {k: {"what": GOALS[k][0], "goal": GOALS[k][1], "ratio": a / b, "met": a / b >= GOALS[k][1]}
+            for k, (a, b) in values.items() if a and b}
+
+
 def print_table(data: dict) -> None:
     print(f"\n{data['meta'].get('command', '')}")
     print(f"devices {data['meta'].get('devices')}  params {data['meta'].get('params')}")
@@ -639,6 +674,8 @@ def print_table(data: dict) -> None:
     for section in sections:
         for r in data.get(section, {}).get("rows", []):
             print(f"{section:<16} {row_line(r)}")
+    for g in data.get("goals", {}).values():
+        print(f"goal: {g['what']}: {g['ratio']:.2f}x (goal {g['goal']:g}x, {'met' if g['met'] else 'missed'})")
     for line in data["skipped"]:
         print(f"skipped: {line}")
     for line in data["warnings"]:

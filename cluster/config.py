@@ -57,6 +57,10 @@ class SpeculationConfig(_Strict):
     max_draft: int = Field(8, ge=0, le=64, description="default SD draft length / PEARL window")
     adaedl: bool = Field(True, description="entropy-based early draft stop by default")
     adaedl_lambda0: float = Field(0.5, gt=0, lt=1, description="AdaEDL's initial threshold λ0")
+    adaedl_stop: Literal["cost", "paper"] = Field("cost", description="cost: end a draft where one more token no "
+                                                  "longer pays for itself; paper: AdaEDL's threshold λ")
+    adaedl_cost_ratio: float | None = Field(None, gt=0, description="c = step time / draft-token time for the cost "
+                                            "stop (default: measured online)")
     send_draft_probs: bool = Field(True, description="send q with drafts (False: one-hot drafts)")
 
 

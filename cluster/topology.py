@@ -33,7 +33,8 @@ def stop_ids(cfg: AppConfig) -> set[int]:
 def lane_spec(cfg: AppConfig) -> LaneSpec:
     m, lane = cfg.model, cfg.lane
     return LaneSpec(m.target, m.draft, lane.tensor_parallel_size, lane.device, m.dtype, m.engine,
-                    lane.max_batch_size, m.max_context, cfg.speculation.adaedl_lambda0)
+                    lane.max_batch_size, m.max_context, cfg.speculation.adaedl_lambda0,
+                    cfg.speculation.adaedl_stop, cfg.speculation.adaedl_cost_ratio)
 
 
 def build_lane_batch(cfg: AppConfig) -> tuple[SpecBatch, list]:

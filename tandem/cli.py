@@ -48,6 +48,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-draft", type=int, default=8, help="SD draft length k / PEARL window")
     p.add_argument("--adaedl", action=argparse.BooleanOptionalAction, default=True, help="entropy-based early draft stop")
     p.add_argument("--adaedl-lambda", type=float, default=None, help="AdaEDL initial threshold λ0")
+    p.add_argument("--adaedl-stop", choices=["cost", "paper"], default="cost",
+                   help="cost: end a draft where one more token no longer pays for itself (acceptance by "
+                        "entropy learned online); paper: AdaEDL's threshold λ")
+    p.add_argument("--adaedl-cost-ratio", type=float, default=None, metavar="C",
+                   help="step time / draft-token time for the cost stop (default: measured as it runs)")
     p.add_argument("--one-hot-drafts", action="store_true", help="send greedy drafts without q (DESIGN §3)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -55,7 +60,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--url", default=None, metavar="HOST:PORT",
                    help="generate on a running tandem server over gRPC (e.g. 127.0.0.1:9000) instead of "
-                        "in-process; --target/--draft/--device/--dtype/--engine/--adaedl-lambda/"
+                        "in-process; --target/--draft/--device/--dtype/--engine/--adaedl-*/"
                         "--one-hot-drafts are then the server's business and ignored")
 
 
@@ -69,7 +74,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     sampling = SamplingParams(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed).validate()
     spec = SpecParams(args.mode, args.max_draft, args.adaedl, not args.one_hot_drafts).validate()
-    adaedl = AdaEDLConfig() if args.adaedl_lambda is None else AdaEDLConfig(lambda0=args.adaedl_lambda)
+    lam = {} if args.adaedl_lambda is None else {"lambda0": args.adaedl_lambda}
+    adaedl = AdaEDLConfig(stop=args.adaedl_stop, cost_ratio=args.adaedl_cost_ratio, **lam)
     pair = load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, engine=args.engine, max_slots=1)
     prompt = pair.tokenizer.encode(args.prompt, add_special_tokens=False)
     # PEARL drafts on a background CUDA stream while the verifier runs (in-process overlap).

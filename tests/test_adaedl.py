@@ -1,6 +1,13 @@
 import math
 
-from actors.adaedl import AdaEDLConfig, AdaEDLState
+import pytest
+from conftest import make_pair
+
+from actors.adaedl import AcceptanceTable, AdaEDLConfig, AdaEDLState
+from actors.drafter import Drafter
+from actors.llama import LlamaEngine
+from actors.messages import DraftItem, DraftRound, SamplingParams, SpecParams
+from actors.offline import generate
 
 
 def test_stop_rule_is_the_entropy_lower_bound():
@@ -36,3 +43,98 @@ def test_empty_round_changes_nothing():
     s = AdaEDLState()
     s.update(0, 0, 8)
     assert (s.lam, s.acceptance) == (0.5, 0.9)
+
+
+def _table(p: float) -> AcceptanceTable:
+    """A table that estimates acceptance p at every entropy."""
+    t = AcceptanceTable(gamma=0.2)
+    t.accepted, t.seen = [p] * t.BINS, [1.0] * t.BINS
+    return t
+
+
+def _drafted(state: AdaEDLState, entropies: list[float]) -> int:
+    n = 0
+    for h in entropies:
+        if state.stop_before(h):
+            break
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("p, c", [(0.5, 2.0), (0.9, 6.0), (0.8, 6.0), (0.95, 3.0), (0.6, 10.0), (0.3, 4.0)])
+def test_cost_aware_stop_drafts_the_length_that_maximises_tokens_per_time(p, c):
+    """With a constant acceptance p, a round of k drafts gives 1 + p + ... + p^k tokens for c + k
+    draft-step times; drafting on while the next survival beats the rate stops at the best k."""
+    best = max(range(1, 64), key=lambda k: (1 + sum(p**i for i in range(1, k + 1))) / (c + k))
+    s = AdaEDLState(AdaEDLConfig(cost_ratio=c))
+    s.begin_round(_table(p), c)
+    assert _drafted(s, [1.0] * 64) == best
+
+
+def test_cost_aware_stop_cuts_at_an_uncertain_token_and_keeps_the_first():
+    t = AcceptanceTable(gamma=0.2)
+    sure, unsure = 0.0, 5.0  # bound 1 (last bin) and bound < 0 (first bin)
+    t.accepted[t._bin(sure)], t.seen[t._bin(sure)] = 0.99, 1.0
+    t.accepted[t._bin(unsure)], t.seen[t._bin(unsure)] = 0.05, 1.0
+    s = AdaEDLState(AdaEDLConfig())
+    s.begin_round(t, 6.0)
+    assert _drafted(s, [sure, sure, sure, unsure, sure]) == 3
+    s.begin_round(t, 6.0)
+    assert _drafted(s, [unsure, unsure]) == 1  # never an empty chunk
+    s.begin_round(t, None)  # c not measured yet: the paper's rule (λ0 = .5 stops at H > 1.25)
+    assert _drafted(s, [0.5, 1.0, 2.0, 0.1]) == 2
+
+
+def test_paper_stop_ignores_the_cost_ratio():
+    s = AdaEDLState(AdaEDLConfig(stop="paper", lambda0=0.5))
+    s.begin_round(_table(0.01), 6.0)
+    assert _drafted(s, [0.1] * 10) == 10  # bound 0.86 > λ everywhere
+
+
+def test_acceptance_table_learns_from_judged_tokens_only():
+    t = AcceptanceTable(gamma=0.2)
+    h_a, h_b = 0.05, 3.0  # two different bins
+    prior_b = t.p(h_b)
+    for _ in range(500):  # 3 of 4 accepted at h_a; the token after the rejection is never judged
+        t.observe([h_a, h_a, h_a, h_a, h_b], n_accepted=3)
+    assert t.p(h_a) == pytest.approx(0.75, abs=0.02)
+    assert t.p(h_b) == prior_b
+    for _ in range(500):
+        t.observe([h_b, h_a], n_accepted=2)  # a whole round accepted: no rejection
+    assert t.p(h_b) > 0.95
+
+
+def test_state_update_feeds_the_table():
+    t = AcceptanceTable(gamma=0.2)
+    s = AdaEDLState(AdaEDLConfig())
+    s.begin_round(t, 4.0)
+    before = list(t.seen)
+    s.update(3, 1, 8, entropies=[0.1, 0.2, 0.3])  # one accepted, one rejected, one never judged
+    assert sum(t.seen) - sum(before) == pytest.approx(2, abs=0.01)
+
+
+def test_generate_teaches_the_pair_acceptance_by_entropy(target_model):
+    """SD and PEARL rounds carry each token's draft entropy back to the drafter's table, which
+    the pair keeps across generate() calls. The draft is the target: every greedy draft is
+    accepted, so what the table learned must be acceptance ~1."""
+    pair = make_pair(target_model, target_model)
+    fresh = AcceptanceTable(gamma=0.2)
+    for mode in ("sd", "pearl"):
+        done = generate(pair, [[1, 2, 3], [7, 8]], SamplingParams(24, ignore_eos=True), SpecParams(mode, 4, adaedl=True))
+        assert all(len(d.token_ids) == 24 for d in done)
+    table = pair.acceptance[False]
+    seen = sum(table.seen) - sum(fresh.seen)
+    accepted = sum(table.accepted) - sum(fresh.accepted)
+    assert seen > 20 and accepted / seen > 0.95
+    assert pair.acceptance[True].seen == fresh.seen  # no sampled request ran
+
+
+def test_drafter_measures_the_cost_ratio(target_model):
+    d = Drafter(LlamaEngine(target_model, max_slots=2), AdaEDLConfig())
+    assert d.cost_ratio is None
+    slot = d.start("r", seed=0)
+    chunk = d.propose([DraftItem("r", slot, [1, 2, 3], 4, SamplingParams(), adaedl=True)])[0]
+    d.update([DraftRound("r", len(chunk.ids), 1, 4, chunk.entropies)], step_s=0.5)
+    assert len(chunk.entropies) == len(chunk.ids) >= 1
+    assert d.cost_ratio == pytest.approx(0.5 / d._position_s) and d.cost_ratio > 1
+    assert Drafter(d.engine, AdaEDLConfig(cost_ratio=7.0)).cost_ratio == 7.0

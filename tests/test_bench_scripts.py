@@ -61,6 +61,9 @@ def test_every_section_is_written(bench_json):
     names = {r["name"] for r in data["latency_t0"]["rows"]}
     assert {"tandem ar", "hf generate", "hf assisted", "sd k=3", "sd+adaedl (cap 16)"} <= names
     assert {n for r in data["concurrency"]["rows"] for n in [r["concurrency"]]} == {1, 2}
+    goals = data["goals"]  # k=16 did not run: no AdaEDL-vs-k=16 ratio
+    assert set(goals) == {"best_vs_ar_t0", "pearl_vs_best_sd_t0", "adaedl_vs_best_static_t1", "best_vs_hf_assisted_t0"}
+    assert all(g["ratio"] > 0 and g["met"] == (g["ratio"] >= g["goal"]) for g in goals.values())
 
 
 def test_tandem_greedy_rows_equal_ar(bench_json):

@@ -32,25 +32,32 @@ def start(drafter: Drafter, n: int) -> list[int]:
     return [drafter.start(f"r{i}", seed=i) for i in range(n)]
 
 
+STOPS = {  # AdaEDL off; the paper's rule, stopping mid-window often; the cost-aware rule at a fixed c
+    "off": AdaEDLConfig(stop="paper", lambda0=0.0),
+    "paper": AdaEDLConfig(stop="paper", lambda0=0.93),
+    "cost": AdaEDLConfig(cost_ratio=3.0),
+}
+
+
 @pytest.mark.parametrize("graphs", [False, True])
-@pytest.mark.parametrize("lambda0", [0.0, 0.93])  # 0: never stops; .93: stops mid-window often
-def test_fused_greedy_drafts_equal_the_token_loop(graphs, lambda0):
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_fused_greedy_drafts_equal_the_token_loop(graphs, stop):
     model = random_llama(3, hidden=64, layers=2, vocab=300, tied=False, init=0.2)
-    fused, stepwise = drafters(model, graphs, AdaEDLConfig(lambda0=lambda0))
+    fused, stepwise = drafters(model, graphs, STOPS[stop])
     slots = start(fused, 3)
     assert start(stepwise, 3) == slots
     seqs = [list(range(1, 20)), [5, 6], list(range(40, 47))]  # a backlog longer than MAX_FIRST, and short ones
     stops = 0
     for rnd in range(6):
         lens = [(rnd + b) % 7 for b in range(3)]  # ragged windows, 0 included
-        items = [DraftItem(f"r{b}", slots[b], seqs[b], lens[b], GREEDY, adaedl=lambda0 > 0) for b in range(3)]
+        items = [DraftItem(f"r{b}", slots[b], seqs[b], lens[b], GREEDY, adaedl=stop != "off") for b in range(3)]
         a, b_ = fused.propose(items), stepwise.propose(items)
         assert [c.ids for c in a] == [c.ids for c in b_], (rnd, lens)
         assert all(c.probs is None for c in a)  # greedy: q is one-hot, never sent
         stops += sum(len(c.ids) < n for c, n in zip(a, lens))
         # The verifier keeps part of each chunk and appends a correction: a rollback next round.
         seqs = [s + c.ids[: len(c.ids) // 2] + [7 + rnd] for s, c in zip(seqs, a)]
-    assert (stops > 0) == (lambda0 > 0)
+    assert (stops > 0) == (stop != "off")
 
 
 def test_fused_sampled_drafts_follow_q():
@@ -97,7 +104,7 @@ def test_seeded_sampled_drafts_do_not_depend_on_the_batch():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_captured_draft_graphs_equal_the_token_loop_on_gpu(dtype):
     model = random_llama(3, hidden=128, layers=2, vocab=500, tied=False, init=0.2).to("cuda", dtype)
-    fused, stepwise = drafters(model, True, AdaEDLConfig(lambda0=0.9))
+    fused, stepwise = drafters(model, True, AdaEDLConfig(stop="paper", lambda0=0.9))
     slots = start(fused, 3)
     start(stepwise, 3)
     seqs = [list(range(1, 30)), [5, 6], list(range(40, 52))]

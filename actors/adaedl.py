@@ -87,6 +87,7 @@ class AdaEDLState:
     acceptance: float = field(default=-1.0)
 
     table: AcceptanceTable | None = None  # the drafter's, shared by its requests (cost-aware stop)
+    mean_length: float = 0.0  # EMA (β1) of this request's drafted chunk lengths
 
     def __post_init__(self) -> None:
         if self.lam < 0:
@@ -127,6 +128,7 @@ class AdaEDLState:
         if entropies and self.table is not None:
             self.table.observe(entropies, n_accepted)
         c = self.config
+        self.mean_length = c.beta1 * self.mean_length + (1 - c.beta1) * n_drafted
         self.acceptance = c.beta1 * self.acceptance + (1 - c.beta1) * n_accepted / n_drafted
         if self.acceptance < c.alpha:
             target = self.lam + c.epsilon

@@ -26,7 +26,9 @@ from kernels.sampling import (
 )
 
 
-PIECE = 4  # AdaEDL requests draft this many tokens per device program: a stop wastes at most 3
+# AdaEDL requests draft PIECE tokens per device program (a stop wastes at most PIECE - 1), or
+# LONG_PIECE where their drafts have been running longer than PIECE (one program, not two).
+PIECE, LONG_PIECE = 4, 8
 EMA = 0.9  # smoothing of the measured step and draft-position times (AdaEDL's cost ratio)
 
 
@@ -122,7 +124,7 @@ class Drafter:
         positions = 0
         while active:
             batch = [items[b] for b in active]
-            steps = [min(it.max_len - len(ids[b]), PIECE if it.adaedl else it.max_len) for b, it in zip(active, batch)]
+            steps = [min(it.max_len - len(ids[b]), self._piece(it)) for b, it in zip(active, batch)]
             positions += max(steps)
             tokens, entropies, q = draft_window(
                 self.engine, [it.slot for it in batch], [seqs[b] for b in active], steps,
@@ -143,6 +145,11 @@ class Drafter:
                         still.append(b)
             active = still
         return [self._chunk(it, ids[b], probs[b], hs[b]) for b, it in enumerate(items)], positions
+
+    def _piece(self, item: DraftItem) -> int:
+        if not item.adaedl:
+            return item.max_len
+        return LONG_PIECE if self._adaedl[item.rid].mean_length > PIECE else PIECE
 
     def propose_stepwise(self, items: list[DraftItem]) -> tuple[list[DraftChunk], int]:
         """The reference: all requests in one batch per position, a host decision per token."""

@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout that is not pip
 import torch
 
 from actors.batch import SpecBatch
-from actors.drafter import PIECE, Drafter
+from actors.drafter import LONG_PIECE, PIECE, Drafter
 from actors.messages import SamplingParams, SpecParams
 from actors.offline import run_batch
 from actors.pair import load_pair, load_tokenizer
@@ -477,7 +477,7 @@ def concurrency(b: Bench) -> None:
     pearl = best(b, "pearl", Row(f"pearl+adaedl (cap {cap})", SpecParams("pearl", cap, adaedl=True), overlap=True))
     rows = [Row(AR, SpecParams("ar")), sd, Row("sd+adaedl (cap 16)", SpecParams("sd", 16, adaedl=True)), pearl]
     # Window lengths these rows ask for (shorter tails at a request's end are captured when met).
-    steps = sorted({*range(1, PIECE + 1), sd.spec.max_draft, pearl.spec.max_draft})
+    steps = sorted({*range(1, PIECE + 1), LONG_PIECE, sd.spec.max_draft, pearl.spec.max_draft})
     seconds = warm_graphs(b, [n for n in b.args.concurrency if n > 1], steps, sampled=(False,))
     b.report.data.setdefault("concurrency", {"rows": []})["graph_warmup_s"] = seconds
     for n in b.args.concurrency:

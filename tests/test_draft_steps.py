@@ -13,7 +13,7 @@ from conftest import random_llama
 from scipy.stats import chisquare
 
 from actors.adaedl import AdaEDLConfig
-from actors.drafter import Drafter
+from actors.drafter import LONG_PIECE, PIECE, Drafter
 from actors.llama import LlamaEngine
 from actors.messages import DraftItem, SamplingParams
 
@@ -58,6 +58,20 @@ def test_fused_greedy_drafts_equal_the_token_loop(graphs, stop):
         # The verifier keeps part of each chunk and appends a correction: a rollback next round.
         seqs = [s + c.ids[: len(c.ids) // 2] + [7 + rnd] for s, c in zip(seqs, a)]
     assert (stops > 0) == (stop != "off")
+
+
+def test_long_pieces_for_requests_whose_drafts_run_long():
+    """A request whose drafts averaged more than PIECE tokens drafts LONG_PIECE per program;
+    the tokens are the token loop's all the same."""
+    model = random_llama(3, hidden=64, layers=2, vocab=300, tied=False, init=0.2)
+    fused, stepwise = drafters(model, False, AdaEDLConfig(stop="paper", lambda0=0.0))  # on, never stops
+    for d in (fused, stepwise):
+        slots = start(d, 2)
+        d._adaedl["r0"].mean_length = 10.0
+    items = [DraftItem(f"r{b}", slots[b], [1, 2, 3 + b], 12, GREEDY, adaedl=True) for b in range(2)]
+    assert fused._piece(items[0]) == LONG_PIECE and fused._piece(items[1]) == PIECE
+    a, b_ = fused.propose(items), stepwise.propose(items)
+    assert [c.ids for c in a] == [c.ids for c in b_] and all(len(c.ids) == 12 for c in a)
 
 
 def test_fused_sampled_drafts_follow_q():

@@ -11,12 +11,18 @@ the remote drafter) costs: the `ratio` column is cluster / in-process tokens/s.
 
     python benchmarks/cluster_gpu.py --target runs/bench/target --draft runs/bench/draft \
         --dtype bfloat16 --verifier-gpus 0.5 --drafter-gpus 0.5 --modes ar,sd,pearl+adaedl  # one GPU
+    python benchmarks/cluster_gpu.py --device cpu --verifier-gpus 0.5 --drafter-gpus 0.5 --modes ar  # no GPU
+
+On CPU the in-process runs use the torch threads Ray gives the lane replica (floor of
+--verifier-cpus, at least 1), so both paths compute alike. `items` counts the lane's streamed
+items and `tok/item` the tokens each carried (lane.stream_batching_interval_ms batches them).
 Prints a table and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +56,8 @@ def in_process(args) -> tuple[list[list[int]], list[dict]]:
     from actors.offline import generate
     from actors.pair import load_pair
 
+    if args.device == "cpu":  # what Ray sets OMP_NUM_THREADS to in the replica (ray._private.utils)
+        torch.set_num_threads(max(1, math.floor(args.verifier_cpus)))
     pair = load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, max_slots=len(PROMPTS))
     prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     sampling = SamplingParams(args.max_tokens, ignore_eos=True)
@@ -104,10 +112,14 @@ def run_mode(client, lane, text: str, concurrency: int, args) -> dict:
     with ThreadPoolExecutor(concurrency) as pool:
         outs = list(pool.map(one, PROMPTS))
     elapsed = time.perf_counter() - start
-    timing = lane.load.remote().result()["step_timing"]
+    load = lane.load.remote().result()
     tokens = sum(len(o.token_ids) for o in outs)
+    timing = load["step_timing"]
     return {"mode": text, "concurrency": concurrency, "tokens_per_s": tokens / elapsed, "outputs": [o.token_ids for o in outs],
-            "acceptance": sum(o.stats.accepted for o in outs) / max(1, sum(o.stats.checked for o in outs)), **timing}
+            "acceptance": sum(o.stats.accepted for o in outs) / max(1, sum(o.stats.checked for o in outs)),
+            "wall_s": elapsed, "in_steps_s": timing["steps"] * (timing["total_ms"] + timing["gap_ms"]) / 1000,
+            "stream_items": load["streamed"]["items"], "tokens_per_item": load["streamed"]["tokens"] / max(1, load["streamed"]["items"]),
+            "lane_torch_threads": load["torch_threads"], **timing}
 
 
 def main() -> None:
@@ -117,6 +129,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--verifier-gpus", type=float, default=1)
     ap.add_argument("--drafter-gpus", type=float, default=1)
+    ap.add_argument("--verifier-cpus", type=float, default=1.0)
+    ap.add_argument("--stream-batching-interval-ms", type=float, help="lane.stream_batching_interval_ms (default: LaneConfig's)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run with fake GPUs")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -137,7 +151,9 @@ def main() -> None:
     from tandem.client import TandemClient
 
     lane_cfg = {"tensor_parallel_size": args.tp, "device": args.device, "verifier_gpus": args.verifier_gpus,
-                "drafter_gpus": args.drafter_gpus, "max_batch_size": len(PROMPTS)}
+                "drafter_gpus": args.drafter_gpus, "max_batch_size": len(PROMPTS), "verifier_cpus": args.verifier_cpus}
+    if args.stream_batching_interval_ms is not None:
+        lane_cfg["stream_batching_interval_ms"] = args.stream_batching_interval_ms
     t0 = time.perf_counter()
     serve.run(build_app({"model": {"target": args.target, "draft": args.draft, "dtype": args.dtype}, "lane": lane_cfg}),
               name="tandem", route_prefix="/")
@@ -160,11 +176,13 @@ def main() -> None:
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(f"\n{'mode':<13} {'conc':>4} {'=AR':>5} {'=local':>6} {'tok/s':>8} {'local':>8} {'ratio':>5} {'accept':>6} {'step':>7} {'draft':>7} "
-          f"{'verify':>7} {'wait':>7} {'exch':>7} {'gap':>7}  (ms; gap: the lane loop between steps)")
+          f"{'verify':>7} {'wait':>7} {'exch':>7} {'gap':>7} {'items':>6} {'tok/item':>8} {'wall_s':>6} {'steps_s':>7}  "
+          f"(ms; gap: the lane loop between steps; steps_s: time in steps and gaps)")
     for r in rows:
         print(f"{r['mode']:<13} {r['concurrency']:>4} {str(r['greedy_equal_to_ar']):>5} {str(r['equal_to_in_process']):>6} {r['tokens_per_s']:>8.1f} "
               f"{r['in_process_tokens_per_s']:>8.1f} {r['cluster_vs_in_process']:>5.2f} {r['acceptance']:>6.2f} "
-              f"{r['total_ms']:>7.2f} {r['draft_ms']:>7.2f} {r['verify_ms']:>7.2f} {r['wait_ms']:>7.2f} {r['exchange_ms']:>7.2f} {r.get('gap_ms', 0.0):>7.2f}")
+              f"{r['total_ms']:>7.2f} {r['draft_ms']:>7.2f} {r['verify_ms']:>7.2f} {r['wait_ms']:>7.2f} {r['exchange_ms']:>7.2f} {r.get('gap_ms', 0.0):>7.2f} "
+              f"{r['stream_items']:>6} {r['tokens_per_item']:>8.2f} {r['wall_s']:>6.2f} {r['in_steps_s']:>7.2f}")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     Path(args.out).write_text(json.dumps({"device": device, "gpus": torch.cuda.device_count(),
                                           "args": vars(args), "rows": rows}, indent=1))

@@ -1,7 +1,9 @@
 """The Lane deployment: one Serve replica = one verifier group and its drafter (DESIGN §2).
 
 The replica is verifier rank 0 and runs the lane's step loop (actors/lane_core.py) in a thread;
-`generate` streams each request's verified tokens back to the router as they are accepted.
+`generate` streams each request's verified tokens back to the router: the first at once, later
+ones at most once per `lane.stream_batching_interval_ms` (as Ray Serve LLM does), because every
+streamed item costs this interpreter, which the step loop shares, and the router time.
 The placement group Serve reserves for the replica holds the other verifier ranks and the
 drafter (cluster/topology.py builds both the bundles and the workers).
 """
@@ -11,6 +13,7 @@ import asyncio
 import uuid
 from typing import AsyncIterator
 
+import torch
 from ray import serve
 
 from actors.lane_core import LaneCore
@@ -28,6 +31,8 @@ class Lane:
         lane = self.config.lane
         self.core = LaneCore(batch, lane.max_queued, lane.max_batch_size, self.config.request_timeout_s,
                              on_stop=stop_lane)
+        self.batching_interval_s = lane.stream_batching_interval_ms / 1000
+        self.streamed = {"items": 0, "tokens": 0}  # since reset_timing(); tokens / items = batching
 
     async def generate(self, rid: str, prompt: list[int], sampling: dict, spec: dict) -> AsyncIterator[dict]:
         """Stream {token_ids, finish_reason, stats} dicts; the last one has finish_reason set."""
@@ -36,10 +41,14 @@ class Lane:
         self.core.submit(rid, prompt, SamplingParams(**sampling), SpecParams(**spec),
                          lambda e: loop.call_soon_threadsafe(inbox.put_nowait, e))
         finished = False
+        hold_until = 0.0  # loop time before which tokens wait for company; 0: the first goes out at once
         try:
             while not finished:
-                e = _merge(await _drain(inbox))
+                e = _merge(await _drain(inbox, hold_until))
+                hold_until = loop.time() + self.batching_interval_s
                 finished = e.finish_reason is not None
+                self.streamed["items"] += 1
+                self.streamed["tokens"] += len(e.token_ids)
                 yield {"token_ids": e.token_ids, "finish_reason": e.finish_reason,
                        "stats": e.stats.as_dict() if finished else None, "lane": self.lane_id}
         finally:
@@ -50,7 +59,8 @@ class Lane:
         return self.core.cancel(rid)
 
     async def load(self) -> dict:
-        return {"lane": self.lane_id, **self.core.load()}
+        return {"lane": self.lane_id, **self.core.load(), "streamed": dict(self.streamed),
+                "torch_threads": torch.get_num_threads()}
 
     async def topology(self) -> dict:
         """Node of this replica (verifier rank 0) and of each worker (ranks 1..T, the drafter last)."""
@@ -63,6 +73,7 @@ class Lane:
     async def reset_timing(self) -> None:
         """Start a new step-timing window (benchmarks read it back through load())."""
         self.core.reset_timing()
+        self.streamed = {"items": 0, "tokens": 0}
 
     def check_health(self) -> None:
         if self.core.error is not None:
@@ -74,16 +85,24 @@ class Lane:
             core.stop()
 
 
-async def _drain(inbox: asyncio.Queue) -> list[Emission]:
-    """The next emission and every one queued behind it.
+async def _drain(inbox: asyncio.Queue, hold_until: float = 0.0) -> list[Emission]:
+    """The next emission, those that arrive behind it until `hold_until` (loop time), and every
+    one queued by then; a finished request is never held.
 
-    Each streamed item costs Python time in this replica (Serve's streaming) and in the router,
-    and the step loop shares this interpreter: when the stream falls behind the steps, what has
-    piled up goes out as one item. (It did not cure the cluster's loss at 8 streams on an H200,
-    0.27x in-process before and after; BENCHMARKS.md says what is measured next.)
+    Each streamed item costs Python time here (Serve forwards it from this replica's user-code
+    event loop to the router as its own object) and in the router, and the step loop shares this
+    interpreter. Taking only what had piled up did not cure the cluster's loss at 8 streams on an
+    H200 (0.27x in-process); holding tokens for a few ms makes every item carry several.
     """
     items = [await inbox.get()]
-    while not inbox.empty():
+    if items[-1].finish_reason is None and hold_until > asyncio.get_running_loop().time():
+        try:
+            async with asyncio.timeout_at(hold_until):
+                while items[-1].finish_reason is None:
+                    items.append(await inbox.get())  # Queue.get loses no item when it times out
+        except TimeoutError:
+            pass
+    while items[-1].finish_reason is None and not inbox.empty():
         items.append(inbox.get_nowait())
     return items
 

@@ -401,6 +401,108 @@ def test_text_stream_never_splits_a_character_or_leaks_a_stop_string(offline):
     assert "-> d" in tok.decode(out.ids) and "-> d" not in tok.decode(out.ids[:-1])
 
 
+class FakeCore:
+    """LaneCore's face to Lane.generate: each submitted request gets `emissions` at (delay_s, Emission)."""
+
+    def __init__(self, emissions: list) -> None:
+        self.emissions = emissions
+        self.cancelled: list[str] = []
+
+    def submit(self, rid, prompt, sampling, spec, sink) -> None:
+        import asyncio
+
+        for delay, e in self.emissions:  # the sink is thread-safe; the loop's timer stands in for the step thread
+            asyncio.get_running_loop().call_later(delay, sink, e)
+
+    def cancel(self, rid: str) -> bool:
+        self.cancelled.append(rid)
+        return True
+
+    def stop(self) -> None:  # Lane.__del__
+        pass
+
+
+def fake_lane(core: FakeCore, interval_ms: float):
+    """A Lane without Ray or models: generate() over a FakeCore (cf. Ray Serve LLM's mock engines)."""
+    from cluster.lane import Lane
+
+    lane = Lane.__new__(Lane)
+    lane.core, lane.lane_id, lane.streamed = core, "fake", {"items": 0, "tokens": 0}
+    lane.batching_interval_s = interval_ms / 1000
+    return lane
+
+
+def stream(lane, rid: str = "r"):
+    """Run one generate(); each streamed item with the loop time it came out."""
+    import asyncio
+    from dataclasses import asdict
+
+    from actors.messages import SamplingParams, SpecParams
+
+    async def run():
+        loop, out = asyncio.get_running_loop(), []
+        async for item in lane.generate(rid, [1, 2], asdict(SamplingParams()), asdict(SpecParams())):
+            out.append((loop.time(), item))
+        return out
+
+    return asyncio.run(run())
+
+
+def test_lane_stream_sends_the_first_token_at_once_then_batches_and_flushes_the_finish():
+    from actors.messages import Emission, RequestStats
+
+    # tokens 0..9 one per 10 ms, then the finish; interval 40 ms
+    tokens = [(0.01 * i, Emission("r", [i])) for i in range(10)]
+    core = FakeCore(tokens + [(0.10, Emission("r", [10], "length", RequestStats(generated=11)))])
+    out = stream(fake_lane(core, 40))
+    items = [item for _, item in out]
+    assert [t for item in items for t in item["token_ids"]] == list(range(11))
+    assert items[0]["token_ids"] == [0]  # time to first token: never held
+    assert items[-1]["finish_reason"] == "length" and items[-1]["stats"]["generated"] == 11
+    assert all(item["finish_reason"] is None and item["stats"] is None for item in items[:-1])
+    times = [t for t, _ in out]
+    # later items go out at most once per interval (slack for a busy machine)...
+    assert all(b - a >= 0.03 for a, b in zip(times[:-2], times[1:-1])), [round(b - a, 4) for a, b in zip(times, times[1:])]
+    assert len(items) <= 5  # 110 ms of tokens: 0, ~40, ~80 ms, then the finish
+    # ...but the finish is never held: with a 10 s interval the stream still ends at once
+    start = time.monotonic()
+    out = stream(fake_lane(FakeCore([(0.0, Emission("r", [1])), (0.01, Emission("r", [2])),
+                                     (0.02, Emission("r", [3], "stop"))]), 10_000))
+    assert time.monotonic() - start < 2.0
+    assert [item["token_ids"] for _, item in out] == [[1], [2, 3]] and out[-1][1]["finish_reason"] == "stop"
+
+
+def test_lane_stream_interval_zero_sends_every_step():
+    from actors.messages import Emission
+
+    core = FakeCore([(0.005 * i, Emission("r", [i], "length" if i == 5 else None)) for i in range(6)])
+    assert [item["token_ids"] for _, item in stream(fake_lane(core, 0))] == [[i] for i in range(6)]
+
+
+def test_lane_stream_cancelled_while_holding_frees_the_slot():
+    """Serve cancels generate() (client gone, Cancel) while it holds tokens: the lane must hear of it."""
+    import asyncio
+    from dataclasses import asdict
+
+    from actors.messages import Emission, SamplingParams, SpecParams
+
+    core = FakeCore([(0.0, Emission("r", [1])), (0.01, Emission("r", [2]))])  # never finishes
+    lane = fake_lane(core, 10_000)
+
+    async def run():
+        gen = lane.generate("r", [1], asdict(SamplingParams()), asdict(SpecParams()))
+        first = await gen.__anext__()
+        held = asyncio.ensure_future(gen.__anext__())  # waits out the interval, holding [2]
+        await asyncio.sleep(0.05)
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        return first
+
+    assert asyncio.run(run())["token_ids"] == [1]
+    assert core.cancelled == ["r"]
+
+
 # -- configuration ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "deploy" / "*.yaml"))), ids=lambda p: Path(p).name)
 def test_deploy_yaml_is_a_valid_serve_config_with_valid_args(path):

@@ -26,8 +26,8 @@ from kernels.sampling import (
 )
 
 
-# AdaEDL requests draft PIECE tokens per device program (a stop wastes at most PIECE - 1), or
-# LONG_PIECE where their drafts have been running longer than PIECE (one program, not two).
+# AdaEDL requests draft PIECE tokens per device program, their first piece LONG_PIECE where
+# their drafts have been running longer than PIECE (one program, not two).
 PIECE, LONG_PIECE = 4, 8
 EMA = 0.9  # smoothing of the measured step and draft-position times (AdaEDL's cost ratio)
 
@@ -113,9 +113,11 @@ class Drafter:
         return chunks
 
     def propose_fused(self, items: list[DraftItem]) -> tuple[list[DraftChunk], int]:
-        """Whole windows on the device (pieces of PIECE for AdaEDL requests), AdaEDL applied to
-        the returned entropies: the same tokens as propose_stepwise for the same distributions.
-        Also returns how many positions the device drafted (the longest window of each piece)."""
+        """Whole windows on the device (pieces of PIECE or LONG_PIECE for AdaEDL requests).
+        The paper's rule is applied to the returned entropies token by token: the same tokens as
+        propose_stepwise for the same distributions. The cost rule keeps whole pieces and decides
+        at their ends whether to draft on (actors/adaedl.py says why). Also returns how many
+        positions the device drafted (the longest window of each piece)."""
         seqs = [list(it.seq) for it in items]
         ids: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
@@ -124,7 +126,7 @@ class Drafter:
         positions = 0
         while active:
             batch = [items[b] for b in active]
-            steps = [min(it.max_len - len(ids[b]), self._piece(it)) for b, it in zip(active, batch)]
+            steps = [min(it.max_len - len(ids[b]), PIECE if ids[b] else self._piece(it)) for b, it in zip(active, batch)]
             positions += max(steps)
             tokens, entropies, q = draft_window(
                 self.engine, [it.slot for it in batch], [seqs[b] for b in active], steps,
@@ -132,8 +134,19 @@ class Drafter:
                 [self._generators[it.rid] for it in batch])
             still = []
             for row, (b, it) in enumerate(zip(active, batch)):
+                state = self._adaedl[it.rid] if it.adaedl else None
+                if state is not None and state.by_piece:
+                    ids[b] += tokens[row]
+                    hs[b] += entropies[row]
+                    seqs[b] += tokens[row]
+                    if q is not None:
+                        probs[b] += list(q[row, : len(tokens[row])])
+                    room = it.max_len - len(ids[b])
+                    if room > 0 and state.draft_on(entropies[row], min(room, PIECE)):
+                        still.append(b)
+                    continue
                 for j, (token, h) in enumerate(zip(tokens[row], entropies[row])):
-                    if it.adaedl and self._adaedl[it.rid].stop_before(h):
+                    if state is not None and state.stop_before(h):
                         break  # AdaEDL: the next token is not worth drafting; always keep >= 1
                     ids[b].append(token)
                     hs[b].append(h)
@@ -147,6 +160,7 @@ class Drafter:
         return [self._chunk(it, ids[b], probs[b], hs[b]) for b, it in enumerate(items)], positions
 
     def _piece(self, item: DraftItem) -> int:
+        """Positions of a request's first piece (later pieces: PIECE)."""
         if not item.adaedl:
             return item.max_len
         return LONG_PIECE if self._adaedl[item.rid].mean_length > PIECE else PIECE

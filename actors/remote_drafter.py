@@ -4,7 +4,8 @@ the exchange group is gloo even on GPUs (actors/lane_roles.py says why).
 
 The lane's leader holds a `RemoteDrafter` with the Drafter's interface; the drafter process runs
 `serve_drafter`. `submit` sends the step's draft requests and returns at once, so the verifier's
-forward runs while the drafter drafts (PEARL); `result` receives the chunks.
+forward runs while the drafter drafts (PEARL); `result` receives the chunks. The verdicts of a
+step (`update`) travel with the next step's draft requests: one message each way per step.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class RemoteDrafter:
         self.group = group  # the leader <-> drafter exchange group
         self.max_context = max_context
         self._free = list(range(max_slots - 1, -1, -1))  # slot ids mirrored on the drafter
+        self._rounds: list[DraftRound] = []  # verdicts not sent yet, and the last step's time
+        self._step_s: float | None = None
 
     @property
     def free_slots(self) -> int:
@@ -45,13 +48,16 @@ class RemoteDrafter:
         self._send("finish", rid, slot)
 
     def update(self, rounds: list[DraftRound], step_s: float | None = None) -> None:
+        """Held until the next propose (a finished request's rounds are ignored there)."""
         if rounds:
-            self._send("update", rounds, step_s)
+            self._rounds += rounds
+            self._step_s = step_s
 
     def submit(self, items: list[DraftItem]) -> RemoteDraftFuture | DraftFuture:
         if all(it.max_len == 0 for it in items):  # nothing to draft (AR): skip the round trip
             return DraftFuture([DraftChunk([], None) for _ in items], 0.0)
-        self._send("propose", items)
+        self._send("propose", items, self._rounds, self._step_s)
+        self._rounds, self._step_s = [], None
         return RemoteDraftFuture(self)
 
     def stop(self) -> None:
@@ -85,11 +91,12 @@ def serve_drafter(drafter: Drafter, leader: int, group=None) -> None:
             drafter.start(rid, seed, slot)
         elif op == "finish":
             drafter.finish(*args)
-        elif op == "update":
-            drafter.update(*args)
         elif op == "propose":
+            items, rounds, step_s = args
+            if rounds:
+                drafter.update(rounds, step_s)
             start = time.perf_counter()
-            chunks = drafter.propose(*args)
+            chunks = drafter.propose(items)
             dist.send_object_list([(chunks, time.perf_counter() - start)], dst=leader, group=group)
         else:
             raise AssertionError(f"unknown drafter op {op!r}")

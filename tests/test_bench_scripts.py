@@ -94,3 +94,12 @@ def test_plots_draw_from_the_json(bench_json):
     for kind in ("tokens_per_s", "concurrency", "steps"):
         png = bench_json.with_name(f"gpu_bench_{kind}.png")
         assert png.is_file() and png.stat().st_size > 1000, png
+
+
+def test_adaedl_cost_model_counts_positions_and_programs(tmp_path):
+    out = tmp_path / "adaedl_model.json"
+    assert load_script("adaedl_model").main(["--prompts", "1", "--max-tokens", "8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 7 and all(r["tokens_per_step"] >= 1 and r["modelled_ms_per_token"] > 0 for r in rows)
+    k3 = next(r for r in rows if r["name"] == "sd k=3" and r["temperature"] == 0)
+    assert k3["programs_per_step"] <= 1 and k3["positions_per_step"] <= 3  # one window of <= 3 per step

@@ -32,10 +32,9 @@ def start(drafter: Drafter, n: int) -> list[int]:
     return [drafter.start(f"r{i}", seed=i) for i in range(n)]
 
 
-STOPS = {  # AdaEDL off; the paper's rule, stopping mid-window often; the cost-aware rule at a fixed c
+STOPS = {  # AdaEDL off (it never stops); the paper's rule, stopping mid-window often
     "off": AdaEDLConfig(stop="paper", lambda0=0.0),
     "paper": AdaEDLConfig(stop="paper", lambda0=0.93),
-    "cost": AdaEDLConfig(cost_ratio=3.0),
 }
 
 
@@ -58,6 +57,25 @@ def test_fused_greedy_drafts_equal_the_token_loop(graphs, stop):
         # The verifier keeps part of each chunk and appends a correction: a rollback next round.
         seqs = [s + c.ids[: len(c.ids) // 2] + [7 + rnd] for s, c in zip(seqs, a)]
     assert (stops > 0) == (stop != "off")
+
+
+@pytest.mark.parametrize("p, lengths", [(0.999, [11, 16, 9]), (0.001, [4, 4, 4])])
+def test_fused_cost_rule_keeps_whole_pieces_and_decides_between_them(p, lengths):
+    """The cost rule drafts pieces of PIECE and keeps them whole (a stop inside a piece saves no
+    draft time); it drafts on while the next piece pays. Tokens: the greedy chain all the same."""
+    model = random_llama(3, hidden=64, layers=2, vocab=300, tied=False, init=0.2)
+    fused, _ = drafters(model, False, AdaEDLConfig(cost_ratio=6.0))
+    _, full = drafters(model, False, STOPS["off"])
+    for d in (fused, full):
+        slots = start(d, 3)
+    for table in fused._tables.values():  # acceptance p at every entropy
+        table.accepted, table.seen = [p] * table.BINS, [1.0] * table.BINS
+    seqs = [list(range(1, 20)), [5, 6], list(range(40, 47))]
+    items = [DraftItem(f"r{b}", slots[b], seqs[b], n, GREEDY, adaedl=True) for b, n in enumerate([11, 16, 9])]
+    chunks, chain = fused.propose(items), full.propose(items)
+    assert [len(c.ids) for c in chunks] == lengths
+    assert all(c.ids == f.ids[: len(c.ids)] for c, f in zip(chunks, chain))
+    assert all(len(c.entropies) == len(c.ids) for c in chunks)
 
 
 def test_long_pieces_for_requests_whose_drafts_run_long():

@@ -476,15 +476,18 @@ def concurrency(b: Bench) -> None:
     sd = best(b, "sd", Row("sd k=5", SpecParams("sd", 5, adaedl=False)))
     pearl = best(b, "pearl", Row(f"pearl+adaedl (cap {cap})", SpecParams("pearl", cap, adaedl=True), overlap=True))
     rows = [Row(AR, SpecParams("ar")), sd, Row("sd+adaedl (cap 16)", SpecParams("sd", 16, adaedl=True)), pearl]
-    # Window lengths these rows ask for (shorter tails at a request's end are captured when met).
-    steps = sorted({*range(1, PIECE + 1), LONG_PIECE, sd.spec.max_draft, pearl.spec.max_draft})
-    seconds = warm_graphs(b, [n for n in b.args.concurrency if n > 1], steps, sampled=(False,))
+    # Every window length these rows ask for, the shorter tails at a request's end included (the
+    # first lease's n=4 rows paid for captures of the tails inside the timed run).
+    steps = range(1, max(16, sd.spec.max_draft, pearl.spec.max_draft) + 1)
+    temperatures = [float(t) for t in b.args.concurrency_temperatures.split(",")]
+    seconds = warm_graphs(b, [n for n in b.args.concurrency if n > 1], steps, sampled=tuple({t > 0 for t in temperatures}))
     b.report.data.setdefault("concurrency", {"rows": []})["graph_warmup_s"] = seconds
-    for n in b.args.concurrency:
-        if b.budget.left() <= 0:
-            b.report.skip(f"concurrency n={n}", "deadline reached")
-            continue
-        run_rows(b, "concurrency", rows, b.code[:n], 0.0, group=n, extra={"concurrency": n})
+    for t in temperatures:
+        for n in b.args.concurrency:
+            if b.budget.left() <= 0:
+                b.report.skip(f"concurrency n={n} T={t:g}", "deadline reached")
+                continue
+            run_rows(b, "concurrency", rows, b.code[:n], t, group=n, extra={"concurrency": n})
 
 
 @torch.inference_mode()
@@ -545,6 +548,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperatures", default="0,1")
     ap.add_argument("--concurrency", default="1,4,16,64", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--concurrency-temperatures", default="0,1", help="temperatures of the concurrency sweep")
     ap.add_argument("--sd-ks", default="3,5,8,16", type=lambda s: [int(x) for x in s.split(",")],
                     help="static SD draft lengths of the batch-1 sections")
     ap.add_argument("--nl-prompts", type=int, default=len(NL_PROMPTS), help="natural-language prompts (at most 12)")

@@ -68,11 +68,12 @@ def plot_concurrency(data: dict, path: Path) -> Path | None:
     if not rows:
         return None
     fig, (tput, lat) = plt.subplots(1, 2, figsize=(12, 5))
-    for name in dict.fromkeys(r["name"] for r in rows):
-        mine = sorted((r for r in rows if r["name"] == name), key=lambda r: r["concurrency"])
+    for name, t in dict.fromkeys((r["name"], r["temperature"]) for r in rows):
+        mine = sorted((r for r in rows if (r["name"], r["temperature"]) == (name, t)), key=lambda r: r["concurrency"])
         n = [r["concurrency"] for r in mine]
-        tput.plot(n, [r["tokens_per_s"] for r in mine], marker="o", label=name)
-        lat.plot(n, [r["mean_latency_s"] for r in mine], marker="o", label=name)
+        style = "-" if t == 0 else "--"
+        tput.plot(n, [r["tokens_per_s"] for r in mine], style, marker="o", label=f"{name}, T={t:g}")
+        lat.plot(n, [r["mean_latency_s"] for r in mine], style, marker="o", label=f"{name}, T={t:g}")
     ticks = sorted({r["concurrency"] for r in rows})
     for ax, label in ((tput, "aggregate tokens/s"), (lat, "mean request latency (s)")):
         ax.set_xscale("log", base=2)

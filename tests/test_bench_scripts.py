@@ -70,6 +70,8 @@ def test_tandem_greedy_rows_equal_ar(bench_json):
     data = json.loads(bench_json.read_text())
     for section in ("latency_t0", "concurrency", "natural_language"):
         for r in data[section]["rows"]:
+            if r["temperature"] != 0:  # the concurrency sweep runs T=1 too: nothing to compare
+                continue
             if r["engine"] == "tandem":
                 assert r["lossless"]["exact_fraction"] == 1.0, (section, r["name"], r["lossless"])
                 assert "step_ms" in r and r["tokens"] > 0

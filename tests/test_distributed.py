@@ -18,6 +18,9 @@ from conftest import TINY
 
 PROMPTS = ["def _parse_header(line):\n", "import os\n", "class Queue:\n    def put(self, item):\n"]
 SPECS = [SpecParams("ar"), SpecParams("sd", 4, adaedl=False), SpecParams("pearl", 4, adaedl=True)]
+# Seeded sampling with q rows sent: each chunk's message is larger than the channel's buffer.
+# (AdaEDL off: its cost rule drafts by measured timing, so seeded tokens would differ run to run.)
+SAMPLED = (SamplingParams(max_tokens=24, temperature=1.0, seed=7, ignore_eos=True), SpecParams("sd", 4, adaedl=False))
 
 
 def _free_port() -> int:
@@ -33,7 +36,7 @@ def _role(rank: int, spec: LaneSpec, init: str, prompts, results) -> None:
         return run_follower(spec, rank, init)
     batch = run_leader(spec, init, stop_ids={0})
     sampling = SamplingParams(max_tokens=24, ignore_eos=True)
-    out = [run_batch(batch, prompts, sampling, s) for s in SPECS]
+    out = [run_batch(batch, prompts, sampling, s) for s in SPECS] + [run_batch(batch, prompts, *SAMPLED)]
     results.put([[d.token_ids for d in done] for done in out])
     results.put(batch.free_slots)
     stop_lane(batch)
@@ -59,13 +62,49 @@ def reference():
     pair = load_pair(TINY / "target", TINY / "draft", max_slots=4)
     prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     sampling = SamplingParams(max_tokens=24, ignore_eos=True)
-    return prompts, generate(pair, prompts, sampling, SpecParams("ar"))
+    sampled = [d.token_ids for d in generate(pair, prompts, *SAMPLED)]
+    return prompts, generate(pair, prompts, sampling, SpecParams("ar")), sampled
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_remote_drafter_and_tensor_parallel_match_single_process(tp, reference):
-    prompts, ar = reference
+    prompts, ar, sampled = reference
     outputs, free_slots = run_lane(tp, prompts)
     for spec, out in zip(SPECS, outputs):
         assert out == [d.token_ids for d in ar], (tp, spec)
+    if tp == 1:  # the same computation in the same order: seeded sampling gives the same tokens
+        assert outputs[-1] == sampled
+    assert all(len(o) == 24 for o in outputs[-1])
     assert free_slots == 4  # every request released its slots on both sides
+
+
+def _echo(rank: int, init: str, messages) -> None:
+    import torch.distributed as dist
+
+    from actors.remote_drafter import Channel
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    channel = Channel(1 - rank)
+    for m in messages:  # rank 0 sends, rank 1 echoes back what it got
+        if rank == 0:
+            channel.send(m)
+            got = channel.recv()
+            assert type(got) is type(m) and repr(got) == repr(m), (got, m)
+        else:
+            channel.send(channel.recv())
+    dist.destroy_process_group()
+
+
+def test_channel_carries_small_and_large_messages():
+    import torch
+
+    messages = [("propose", ([1, 2, 3], [], None)), list(range(4096 - 8)),  # larger than the buffer
+                {"q": torch.arange(20000, dtype=torch.float32).view(2, -1)}, "", ("stop", ())]
+    ctx = mp.get_context("spawn")
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [ctx.Process(target=_echo, args=(r, init, messages)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0

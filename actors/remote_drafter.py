@@ -25,8 +25,8 @@ class Channel:
     `send_object_list` sends a length, then the bytes, and copies both through fresh tensors:
     two messages per direction. Here a message is one send of CAP bytes (its length, then as much
     of the pickle as fits), with a second send only for what does not fit (sampled drafts' q
-    rows). On the 2-core CPU machine a propose/chunk round trip took 1.9-2.9 ms with
-    send_object_list and 1.1 ms this way (`tests/test_distributed.py` checks the protocol).
+    rows). On the 2-core CPU machine a propose/chunk round trip takes 2.2-2.4 ms with
+    send_object_list and 0.6-0.9 ms this way, about a bare tensor's (`benchmarks/exchange.py`).
     """
 
     CAP = 4096

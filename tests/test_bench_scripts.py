@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,3 +106,12 @@ def test_adaedl_cost_model_counts_positions_and_programs(tmp_path):
     assert len(rows) == 2 * 7 and all(r["tokens_per_step"] >= 1 and r["modelled_ms_per_token"] > 0 for r in rows)
     k3 = next(r for r in rows if r["name"] == "sd k=3" and r["temperature"] == 0)
     assert k3["programs_per_step"] <= 1 and k3["positions_per_step"] <= 3  # one window of <= 3 per step
+
+
+def test_exchange_benchmark_times_each_transport(tmp_path):
+    out = tmp_path / "exchange.json"  # a subprocess: its spawned workers import the script by path
+    subprocess.run([sys.executable, str(REPO / "benchmarks/exchange.py"), "--round-trips", "20", "--out", str(out)],
+                   check=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["transport"] for r in rows] == ["send_object_list", "Channel (4 KiB buffer)", "int64[64] tensor"]
+    assert all(r["round_trip_us"] > 0 for r in rows)

@@ -36,6 +36,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tandem.errors import TandemError
+
 
 @dataclass(frozen=True)
 class AdaEDLConfig:
@@ -50,6 +52,12 @@ class AdaEDLConfig:
     lambda0: float = 0.5  # initial threshold
     stop: Literal["cost", "paper"] = "cost"  # the cost-aware stop (above) or the paper's λ rule
     cost_ratio: float | None = None  # c for stop="cost"; None: measured online by the drafter
+
+    def __post_init__(self) -> None:
+        if self.stop not in ("cost", "paper"):
+            raise TandemError(f"AdaEDL stop must be 'cost' or 'paper', got {self.stop!r}")
+        if self.cost_ratio is not None and not self.cost_ratio > 0:
+            raise TandemError(f"AdaEDL cost ratio must be > 0 (step time / draft-token time), got {self.cost_ratio}")
 
 
 class AcceptanceTable:

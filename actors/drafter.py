@@ -118,10 +118,8 @@ class Drafter:
         propose_stepwise for the same distributions. The cost rule keeps whole pieces and decides
         at their ends whether to draft on (actors/adaedl.py says why). Also returns how many
         positions the device drafted (the longest window of each piece)."""
-        seqs = [list(it.seq) for it in items]
-        ids: list[list[int]] = [[] for _ in items]
-        probs: list[list[torch.Tensor]] = [[] for _ in items]
-        hs: list[list[float]] = [[] for _ in items]
+        d = _Drafts(items)
+        ids, seqs = d.ids, d.seqs
         active = [b for b, it in enumerate(items) if it.max_len > 0]
         positions = 0
         while active:
@@ -136,11 +134,8 @@ class Drafter:
             for row, (b, it) in enumerate(zip(active, batch)):
                 state = self._adaedl[it.rid] if it.adaedl else None
                 if state is not None and state.by_piece:
-                    ids[b] += tokens[row]
-                    hs[b] += entropies[row]
-                    seqs[b] += tokens[row]
-                    if q is not None:
-                        probs[b] += list(q[row, : len(tokens[row])])
+                    for j, (token, h) in enumerate(zip(tokens[row], entropies[row])):
+                        d.keep(b, token, h, None if q is None else q[row, j])
                     room = it.max_len - len(ids[b])
                     if room > 0 and state.draft_on(entropies[row], min(room, PIECE)):
                         still.append(b)
@@ -148,16 +143,12 @@ class Drafter:
                 for j, (token, h) in enumerate(zip(tokens[row], entropies[row])):
                     if state is not None and state.stop_before(h):
                         break  # AdaEDL: the next token is not worth drafting; always keep >= 1
-                    ids[b].append(token)
-                    hs[b].append(h)
-                    seqs[b].append(token)
-                    if q is not None:
-                        probs[b].append(q[row, j])
+                    d.keep(b, token, h, None if q is None else q[row, j])
                 else:  # no AdaEDL stop in this piece: draft on if the window is not full
                     if len(ids[b]) < it.max_len:
                         still.append(b)
             active = still
-        return [self._chunk(it, ids[b], probs[b], hs[b]) for b, it in enumerate(items)], positions
+        return [self._chunk(it, *d.of(b)) for b, it in enumerate(items)], positions
 
     def _piece(self, item: DraftItem) -> int:
         """Positions of a request's first piece (later pieces: PIECE)."""
@@ -167,15 +158,12 @@ class Drafter:
 
     def propose_stepwise(self, items: list[DraftItem]) -> tuple[list[DraftChunk], int]:
         """The reference: all requests in one batch per position, a host decision per token."""
-        seqs = [list(it.seq) for it in items]
-        ids: list[list[int]] = [[] for _ in items]
-        probs: list[list[torch.Tensor]] = [[] for _ in items]
-        hs: list[list[float]] = [[] for _ in items]
+        d = _Drafts(items)
         active = [b for b, it in enumerate(items) if it.max_len > 0]
         positions = 0
         while active:
             positions += 1
-            q, h, top = self._next_distributions([items[b] for b in active], [seqs[b] for b in active])
+            q, h, top = self._next_distributions([items[b] for b in active], [d.seqs[b] for b in active])
             h, top = h.tolist(), top.tolist()  # one sync per position for the whole batch
             still = []
             for row, b in enumerate(active):
@@ -183,14 +171,11 @@ class Drafter:
                 if it.adaedl and self._adaedl[it.rid].stop_before(h[row]):
                     continue  # AdaEDL: the next token is not worth drafting; always keep >= 1
                 token = sample(q[row], self._generators[it.rid]) if _samples(it) else top[row]
-                ids[b].append(token)
-                hs[b].append(h[row])
-                probs[b].append(q[row])
-                seqs[b].append(token)
-                if len(ids[b]) < it.max_len:
+                d.keep(b, token, h[row], q[row])
+                if len(d.ids[b]) < it.max_len:
                     still.append(b)
             active = still
-        return [self._chunk(it, ids[b], probs[b], hs[b]) for b, it in enumerate(items)], positions
+        return [self._chunk(it, *d.of(b)) for b, it in enumerate(items)], positions
 
     def _next_distributions(self, items, seqs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [n, V] after each sequence, the entropy [n] AdaEDL looks at, and the argmax [n]."""
@@ -212,6 +197,27 @@ class Drafter:
         q = torch.stack(probs) if send else None
         lam = self._adaedl[item.rid].lam if item.rid in self._adaedl else None
         return DraftChunk(ids, q, lam, hs if item.adaedl else [])
+
+
+class _Drafts:
+    """What a propose call has drafted so far, per request: the tokens, their q rows (when the
+    path has them) and draft entropies, and each sequence with its drafted tokens appended."""
+
+    def __init__(self, items: list[DraftItem]) -> None:
+        self.seqs = [list(it.seq) for it in items]
+        self.ids: list[list[int]] = [[] for _ in items]
+        self.probs: list[list[torch.Tensor]] = [[] for _ in items]
+        self.entropies: list[list[float]] = [[] for _ in items]
+
+    def keep(self, b: int, token: int, entropy: float, q_row: torch.Tensor | None) -> None:
+        self.ids[b].append(token)
+        self.seqs[b].append(token)
+        self.entropies[b].append(entropy)
+        if q_row is not None:
+            self.probs[b].append(q_row)
+
+    def of(self, b: int) -> tuple[list[int], list[torch.Tensor], list[float]]:
+        return self.ids[b], self.probs[b], self.entropies[b]
 
 
 def _ema(old: float | None, new: float) -> float:

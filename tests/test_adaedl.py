@@ -8,6 +8,7 @@ from actors.drafter import Drafter
 from actors.llama import LlamaEngine
 from actors.messages import DraftItem, DraftRound, SamplingParams, SpecParams
 from actors.offline import generate
+from tandem.errors import TandemError
 
 
 def test_stop_rule_is_the_entropy_lower_bound():
@@ -138,3 +139,11 @@ def test_drafter_measures_the_cost_ratio(target_model):
     assert len(chunk.entropies) == len(chunk.ids) >= 1
     assert d.cost_ratio == pytest.approx(0.5 / d._position_s) and d.cost_ratio > 1
     assert Drafter(d.engine, AdaEDLConfig(cost_ratio=7.0)).cost_ratio == 7.0
+
+
+@pytest.mark.parametrize("kwargs, words", [({"cost_ratio": 0.0}, "cost ratio must be > 0"),
+                                           ({"cost_ratio": -3.0}, "cost ratio must be > 0"),
+                                           ({"stop": "sometimes"}, "stop must be 'cost' or 'paper'")])
+def test_bad_adaedl_settings_are_refused_clearly(kwargs, words):
+    with pytest.raises(TandemError, match=words):
+        AdaEDLConfig(**kwargs)

@@ -119,3 +119,8 @@ def test_checkpoint_without_tokenizer(broken_checkpoints, tandem):
 def test_draft_with_other_vocabulary(broken_checkpoints, tandem):
     res = tandem("generate", "--prompt", "x", "--draft", str(broken_checkpoints["other_vocab"]))
     assert res.returncode == 2 and "vocabularies differ" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_adaedl_cost_ratio_is_one_line_and_exit_2(tandem):
+    res = tandem("generate", "--prompt", "x", "--adaedl-cost-ratio", "0")
+    assert res.returncode == 2 and "cost ratio must be > 0" in res.stderr and "Traceback" not in res.stderr

@@ -72,8 +72,10 @@ class Drafter:
         self._generators.pop(rid, None)
         self._adaedl.pop(rid, None)
 
-    def submit(self, items: list[DraftItem]) -> DraftFuture:
-        """Start drafting; in-process the work is done here, a remote drafter returns at once."""
+    def submit(self, items: list[DraftItem], overlap: bool = False) -> DraftFuture:
+        """Start drafting; in-process the work is done here, a remote drafter returns at once.
+        overlap: the caller verifies before it reads the chunks (PEARL, AR), so a drafter that
+        can draft meanwhile should."""
         start = time.perf_counter()
         chunks = self.propose(items)
         return DraftFuture(chunks, time.perf_counter() - start)
@@ -247,7 +249,8 @@ class ThreadedDrafter(Drafter):
 
     In-process PEARL: `submit` returns at once, the verifier's forward runs on the caller's
     thread meanwhile, and the two overlap on the device (DESIGN §4). Vanilla SD gains nothing
-    from it (its verify waits for the draft). On CPU it is correct but the GIL limits overlap.
+    from it (its verify waits for the draft), so a step that does not overlap drafts inline, on
+    the caller's thread. On CPU it is correct but the GIL limits overlap.
     """
 
     def __init__(self, engine: Engine, adaedl: AdaEDLConfig | None = None, fused: bool = True,
@@ -257,7 +260,9 @@ class ThreadedDrafter(Drafter):
         cuda = engine.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=engine.device) if cuda else None
 
-    def submit(self, items: list[DraftItem]) -> ThreadedDraftFuture:
+    def submit(self, items: list[DraftItem], overlap: bool = False) -> ThreadedDraftFuture | DraftFuture:
+        if not overlap or all(it.max_len == 0 for it in items):  # nothing to run beside the verify
+            return super().submit(items)
         consumer = torch.cuda.current_stream() if self._stream is not None else None
         return ThreadedDraftFuture(self._pool.submit(self._draft, items), consumer)
 

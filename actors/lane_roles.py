@@ -4,6 +4,10 @@ Global ranks: 0..T-1 are the verifier's tensor-parallel ranks (rank 0 is the lea
 the step loop), rank T is the drafter. All join one torch.distributed world (gloo on CPU, NCCL
 on GPUs); the TP ranks also form a subgroup for their all-reduces. The same functions run in
 Ray actors (cluster/workers.py) and in plain processes (tests).
+
+A colocated drafter (`colocate_drafter`) has no rank: rank 0 loads the draft beside its shard
+and drafts in-process, inline for SD and on a thread with its own CUDA stream while PEARL
+verifies. That is the layout for a drafter sharing the verifier's GPU: no exchange per step.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch.distributed as dist
 
 from actors.adaedl import AdaEDLConfig
 from actors.batch import SpecBatch
-from actors.drafter import Drafter
+from actors.drafter import Drafter, ThreadedDrafter
 from actors.pair import load_engine, load_hf_model
 from actors.remote_drafter import RemoteDrafter, serve_drafter
 from actors.tensor_parallel import TPLeader, follow, shard_llama
@@ -35,10 +39,11 @@ class LaneSpec:
     adaedl_lambda0: float = 0.5
     adaedl_stop: str = "cost"
     adaedl_cost_ratio: float | None = None
+    colocate_drafter: bool = False
 
     @property
     def world(self) -> int:
-        return self.tp + 1
+        return self.tp + (0 if self.colocate_drafter else 1)
 
     @property
     def drafter_rank(self) -> int:
@@ -57,7 +62,7 @@ def join(spec: LaneSpec, rank: int, init_method: str):
         torch.cuda.set_device(0)  # Ray exposes each worker's own GPU as device 0
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=spec.world)
     tp_group = dist.new_group(list(range(spec.tp)))  # collective: all ranks, members or not
-    exchange = dist.new_group([0, spec.drafter_rank], backend="gloo")
+    exchange = None if spec.colocate_drafter else dist.new_group([0, spec.drafter_rank], backend="gloo")
     return (tp_group if spec.tp > 1 else None), exchange
 
 
@@ -75,11 +80,22 @@ def _target_engine(spec: LaneSpec, rank: int, group):
     return LlamaEngine(model, tp_group=group, **_kwargs(spec))
 
 
+def _adaedl(spec: LaneSpec) -> AdaEDLConfig:
+    return AdaEDLConfig(lambda0=spec.adaedl_lambda0, stop=spec.adaedl_stop, cost_ratio=spec.adaedl_cost_ratio)
+
+
+def _draft_engine(spec: LaneSpec):
+    return load_engine(spec.draft, spec.device, spec.dtype, spec.engine, spec.max_slots, spec.max_context)
+
+
 def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatch:
-    """Rank 0: the sharded target behind a TPLeader, the drafter behind a RemoteDrafter."""
+    """Rank 0: the sharded target behind a TPLeader; the drafter behind a RemoteDrafter, or
+    in this process when colocated."""
     group, exchange = join(spec, 0, init_method)
     engine = _target_engine(spec, 0, group)
     target = TPLeader(engine, group, src=0) if group is not None else engine
+    if spec.colocate_drafter:
+        return SpecBatch(target, ThreadedDrafter(_draft_engine(spec), _adaedl(spec)), stop_ids)
     box = [None]
     dist.recv_object_list(box, src=spec.drafter_rank, group=exchange)  # the drafter's context length
     drafter = RemoteDrafter(spec.drafter_rank, box[0], spec.max_slots, exchange)
@@ -95,14 +111,16 @@ def run_follower(spec: LaneSpec, rank: int, init_method: str) -> None:
 def run_drafter(spec: LaneSpec, init_method: str) -> None:
     """Rank T: the draft model; answers the leader's draft requests until it stops."""
     _, exchange = join(spec, spec.drafter_rank, init_method)
-    engine = load_engine(spec.draft, spec.device, spec.dtype, spec.engine, spec.max_slots, spec.max_context)
+    engine = _draft_engine(spec)
     dist.send_object_list([engine.max_context], dst=0, group=exchange)
-    serve_drafter(Drafter(engine, AdaEDLConfig(lambda0=spec.adaedl_lambda0, stop=spec.adaedl_stop,
-                                         cost_ratio=spec.adaedl_cost_ratio)), leader=0, group=exchange)
+    serve_drafter(Drafter(engine, _adaedl(spec)), leader=0, group=exchange)
 
 
 def stop_lane(batch: SpecBatch) -> None:
     """Leader: release the other ranks (they return from their loops)."""
     if isinstance(batch.verifier.engine, TPLeader):
         batch.verifier.engine.stop()
-    batch.drafter.stop()
+    if isinstance(batch.drafter, RemoteDrafter):
+        batch.drafter.stop()
+    else:
+        batch.drafter.close()

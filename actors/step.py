@@ -38,10 +38,10 @@ def speculative_step(
     t = StepTiming()
     t0 = time.perf_counter()
     modes = [MODE_STEPS[r.spec.mode] for r in reqs]
-    future = drafter.submit([m.draft_item(r, room) for m, r, room in zip(modes, reqs, rooms)])
+    overlapped = not any(m.verify_needs_draft for m in modes)
+    future = drafter.submit([m.draft_item(r, room) for m, r, room in zip(modes, reqs, rooms)], overlap=overlapped)
     greedy = all(r.sampling.temperature <= 0 for r in reqs)  # p one-hot: only argmaxes matter
     score = verifier.greedy if greedy else verifier.score
-    overlapped = not any(m.verify_needs_draft for m in modes)
     if overlapped:  # PEARL / AR: the verifier does not wait for the drafter (they overlap when remote)
         target, t.verify = _timed(score, [m.verify_item(r, None) for m, r in zip(modes, reqs)])
         chunks, t.wait = _timed(future.result)

@@ -12,6 +12,7 @@ the remote drafter) costs: the `ratio` column is cluster / in-process tokens/s.
     python benchmarks/cluster_gpu.py --target runs/bench/target --draft runs/bench/draft \
         --dtype bfloat16 --verifier-gpus 0.5 --drafter-gpus 0.5 --modes ar,sd,pearl+adaedl  # one GPU
     python benchmarks/cluster_gpu.py --device cpu --verifier-gpus 0.5 --drafter-gpus 0.5 --modes ar  # no GPU
+    python benchmarks/cluster_gpu.py ... --verifier-gpus 1 --colocate-drafter   # one GPU, drafter in the replica
 
 On CPU the in-process runs use the torch threads Ray gives the lane replica (floor of
 --verifier-cpus, at least 1), so both paths compute alike. `items` counts the lane's streamed
@@ -131,6 +132,8 @@ def main() -> None:
     ap.add_argument("--verifier-gpus", type=float, default=1)
     ap.add_argument("--drafter-gpus", type=float, default=1)
     ap.add_argument("--verifier-cpus", type=float, default=1.0)
+    ap.add_argument("--colocate-drafter", action="store_true", help="lane.colocate_drafter: the drafter in the "
+                    "lane replica, on its GPU (--drafter-gpus is then ignored)")
     ap.add_argument("--stream-batching-interval-ms", type=float, help="lane.stream_batching_interval_ms (default: LaneConfig's)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run with fake GPUs")
@@ -153,7 +156,8 @@ def main() -> None:
     from tandem.client import TandemClient
 
     lane_cfg = {"tensor_parallel_size": args.tp, "device": args.device, "verifier_gpus": args.verifier_gpus,
-                "drafter_gpus": args.drafter_gpus, "max_batch_size": len(PROMPTS), "verifier_cpus": args.verifier_cpus}
+                "max_batch_size": len(PROMPTS), "verifier_cpus": args.verifier_cpus}
+    lane_cfg.update({"colocate_drafter": True} if args.colocate_drafter else {"drafter_gpus": args.drafter_gpus})
     if args.stream_batching_interval_ms is not None:
         lane_cfg["stream_batching_interval_ms"] = args.stream_batching_interval_ms
     t0 = time.perf_counter()

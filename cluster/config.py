@@ -45,6 +45,10 @@ class LaneConfig(_Strict):
     max_queued: int = Field(32, ge=0, description="requests waiting per lane before RESOURCE_EXHAUSTED")
     verifier_gpus: float = Field(0.0, ge=0, description="GPUs per verifier rank (1 on GPU clusters)")
     drafter_gpus: float = Field(0.0, ge=0, description="GPUs for the drafter (a fraction shares a GPU)")
+    colocate_drafter: bool = Field(False, description="run the drafter inside verifier rank 0's process, on its "
+                                   "device (one-GPU lanes: no per-step exchange; PEARL overlaps on a second CUDA "
+                                   "stream). The lane then has no drafter bundle: leave drafter_gpus and "
+                                   "drafter_resources unset")
     verifier_cpus: float = Field(1.0, gt=0, description="CPUs per verifier rank")
     drafter_cpus: float = Field(0.5, gt=0, description="CPUs for the drafter")
     verifier_resources: dict[str, float] = Field(default_factory=dict, description='custom Ray resources per verifier rank, e.g. {"large_gpu": 1}')
@@ -89,6 +93,10 @@ class AppConfig(_Strict):
                 f"lane.tensor_parallel_size={tp} must divide the target's num_attention_heads={heads} "
                 f"and num_key_value_heads={kv}"
             )
+        lane = self.lane
+        if lane.colocate_drafter and (lane.drafter_gpus or lane.drafter_resources):
+            raise ValueError("lane.colocate_drafter runs the drafter in verifier rank 0's process, on its GPU: "
+                             "leave lane.drafter_gpus and lane.drafter_resources unset")
         if tp > 1 and self.model.engine == "hf":
             raise ValueError("lane.tensor_parallel_size > 1 needs model.engine 'native' or 'auto' (Llama family)")
         return self

@@ -2,6 +2,7 @@
 
 Three processes (TP rank 0 = leader, TP rank 1, drafter) join one gloo world, exactly as the
 cluster's lane actors do; the leader's greedy output must equal the single-process result.
+A colocated drafter has no process of its own: the leader drafts (TP 1: one process in all).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _free_port() -> int:
 
 
 def _role(rank: int, spec: LaneSpec, init: str, prompts, results) -> None:
-    if rank == spec.drafter_rank:
+    if rank == spec.drafter_rank and not spec.colocate_drafter:
         return run_drafter(spec, init)
     if rank > 0:
         return run_follower(spec, rank, init)
@@ -42,8 +43,8 @@ def _role(rank: int, spec: LaneSpec, init: str, prompts, results) -> None:
     stop_lane(batch)
 
 
-def run_lane(tp: int, prompts) -> tuple[list, int]:
-    spec = LaneSpec(str(TINY / "target"), str(TINY / "draft"), tp=tp, max_slots=4)
+def run_lane(tp: int, prompts, colocate: bool = False) -> tuple[list, int]:
+    spec = LaneSpec(str(TINY / "target"), str(TINY / "draft"), tp=tp, max_slots=4, colocate_drafter=colocate)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init = f"tcp://127.0.0.1:{_free_port()}"
@@ -66,12 +67,12 @@ def reference():
     return prompts, generate(pair, prompts, sampling, SpecParams("ar")), sampled
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_remote_drafter_and_tensor_parallel_match_single_process(tp, reference):
+@pytest.mark.parametrize("tp,colocate", [(1, False), (2, False), (1, True), (2, True)])
+def test_remote_drafter_and_tensor_parallel_match_single_process(tp, colocate, reference):
     prompts, ar, sampled = reference
-    outputs, free_slots = run_lane(tp, prompts)
+    outputs, free_slots = run_lane(tp, prompts, colocate)
     for spec, out in zip(SPECS, outputs):
-        assert out == [d.token_ids for d in ar], (tp, spec)
+        assert out == [d.token_ids for d in ar], (tp, colocate, spec)
     if tp == 1:  # the same computation in the same order: seeded sampling gives the same tokens
         assert outputs[-1] == sampled
     assert all(len(o) == 24 for o in outputs[-1])

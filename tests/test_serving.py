@@ -43,7 +43,8 @@ CASES = [(0, 24, "ar"), (1, 12, "sd"), (2, 20, "pearl"), (0, 8, "pearl"), (1, 16
 LANE = {"drafter_cpus": 0.5, "max_batch_size": 4, "max_queued": 8}
 LIMIT = 1000
 MAIN_ARGS = {"lane": LANE, "max_tokens_limit": LIMIT}
-ONE_ARGS = {"lane": {**LANE, "max_batch_size": 1, "max_queued": 0}, "max_tokens_limit": LIMIT}
+# The one-slot app's lane drafts in its own replica (lane.colocate_drafter): no drafter process.
+ONE_ARGS = {"lane": {"max_batch_size": 1, "max_queued": 0, "colocate_drafter": True}, "max_tokens_limit": LIMIT}
 
 
 def post(base: str, path: str, body: dict) -> tuple[int, dict]:
@@ -187,6 +188,19 @@ def test_grpc_concurrent_streams_equal_offline_ar(server, offline):
         assert last.stats.time_to_first_token_s > 0
         assert len({ch.request_id for ch in chunks}) == 1
     assert len(results[0]) > 1, "a 24-token ar request should arrive in several chunks"
+
+
+def test_colocated_drafter_lane_equals_offline_ar_in_every_mode(server, offline):
+    from ray import serve
+
+    (topology,) = serve.get_deployment_handle("Lane", "one").broadcast("topology").results(timeout_s=30)
+    assert topology["workers"] == []  # the replica alone: no drafter process
+    for i, n, mode in CASES:
+        with server.client("one") as c:
+            got = c.complete(PROMPTS[i], max_tokens=n, mode=mode, temperature=0.0)
+        assert got.token_ids == offline(PROMPTS[i], n), (mode, n)
+        assert mode == "ar" or got.stats.drafted > 0
+    assert running(server, "one") == 0
 
 
 def test_cli_generate_url_prints_the_offline_json_shape(server, offline, monkeypatch, capsys):
@@ -475,7 +489,8 @@ def test_lane_stream_sends_the_first_token_at_once_then_batches_and_flushes_the_
 def test_lane_stream_interval_zero_sends_every_step():
     from actors.messages import Emission
 
-    core = FakeCore([(0.005 * i, Emission("r", [i], "length" if i == 5 else None)) for i in range(6)])
+    # 50 ms apart: each emission is out before the next arrives, even on a busy machine
+    core = FakeCore([(0.05 * i, Emission("r", [i], "length" if i == 5 else None)) for i in range(6)])
     assert [item["token_ids"] for _, item in stream(fake_lane(core, 0))] == [[i] for i in range(6)]
 
 
@@ -532,3 +547,5 @@ def test_bad_args_name_the_field():
         build_app({"speculation": {"mode": "turbo"}})
     with pytest.raises(TandemError, match=r"lanes: Extra inputs are not permitted"):
         build_app({"lanes": 2})
+    with pytest.raises(TandemError, match=r"colocate_drafter.*leave lane.drafter_gpus"):
+        build_app({"lane": {"colocate_drafter": True, "drafter_gpus": 0.5}})

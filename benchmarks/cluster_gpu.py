@@ -92,9 +92,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def best_mode(path: str) -> tuple[str, int]:
-    """('ar,<mode>[+adaedl]', max_draft) of the fastest tandem row of gpu_bench's latency_t0."""
-    rows = [r for r in json.loads(Path(path).read_text())["latency_t0"]["rows"]
+def best_mode(path: str, temperature: float) -> tuple[str, int]:
+    """('ar,<mode>[+adaedl]', max_draft) of the fastest tandem row of gpu_bench's batch-1 latency
+    section at this temperature (latency_t0 or latency_t1)."""
+    rows = [r for r in json.loads(Path(path).read_text())[f"latency_t{temperature:g}"]["rows"]
             if r.get("engine") == "tandem" and r.get("mode") != "ar" and "tokens_per_s" in r]
     top = max(rows, key=lambda r: r["tokens_per_s"])
     return f"ar,{top['mode']}{'+adaedl' if top['adaedl'] else ''}", top["max_draft"]
@@ -142,10 +143,10 @@ def main() -> None:
     ap.add_argument("--max-draft", type=int, default=4)
     ap.add_argument("--modes", default="ar,sd,pearl", help="comma-separated; '+adaedl' turns AdaEDL on")
     ap.add_argument("--out", default="cluster_gpu.json")
-    ap.add_argument("--best-from", help="a gpu_bench.json: run AR and its fastest batch-1 T=0 tandem mode")
+    ap.add_argument("--best-from", help="a gpu_bench.json: run AR and its fastest batch-1 tandem mode at --temperature")
     args = ap.parse_args()
     if args.best_from:
-        args.modes, args.max_draft = best_mode(args.best_from)
+        args.modes, args.max_draft = best_mode(args.best_from, args.temperature)
         print(f"modes {args.modes}, max_draft {args.max_draft} (from {args.best_from})", flush=True)
     ref, local = in_process(args)
     grpc_port = free_port()

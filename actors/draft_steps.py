@@ -102,9 +102,13 @@ def draft_program(
 
 def draft_window(
     eng, slots: list[int], seqs: list[list[int]], steps: list[int], temperature: list[float],
-    sample: list[bool], generators: list[torch.Generator],
+    sample: list[bool], generators: list[torch.Generator], min_batch: int = 0,
 ) -> tuple[list[list[int]], list[list[float]], torch.Tensor | None]:
     """Draft steps[b] >= 1 tokens after seqs[b] for each request in one program.
+
+    min_batch pads the batch to at least that many rows (padding drafts into the scratch slot):
+    a drafter's later pieces, for the rows still drafting, keep the first piece's CUDA graph
+    bucket instead of asking for a bucket of every subset size.
 
     Returns the tokens and their entropies (host lists, steps[b] each) and q [B, max steps, V]
     when some row samples (else None). The slots then hold seq + all but the last token.
@@ -115,7 +119,8 @@ def draft_window(
     starts = [eng.feed(slot, seq) for slot, seq in zip(slots, seqs)]
     fresh = [seq[s:] for seq, s in zip(seqs, starts)]
     total = max(steps)
-    shape = Shape(len(slots), max(len(t) for t in fresh), max(s + len(t) + n - 1 for s, t, n in zip(starts, fresh, steps)))
+    span = max(s + len(t) + n - 1 for s, t, n in zip(starts, fresh, steps))
+    shape = Shape(max(len(slots), min_batch), max(len(t) for t in fresh), span)
     bucket = eng.graphs.bucket(shape) if eng.graphs is not None else None
     batch = DraftBatch.build(slots, starts, fresh, steps, sample, bucket or shape, eng.scratch)
     temps = torch.zeros(batch.shape.batch)

@@ -123,6 +123,7 @@ class Drafter:
         d = _Drafts(items)
         ids, seqs = d.ids, d.seqs
         active = [b for b, it in enumerate(items) if it.max_len > 0]
+        rows = len(active)  # later pieces pad to the first one's batch (one graph bucket)
         positions = 0
         while active:
             batch = [items[b] for b in active]
@@ -131,7 +132,7 @@ class Drafter:
             tokens, entropies, q = draft_window(
                 self.engine, [it.slot for it in batch], [seqs[b] for b in active], steps,
                 [it.sampling.temperature for it in batch], [_samples(it) for it in batch],
-                [self._generators[it.rid] for it in batch])
+                [self._generators[it.rid] for it in batch], min_batch=rows)
             still = []
             for row, (b, it) in enumerate(zip(active, batch)):
                 state = self._adaedl[it.rid] if it.adaedl else None

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from actors.draft_steps import DraftBatch, DraftShape, draft_program
+from actors.draft_steps import MAX_FIRST, DraftBatch, DraftShape, draft_program
 from actors.llama import HostBatch, Shape
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -109,8 +109,10 @@ class GraphRunner:
                             self._capture_forward(bucket)
         return len(self.graphs)
 
-    def warmup_drafts(self, batch_sizes, steps, first_lens=(1, 2), sampled=(False,), spans=None) -> int:
-        """Capture multi-step draft graphs ahead of time; returns how many graphs there are now."""
+    def warmup_drafts(self, batch_sizes, steps, first_lens=None, sampled=(False,), spans=None) -> int:
+        """Capture multi-step draft graphs ahead of time; returns how many graphs there are now.
+        first_lens: the first forward's query lengths (default: every bucket up to MAX_FIRST)."""
+        first_lens = first_lens or [q for q in self.query_buckets if q <= MAX_FIRST]
         for s in self._spans(spans):
             for b in batch_sizes:
                 for q in first_lens:

@@ -41,10 +41,10 @@ class Counter:
         self._inner = drafter_module.draft_window
         drafter_module.draft_window = self
 
-    def __call__(self, engine, slots, seqs, steps, *args):
+    def __call__(self, engine, slots, seqs, steps, *args, **kwargs):
         self.positions += max(steps)
         self.programs += 1
-        return self._inner(engine, slots, seqs, steps, *args)
+        return self._inner(engine, slots, seqs, steps, *args, **kwargs)
 
     def close(self) -> None:
         drafter_module.draft_window = self._inner

@@ -187,10 +187,10 @@ def graphs_of(engine):
     return getattr(engine, "graphs", None)
 
 
-def graph_count(b: Bench) -> int:
-    """CUDA graphs both engines hold now (0 off CUDA)."""
-    runners = [graphs_of(e) for e in (b.pair.target, b.pair.draft)]
-    return sum(len(r.graphs) for r in runners if r is not None and r.capture)
+def graph_keys(b: Bench) -> set[str]:
+    """The CUDA graphs both engines hold now, named by engine and bucket (none off CUDA)."""
+    runners = [(name, graphs_of(e)) for name, e in (("target", b.pair.target), ("draft", b.pair.draft))]
+    return {f"{name} {key}" for name, r in runners if r is not None and r.capture for key in r.graphs}
 
 
 def threaded_drafter_cls():
@@ -312,7 +312,7 @@ def run_tandem(b: Bench, row: Row, prompts, samplings, group: int) -> tuple[dict
         warm = [dataclasses.replace(s, max_tokens=min(b.args.warmup_tokens, s.max_tokens)) for s in samplings[:group]]
         run_batch(SpecBatch(b.pair.target, drafter, b.pair.stop_ids), prompts[:group], warm, row.spec)
         batch = SpecBatch(b.pair.target, drafter, b.pair.stop_ids)
-        graphs_before = graph_count(b)
+        graphs_before = graph_keys(b)
         done, start = [], time.perf_counter()
         for i in range(0, len(prompts), group):
             b.budget.check()
@@ -322,9 +322,10 @@ def run_tandem(b: Bench, row: Row, prompts, samplings, group: int) -> tuple[dict
         if hasattr(drafter, "close"):
             drafter.close()
     overlapped = row.overlap and type(drafter) is not Drafter
-    # Graphs captured inside the timed run (their capture time is in `seconds`): should be 0.
+    # Graphs captured inside the timed run (their capture time is in `seconds`): should be none.
+    captured = sorted(graph_keys(b) - graphs_before)
     out = {**summarize([d.stats for d in done], seconds), "overlap": overlapped, "step_ms": batch.timing.as_dict(),
-           "captures_in_timed_run": graph_count(b) - graphs_before}
+           "captures_in_timed_run": len(captured), "captured_in_timed_run": captured}
     return out, [d.token_ids for d in done]
 
 

@@ -132,6 +132,29 @@ def test_seeded_sampled_drafts_do_not_depend_on_the_batch():
     assert draft(1) == draft(3)
 
 
+def test_padding_a_draft_to_a_bigger_batch_changes_nothing():
+    """min_batch (a drafter's later pieces keep the first piece's graph bucket): padding rows
+    draft into the scratch slot; the real rows' tokens and entropies are those of the unpadded run."""
+    from actors.draft_steps import draft_window
+
+    model = random_llama(5, hidden=32, layers=1, vocab=60, tied=False, init=0.3)
+
+    def run(min_batch):
+        eng = LlamaEngine(model, max_slots=8, cuda_graphs=True)
+        slots = [eng.allocate() for _ in range(2)]
+        seqs = [[1, 2, 3], [4, 5, 6, 7]]
+        gens = [torch.Generator().manual_seed(b) for b in range(2)]
+        out = draft_window(eng, slots, seqs, [3, 2], [0.0, 1.0], [False, True], gens, min_batch=min_batch)
+        again = draft_window(eng, slots, [s + t for s, t in zip(seqs, out[0])], [2, 2], [0.0, 0.0], [False, False],
+                             gens, min_batch=min_batch)  # the slots hold what the first call fed
+        return out[0], out[1], again[0]
+
+    plain, padded = run(0), run(8)
+    assert plain[0] == padded[0] and plain[2] == padded[2]
+    for a, b in zip(plain[1], padded[1]):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_captured_draft_graphs_equal_the_token_loop_on_gpu(dtype):

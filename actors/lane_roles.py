@@ -22,6 +22,7 @@ from actors.drafter import Drafter, ThreadedDrafter
 from actors.pair import load_engine, load_hf_model
 from actors.remote_drafter import RemoteDrafter, serve_drafter
 from actors.tensor_parallel import TPLeader, follow, shard_llama
+from kernels.warmup import warm_kernels
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatc
     in this process when colocated."""
     group, exchange = join(spec, 0, init_method)
     engine = _target_engine(spec, 0, group)
+    warm_kernels(engine.vocab_size, engine.device)  # Triton compiles now, not in a request's step
     target = TPLeader(engine, group, src=0) if group is not None else engine
     if spec.colocate_drafter:
         return SpecBatch(target, ThreadedDrafter(_draft_engine(spec), _adaedl(spec)), stop_ids)
@@ -112,6 +114,7 @@ def run_drafter(spec: LaneSpec, init_method: str) -> None:
     """Rank T: the draft model; answers the leader's draft requests until it stops."""
     _, exchange = join(spec, spec.drafter_rank, init_method)
     engine = _draft_engine(spec)
+    warm_kernels(engine.vocab_size, engine.device, rejection=False)
     dist.send_object_list([engine.max_context], dst=0, group=exchange)
     serve_drafter(Drafter(engine, _adaedl(spec)), leader=0, group=exchange)
 

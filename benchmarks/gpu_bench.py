@@ -46,6 +46,7 @@ from actors.drafter import LONG_PIECE, PIECE, Drafter
 from actors.messages import SamplingParams, SpecParams
 from actors.offline import run_batch
 from actors.pair import load_pair, load_tokenizer
+from kernels.warmup import warm_kernels
 from tandem.zoo import heldout_prompts
 
 NL_PROMPTS = [
@@ -598,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         report.data["meta"] = meta(b, argv)
     b.gamma = report.data.get("calibration", {}).get("gamma", b.gamma)
     report.data["meta"]["graph_warmup_s"] = warm_graphs(b, [1])
+    start = time.perf_counter()  # Triton compiles here, not inside the first sampled row (kernels/warmup.py)
+    warm_kernels(b.pair.target.vocab_size, b.pair.target.device)
+    report.data["meta"]["kernel_warmup_s"] = time.perf_counter() - start
     report.save()
     print(f"[{budget.elapsed():6.1f}s] loaded; {report.data['meta']['params']} params, features {b.features}", flush=True)
     sections = [("calibration", lambda: calibration(b))]

@@ -259,3 +259,15 @@ def test_softmax_entropy_large_on_gpu(dtype, n, vocab):
 def test_rejection_large_on_gpu(batch, k, vocab, one_hot):
     for seed in range(3):
         assert_rejection_matches(rejection_case(seed, batch, k, vocab, one_hot=one_hot))
+
+
+# --- warm-up ---------------------------------------------------------------------------------------
+
+
+def test_warm_kernels_launches_every_specialization_and_nothing_where_torch_runs():
+    from kernels.warmup import warm_kernels
+
+    assert warm_kernels(64, "cpu", max_draft=3, use_triton=False) == 0
+    assert warm_kernels(64, DEVICE, max_draft=3, use_triton=True) == 1 + 4 * 2  # entropy + k = 0..3, q or not
+    assert warm_kernels(64, DEVICE, max_draft=3, rejection=False, use_triton=True) == 1
+

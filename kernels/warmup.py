@@ -1,0 +1,44 @@
+"""Compile the Triton kernels before the first request needs them.
+
+Triton compiles a kernel the first time it meets a new specialization: the rejection sampler
+has one per power-of-two draft length (BLOCK_K), with and without q, and a few more for
+integer arguments equal to 1 or divisible by 16. Each compile takes a fraction of a second to
+a second, inside whichever step asks first: a fresh H200 run of the batch-1 T=1 rows showed
+steps of 10-26 ms instead of 3-4 (no CUDA graph was captured there; the only T=1 work before
+them was the 16-token warm-up, which met none of the short tails). Triton keeps compiled
+kernels on disk (~/.triton/cache), so a later process on the same machine pays nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels._triton import pick_triton
+from kernels.entropy import softmax_entropy_triton
+from kernels.rejection import rejection_sample_triton
+
+MAX_DRAFT = 64  # speculation.max_draft's limit (cluster/config.py)
+
+
+def warm_kernels(vocab: int, device, max_draft: int = MAX_DRAFT, rejection: bool = True,
+                 use_triton: bool | None = None) -> int:
+    """Launch each Triton kernel once per specialization a step can ask for, on one row of
+    zeros: rejection sampling for 0..max_draft draft tokens with and without q (rejection=True,
+    the verifier's side) and the softmax-entropy (both sides). Returns how many launches ran:
+    0 where the torch paths run instead (CPU, no Triton, TANDEM_TRITON=0)."""
+    device = torch.device(device)
+    if not pick_triton(torch.empty(0, device=device), use_triton):
+        return 0
+    launches = 0
+    softmax_entropy_triton(torch.zeros(1, vocab, device=device), torch.ones(1, device=device))
+    launches += 1
+    for k in range(max_draft + 1) if rejection else ():
+        p = torch.full((1, k + 1, vocab), 1.0 / vocab, device=device)
+        for q in (None, torch.full((1, k, vocab), 1.0 / vocab, device=device)):
+            rejection_sample_triton(torch.zeros(1, k, dtype=torch.long, device=device),
+                                    torch.full((1,), k, dtype=torch.long, device=device), q, p,
+                                    torch.ones(1, dtype=torch.bool, device=device),
+                                    torch.full((1, k), 0.5, device=device), torch.ones(1, vocab, device=device))
+            launches += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return launches

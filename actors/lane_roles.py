@@ -1,9 +1,10 @@
 """The processes of one lane and how they meet (DESIGN §2).
 
 Global ranks: 0..T-1 are the verifier's tensor-parallel ranks (rank 0 is the leader, which runs
-the step loop), rank T is the drafter. All join one torch.distributed world (gloo on CPU, NCCL
-on GPUs); the TP ranks also form a subgroup for their all-reduces. The same functions run in
-Ray actors (cluster/workers.py) and in plain processes (tests).
+the step loop), ranks T..T+D-1 the D drafters (each request drafts on one of them,
+actors/drafter_pool.py). All join one torch.distributed world (gloo on CPU, NCCL on GPUs); the
+TP ranks also form a subgroup for their all-reduces, and each drafter a gloo pair with rank 0.
+The same functions run in Ray actors (cluster/workers.py) and in plain processes (tests).
 
 A colocated drafter (`colocate_drafter`) has no rank: rank 0 loads the draft beside its shard
 and drafts in-process, inline for SD and on a thread with its own CUDA stream while PEARL
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from actors.adaedl import AdaEDLConfig
 from actors.batch import SpecBatch
 from actors.drafter import Drafter, ThreadedDrafter
+from actors.drafter_pool import DrafterPool
 from actors.pair import load_engine, load_hf_model
 from actors.remote_drafter import RemoteDrafter, serve_drafter
 from actors.tensor_parallel import TPLeader, follow, shard_llama
@@ -41,18 +43,20 @@ class LaneSpec:
     adaedl_stop: str = "cost"
     adaedl_cost_ratio: float | None = None
     colocate_drafter: bool = False
+    num_drafters: int = 1  # drafter processes (colocated: none, the leader drafts)
 
     @property
     def world(self) -> int:
-        return self.tp + (0 if self.colocate_drafter else 1)
+        return self.tp + len(self.drafter_ranks)
 
     @property
-    def drafter_rank(self) -> int:
-        return self.tp
+    def drafter_ranks(self) -> range:
+        return range(self.tp, self.tp + (0 if self.colocate_drafter else self.num_drafters))
 
 
 def join(spec: LaneSpec, rank: int, init_method: str):
-    """Join the lane's world; return (TP group or None for TP = 1, drafter exchange group).
+    """Join the lane's world; return (TP group or None for TP = 1, {drafter rank: its exchange
+    group with rank 0}).
 
     The TP all-reduces use NCCL on GPUs. The drafter exchange carries pickled messages and uses
     gloo: it works wherever the drafter sits, also on a GPU it shares with verifier rank 0 (a
@@ -63,8 +67,8 @@ def join(spec: LaneSpec, rank: int, init_method: str):
         torch.cuda.set_device(0)  # Ray exposes each worker's own GPU as device 0
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=spec.world)
     tp_group = dist.new_group(list(range(spec.tp)))  # collective: all ranks, members or not
-    exchange = None if spec.colocate_drafter else dist.new_group([0, spec.drafter_rank], backend="gloo")
-    return (tp_group if spec.tp > 1 else None), exchange
+    exchanges = {d: dist.new_group([0, d], backend="gloo") for d in spec.drafter_ranks}  # collective, in order
+    return (tp_group if spec.tp > 1 else None), exchanges
 
 
 def _kwargs(spec: LaneSpec) -> dict:
@@ -90,18 +94,20 @@ def _draft_engine(spec: LaneSpec):
 
 
 def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatch:
-    """Rank 0: the sharded target behind a TPLeader; the drafter behind a RemoteDrafter, or
-    in this process when colocated."""
-    group, exchange = join(spec, 0, init_method)
+    """Rank 0: the sharded target behind a TPLeader; each drafter behind a RemoteDrafter (a
+    DrafterPool of them for several), or the drafter in this process when colocated."""
+    group, exchanges = join(spec, 0, init_method)
     engine = _target_engine(spec, 0, group)
     warm_kernels(engine.vocab_size, engine.device)  # Triton compiles now, not in a request's step
     target = TPLeader(engine, group, src=0) if group is not None else engine
     if spec.colocate_drafter:
         return SpecBatch(target, ThreadedDrafter(_draft_engine(spec), _adaedl(spec)), stop_ids)
-    box = [None]
-    dist.recv_object_list(box, src=spec.drafter_rank, group=exchange)  # the drafter's context length
-    drafter = RemoteDrafter(spec.drafter_rank, box[0], spec.max_slots, exchange)
-    return SpecBatch(target, drafter, stop_ids)
+    drafters = []
+    for d, exchange in exchanges.items():
+        box = [None]
+        dist.recv_object_list(box, src=d, group=exchange)  # the drafter's context length
+        drafters.append(RemoteDrafter(d, box[0], spec.max_slots, exchange))
+    return SpecBatch(target, drafters[0] if len(drafters) == 1 else DrafterPool(drafters), stop_ids)
 
 
 def run_follower(spec: LaneSpec, rank: int, init_method: str) -> None:
@@ -110,20 +116,20 @@ def run_follower(spec: LaneSpec, rank: int, init_method: str) -> None:
     follow(_target_engine(spec, rank, group), group, src=0)
 
 
-def run_drafter(spec: LaneSpec, init_method: str) -> None:
-    """Rank T: the draft model; answers the leader's draft requests until it stops."""
-    _, exchange = join(spec, spec.drafter_rank, init_method)
+def run_drafter(spec: LaneSpec, rank: int, init_method: str) -> None:
+    """Ranks T..T+D-1: the draft model; answers the leader's draft requests until it stops."""
+    _, exchanges = join(spec, rank, init_method)
     engine = _draft_engine(spec)
     warm_kernels(engine.vocab_size, engine.device, rejection=False)
-    dist.send_object_list([engine.max_context], dst=0, group=exchange)
-    serve_drafter(Drafter(engine, _adaedl(spec)), leader=0, group=exchange)
+    dist.send_object_list([engine.max_context], dst=0, group=exchanges[rank])
+    serve_drafter(Drafter(engine, _adaedl(spec)), leader=0, group=exchanges[rank])
 
 
 def stop_lane(batch: SpecBatch) -> None:
     """Leader: release the other ranks (they return from their loops)."""
     if isinstance(batch.verifier.engine, TPLeader):
         batch.verifier.engine.stop()
-    if isinstance(batch.drafter, RemoteDrafter):
+    if isinstance(batch.drafter, (RemoteDrafter, DrafterPool)):
         batch.drafter.stop()
     else:
         batch.drafter.close()

@@ -13,6 +13,7 @@ the remote drafter) costs: the `ratio` column is cluster / in-process tokens/s.
         --dtype bfloat16 --verifier-gpus 0.5 --drafter-gpus 0.5 --modes ar,sd,pearl+adaedl  # one GPU
     python benchmarks/cluster_gpu.py --device cpu --verifier-gpus 0.5 --drafter-gpus 0.5 --modes ar  # no GPU
     python benchmarks/cluster_gpu.py ... --verifier-gpus 1 --colocate-drafter   # one GPU, drafter in the replica
+    python benchmarks/cluster_gpu.py ... --tp 2 --verifier-gpus 1 --drafter-gpus 1 --num-drafters 2   # four GPUs
 
 On CPU the in-process runs use the torch threads Ray gives the lane replica (floor of
 --verifier-cpus, at least 1), so both paths compute alike. `items` counts the lane's streamed
@@ -133,6 +134,8 @@ def main() -> None:
     ap.add_argument("--verifier-gpus", type=float, default=1)
     ap.add_argument("--drafter-gpus", type=float, default=1)
     ap.add_argument("--verifier-cpus", type=float, default=1.0)
+    ap.add_argument("--num-drafters", type=int, default=1, help="lane.num_drafters: drafter processes, "
+                    "each with --drafter-gpus")
     ap.add_argument("--colocate-drafter", action="store_true", help="lane.colocate_drafter: the drafter in the "
                     "lane replica, on its GPU (--drafter-gpus is then ignored)")
     ap.add_argument("--stream-batching-interval-ms", type=float, help="lane.stream_batching_interval_ms (default: LaneConfig's)")
@@ -158,7 +161,8 @@ def main() -> None:
 
     lane_cfg = {"tensor_parallel_size": args.tp, "device": args.device, "verifier_gpus": args.verifier_gpus,
                 "max_batch_size": len(PROMPTS), "verifier_cpus": args.verifier_cpus}
-    lane_cfg.update({"colocate_drafter": True} if args.colocate_drafter else {"drafter_gpus": args.drafter_gpus})
+    lane_cfg.update({"colocate_drafter": True} if args.colocate_drafter else
+                    {"drafter_gpus": args.drafter_gpus, "num_drafters": args.num_drafters})
     if args.stream_batching_interval_ms is not None:
         lane_cfg["stream_batching_interval_ms"] = args.stream_batching_interval_ms
     t0 = time.perf_counter()

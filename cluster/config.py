@@ -45,6 +45,9 @@ class LaneConfig(_Strict):
     max_queued: int = Field(32, ge=0, description="requests waiting per lane before RESOURCE_EXHAUSTED")
     verifier_gpus: float = Field(0.0, ge=0, description="GPUs per verifier rank (1 on GPU clusters)")
     drafter_gpus: float = Field(0.0, ge=0, description="GPUs for the drafter (a fraction shares a GPU)")
+    num_drafters: int = Field(1, ge=1, le=8, description="drafter processes per lane, each in its own bundle "
+                              "(drafter_gpus / drafter_resources each); a request drafts on one of them, so "
+                              "several draft a step's batch in parallel")
     colocate_drafter: bool = Field(False, description="run the drafter inside verifier rank 0's process, on its "
                                    "device (one-GPU lanes: no per-step exchange; PEARL overlaps on a second CUDA "
                                    "stream). The lane then has no drafter bundle: leave drafter_gpus and "
@@ -94,6 +97,9 @@ class AppConfig(_Strict):
                 f"and num_key_value_heads={kv}"
             )
         lane = self.lane
+        if lane.colocate_drafter and lane.num_drafters > 1:
+            raise ValueError("lane.colocate_drafter puts one drafter in verifier rank 0's process: "
+                             "lane.num_drafters must be 1 with it")
         if lane.colocate_drafter and (lane.drafter_gpus or lane.drafter_resources):
             raise ValueError("lane.colocate_drafter runs the drafter in verifier rank 0's process, on its GPU: "
                              "leave lane.drafter_gpus and lane.drafter_resources unset")

@@ -1,7 +1,7 @@
 """What a lane is made of: its placement-group bundles and the processes built inside them.
 
 Bundle 0 holds the lane replica itself, which is verifier rank 0 and runs the step loop.
-Bundles 1..T-1 hold the other verifier ranks, bundle T the drafter (DESIGN §2); all of them meet
+Bundles 1..T-1 hold the other verifier ranks, bundles T.. the drafters (DESIGN §2); all of them meet
 in one torch.distributed world (actors/lane_roles.py). A colocated drafter lives in bundle 0.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from cluster.workers import rendezvous_address, start_workers
 
 
 def lane_bundles(cfg: AppConfig) -> list[dict[str, float]]:
-    """Resources of each bundle: T verifier ranks, then the drafter (none when colocated)."""
+    """Resources of each bundle: T verifier ranks, then the drafters (none when colocated)."""
     lane = cfg.lane
     verifier = {"CPU": lane.verifier_cpus, **lane.verifier_resources}
     if lane.verifier_gpus:
@@ -22,7 +22,8 @@ def lane_bundles(cfg: AppConfig) -> list[dict[str, float]]:
     drafter = {"CPU": lane.drafter_cpus, **lane.drafter_resources}
     if lane.drafter_gpus:
         drafter["GPU"] = lane.drafter_gpus
-    return [dict(verifier) for _ in range(lane.tensor_parallel_size)] + ([] if lane.colocate_drafter else [drafter])
+    drafters = 0 if lane.colocate_drafter else lane.num_drafters
+    return [dict(verifier) for _ in range(lane.tensor_parallel_size)] + [dict(drafter) for _ in range(drafters)]
 
 
 def stop_ids(cfg: AppConfig) -> set[int]:
@@ -34,7 +35,8 @@ def lane_spec(cfg: AppConfig) -> LaneSpec:
     m, lane = cfg.model, cfg.lane
     return LaneSpec(m.target, m.draft, lane.tensor_parallel_size, lane.device, m.dtype, m.engine,
                     lane.max_batch_size, m.max_context, cfg.speculation.adaedl_lambda0,
-                    cfg.speculation.adaedl_stop, cfg.speculation.adaedl_cost_ratio, lane.colocate_drafter)
+                    cfg.speculation.adaedl_stop, cfg.speculation.adaedl_cost_ratio, lane.colocate_drafter,
+                    lane.num_drafters)
 
 
 def build_lane_batch(cfg: AppConfig) -> tuple[SpecBatch, list]:

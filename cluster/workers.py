@@ -21,8 +21,8 @@ class LaneWorker:
     """One non-leader process of a lane (a verifier shard or the drafter)."""
 
     def run(self, spec: LaneSpec, rank: int, init_method: str) -> None:
-        if rank == spec.drafter_rank:
-            run_drafter(spec, init_method)
+        if rank in spec.drafter_ranks:
+            run_drafter(spec, rank, init_method)
         else:
             run_follower(spec, rank, init_method)
 
@@ -39,7 +39,8 @@ def rendezvous_address() -> str:
 
 
 def start_workers(spec: LaneSpec, bundles: list[dict], init_method: str) -> tuple[list, list]:
-    """Start ranks 1..T (T = the drafter) in bundles 1..T; return (actors, their run() refs)."""
+    """Start ranks 1..world-1 (verifier shards, then drafters) in the bundles of the same index;
+    return (actors, their run() refs)."""
     pg = get_current_placement_group()
     actors, runs = [], []
     for rank in range(1, spec.world):

@@ -1,6 +1,6 @@
 """A lane spread over two Ray nodes (two raylets on this machine, ray.cluster_utils.Cluster):
-verifier TP=2 over gloo on the node with "verifier" resources and fake GPUs, the drafter on the
-node with "drafter" resources. Greedy output must equal the target alone, also for a request
+verifier TP=2 over gloo on the node with "verifier" resources and fake GPUs, two drafters on the
+node with "drafter" resources (issue 5's topology: a TP-2 verifier and two drafters, four GPUs). Greedy output must equal the target alone, also for a request
 that joins while another is running (continuous batching must not change either one).
 """
 from __future__ import annotations
@@ -33,12 +33,12 @@ def two_nodes():
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 2, "resources": {"verifier": 2}, "temp_dir": temp,
         "object_store_memory": 150 * 1024**2, "include_dashboard": False})
-    cluster.add_node(num_cpus=1, num_gpus=1, resources={"drafter": 1}, object_store_memory=150 * 1024**2)
+    cluster.add_node(num_cpus=1, num_gpus=2, resources={"drafter": 2}, object_store_memory=150 * 1024**2)
     ray.init(address=cluster.address, log_to_driver=False)
     grpc_port = free_port()
     lane = {"tensor_parallel_size": 2, "verifier_cpus": 0.5, "drafter_cpus": 0.5, "verifier_gpus": 1,
             "drafter_gpus": 1, "verifier_resources": {"verifier": 1}, "drafter_resources": {"drafter": 1},
-            "max_batch_size": 4}
+            "max_batch_size": 4, "num_drafters": 2}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                     grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
@@ -66,9 +66,9 @@ def reference():
 def test_drafter_and_verifier_on_different_nodes(two_nodes):
     _, lane = two_nodes
     topo = lane.topology.remote().result()
-    tp_rank1, drafter = topo["workers"]
+    tp_rank1, *drafters = topo["workers"]
     assert tp_rank1 == topo["leader"]  # both verifier ranks on the "verifier" node
-    assert drafter != topo["leader"]  # the drafter on the other node
+    assert len(drafters) == 2 and all(d != topo["leader"] for d in drafters)  # the drafters on the other node
 
 
 @pytest.mark.parametrize("mode", ["sd", "pearl"])

@@ -3,6 +3,7 @@
 Three processes (TP rank 0 = leader, TP rank 1, drafter) join one gloo world, exactly as the
 cluster's lane actors do; the leader's greedy output must equal the single-process result.
 A colocated drafter has no process of its own: the leader drafts (TP 1: one process in all).
+With two drafters each request drafts in one of them (actors/drafter_pool.py).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def _free_port() -> int:
 
 
 def _role(rank: int, spec: LaneSpec, init: str, prompts, results) -> None:
-    if rank == spec.drafter_rank and not spec.colocate_drafter:
-        return run_drafter(spec, init)
+    if rank in spec.drafter_ranks:
+        return run_drafter(spec, rank, init)
     if rank > 0:
         return run_follower(spec, rank, init)
     batch = run_leader(spec, init, stop_ids={0})
@@ -43,8 +44,9 @@ def _role(rank: int, spec: LaneSpec, init: str, prompts, results) -> None:
     stop_lane(batch)
 
 
-def run_lane(tp: int, prompts, colocate: bool = False) -> tuple[list, int]:
-    spec = LaneSpec(str(TINY / "target"), str(TINY / "draft"), tp=tp, max_slots=4, colocate_drafter=colocate)
+def run_lane(tp: int, prompts, colocate: bool = False, drafters: int = 1) -> tuple[list, int]:
+    spec = LaneSpec(str(TINY / "target"), str(TINY / "draft"), tp=tp, max_slots=4, colocate_drafter=colocate,
+                    num_drafters=drafters)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init = f"tcp://127.0.0.1:{_free_port()}"
@@ -67,13 +69,14 @@ def reference():
     return prompts, generate(pair, prompts, sampling, SpecParams("ar")), sampled
 
 
-@pytest.mark.parametrize("tp,colocate", [(1, False), (2, False), (1, True), (2, True)])
-def test_remote_drafter_and_tensor_parallel_match_single_process(tp, colocate, reference):
+@pytest.mark.parametrize("tp,colocate,drafters", [(1, False, 1), (2, False, 1), (1, True, 1), (2, True, 1),
+                                                  (1, False, 2), (2, False, 2)])
+def test_remote_drafter_and_tensor_parallel_match_single_process(tp, colocate, drafters, reference):
     prompts, ar, sampled = reference
-    outputs, free_slots = run_lane(tp, prompts, colocate)
+    outputs, free_slots = run_lane(tp, prompts, colocate, drafters)
     for spec, out in zip(SPECS, outputs):
-        assert out == [d.token_ids for d in ar], (tp, colocate, spec)
-    if tp == 1:  # the same computation in the same order: seeded sampling gives the same tokens
+        assert out == [d.token_ids for d in ar], (tp, colocate, drafters, spec)
+    if tp == 1 and drafters == 1:  # the same computation in the same order: seeded sampling gives the same tokens
         assert outputs[-1] == sampled
     assert all(len(o) == 24 for o in outputs[-1])
     assert free_slots == 4  # every request released its slots on both sides
@@ -109,3 +112,25 @@ def test_channel_carries_small_and_large_messages():
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
+
+
+def test_drafter_pool_splits_requests_and_frees_every_slot(reference):
+    """In one process: two drafters behind a DrafterPool give the target's greedy tokens, each
+    request drafting on one of them, and every slot comes back."""
+    from actors.batch import SpecBatch
+    from actors.drafter import Drafter
+    from actors.drafter_pool import DrafterPool
+    from actors.pair import load_engine
+
+    prompts, ar, _ = reference
+    target = load_engine(TINY / "target", "cpu", "float32", "auto", 4, None)
+    pool = DrafterPool([Drafter(load_engine(TINY / "draft", "cpu", "float32", "auto", 2, None)) for _ in range(2)])
+    batch = SpecBatch(target, pool, stop_ids={0})
+    sampling = SamplingParams(max_tokens=24, ignore_eos=True)
+    for spec in SPECS[1:]:
+        assert [d.token_ids for d in run_batch(batch, prompts, sampling, spec)] == [d.token_ids for d in ar], spec
+    assert pool.free_slots == 4 and not pool._of
+    assert batch.free_slots == 4
+    batch.add("a", prompts[0], sampling, SPECS[1])
+    batch.add("b", prompts[1], sampling, SPECS[1])
+    assert [d.free_slots for d in pool.drafters] == [1, 1]  # one request on each drafter

@@ -560,3 +560,18 @@ def test_bad_args_name_the_field():
         build_app({"lanes": 2})
     with pytest.raises(TandemError, match=r"colocate_drafter.*leave lane.drafter_gpus"):
         build_app({"lane": {"colocate_drafter": True, "drafter_gpus": 0.5}})
+    with pytest.raises(TandemError, match=r"num_drafters must be 1"):
+        build_app({"lane": {"colocate_drafter": True, "num_drafters": 2}})
+
+
+def test_lane_bundles_hold_the_verifier_ranks_then_the_drafters():
+    from cluster.config import AppConfig
+    from cluster.topology import lane_bundles, lane_spec
+
+    gpu = {"tensor_parallel_size": 2, "verifier_gpus": 1, "drafter_gpus": 1, "num_drafters": 2,
+           "drafter_resources": {"small_gpu": 1}}
+    cfg = AppConfig(lane=gpu)
+    assert lane_bundles(cfg) == [{"CPU": 1.0, "GPU": 1}] * 2 + [{"CPU": 0.5, "small_gpu": 1, "GPU": 1}] * 2
+    assert list(lane_spec(cfg).drafter_ranks) == [2, 3] and lane_spec(cfg).world == 4
+    colocated = AppConfig(lane={"colocate_drafter": True, "verifier_gpus": 1})
+    assert lane_bundles(colocated) == [{"CPU": 1.0, "GPU": 1}] and lane_spec(colocated).world == 1

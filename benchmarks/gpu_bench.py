@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import platform
 import shlex
@@ -382,6 +383,30 @@ def agreement(outs: list[list[int]], ref: list[list[int]]) -> dict:
             "mean_prefix_fraction": statistics.mean(prefix(a, r) for a, r in zip(outs, ref))}
 
 
+def divergence_margins(b: Bench, prompts, outs: list[list[int]], ref: list[list[int]], limit: int = 4) -> list[dict]:
+    """Where a T=0 row first left tandem AR's tokens: the target's two top logits after the common
+    prefix, scored in one forward. A bf16 near-tie is a gap of a few bf16 steps at the logit's
+    magnitude with the two tokens the top two; a bug shows as a large gap or another token."""
+    eng, found = b.pair.target, []
+    for p, a, r in zip(prompts, outs, ref):
+        j = next((i for i, (x, y) in enumerate(zip(a, r)) if x != y), None)
+        if j is None:
+            continue
+        slot = eng.allocate()
+        try:
+            with torch.inference_mode():
+                logits = eng.forward([slot], [list(p) + r[:j]], [1])[-1].float()
+        finally:
+            eng.release(slot)
+        (v1, v2), (t1, t2) = (x.tolist() for x in torch.topk(logits, 2))
+        step = 2.0 ** (math.floor(math.log2(abs(v1))) - 7) if v1 else 0.0  # bf16: 8 significant bits
+        found.append({"position": j, "gap": v1 - v2, "bf16_step": step, "top2": [t1, t2],
+                      "tokens_are_top2": {a[j], r[j]} == {t1, t2}})
+        if len(found) == limit:
+            break
+    return found
+
+
 def estimate_s(rows: list[dict], row: Row) -> float:
     """What a row will likely take: the section's AR row of the same engine, if any."""
     ref = "hf generate" if row.is_hf else AR
@@ -418,7 +443,7 @@ def run_rows(b: Bench, section: str, rows: list[Row], prompts, temperature: floa
         ar = next((r for r in done_rows if r["name"] == AR), None)
         rec["speedup_vs_ar"] = rec["tokens_per_s"] / ar["tokens_per_s"] if ar else None
         if temperature == 0:
-            add_agreement(b, rec, outputs)
+            add_agreement(b, rec, outputs, prompts)
         done_rows.append(rec)
         b.report.add_row(section, rec)
 
@@ -429,18 +454,25 @@ def spec_fields(row: Row) -> dict:
     return {"mode": row.spec.mode, "max_draft": row.spec.max_draft, "adaedl": row.spec.adaedl}
 
 
-def add_agreement(b: Bench, rec: dict, outputs: dict) -> None:
-    """T=0: tandem rows must equal tandem AR (lossless); HF rows are compared with it too."""
+def add_agreement(b: Bench, rec: dict, outputs: dict, prompts) -> None:
+    """T=0: tandem rows must equal tandem AR (lossless); HF rows are compared with it too.
+    Where a tandem row differs, the target's logit gap at each first difference tells a bf16
+    near-tie from a bug (divergence_margins)."""
     ar, outs = outputs.get(AR), outputs[rec["name"]]
     if ar is None:
         return
     if rec["engine"] == "tandem":
         rec["lossless"] = agreement(outs, ar)
         if rec["lossless"]["exact_fraction"] < 1.0:
+            margins = rec["lossless"]["divergences"] = divergence_margins(b, prompts, outs, ar)
+            ties = sum(m["tokens_are_top2"] and m["gap"] <= 4 * m["bf16_step"] for m in margins)
             where = f"n={rec['concurrency']}, " if "concurrency" in rec else ""
+            why = (f"at {ties} of {len(margins)} first differences the two tokens are the target's top two "
+                   f"within 4 bf16 steps (largest gap {max(m['gap'] for m in margins):.3g}): near-ties"
+                   f"{'' if ties == len(margins) else ', or a bug'}") if margins else "only lengths differ"
             b.report.warn(f"{rec['name']} ({where}T=0) differs from tandem AR on "
                           f"{1 - rec['lossless']['exact_fraction']:.0%} of prompts (mean common prefix "
-                          f"{rec['lossless']['mean_prefix_fraction']:.1%}): bf16 near-ties, or a bug")
+                          f"{rec['lossless']['mean_prefix_fraction']:.1%}); {why}")
         return
     rec["agreement_with_tandem_ar"] = agreement(outs, ar)
     if "hf generate" in outputs and rec["name"] != "hf generate":

@@ -115,3 +115,28 @@ def test_exchange_benchmark_times_each_transport(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["transport"] for r in rows] == ["send_object_list", "Channel (4 KiB buffer)", "int64[64] tensor"]
     assert all(r["round_trip_us"] > 0 for r in rows)
+
+
+def test_divergence_margins_score_the_first_difference():
+    """A row that left AR's tokens at position 3: the target's top two logits there, and whether
+    the two tokens are those (a fabricated token far down the ranking is not)."""
+    from types import SimpleNamespace
+
+    from actors.messages import SamplingParams, SpecParams
+    from actors.offline import generate
+    from actors.pair import load_pair
+
+    gpu_bench = load_script("gpu_bench")
+    pair = load_pair(TINY / "target", TINY / "draft", max_slots=2)
+    prompt = pair.tokenizer.encode("def main():\n", add_special_tokens=False)
+    ref = generate(pair, [prompt], SamplingParams(max_tokens=8, ignore_eos=True), SpecParams("ar"))[0].token_ids
+    logits = pair.target.forward([pair.target.allocate()], [prompt + ref[:3]], [1])[-1]
+    second = int(torch.topk(logits, 2).indices[1])
+    worst = int(logits.argmin())
+    b = SimpleNamespace(pair=pair)
+    (tie,) = gpu_bench.divergence_margins(b, [prompt], [ref[:3] + [second] + ref[4:]], [ref])
+    assert tie["position"] == 3 and tie["tokens_are_top2"] and tie["gap"] >= 0 and tie["bf16_step"] > 0
+    (bug,) = gpu_bench.divergence_margins(b, [prompt], [ref[:3] + [worst] + ref[4:]], [ref])
+    assert not bug["tokens_are_top2"]
+    assert gpu_bench.divergence_margins(b, [prompt], [ref], [ref]) == []
+    assert pair.target.free_slots == 1  # the scoring slot came back (the test's own slot stays)

@@ -34,8 +34,10 @@ import ray
 import torch
 from ray import serve
 
+from tandem.zoo import heldout_prompts
+
 REPO = Path(__file__).resolve().parent.parent
-PROMPTS = ["def _parse_header(line):\n", "import os\n\n\ndef walk(root):\n", "class Queue:\n    def put(self, item):\n",
+SHORT_PROMPTS = ["def _parse_header(line):\n", "import os\n\n\ndef walk(root):\n", "class Queue:\n    def put(self, item):\n",
            "    for key, value in sorted(items):\n", "def main(argv=None):\n    parser = argparse.ArgumentParser(",
            "if __name__ == '__main__':\n", "    return {k: v for k, v in", "class Error(Exception):\n"]
 
@@ -60,8 +62,8 @@ def in_process(args) -> tuple[list[list[int]], list[dict]]:
 
     if args.device == "cpu":  # what Ray sets OMP_NUM_THREADS to in the replica (ray._private.utils)
         torch.set_num_threads(max(1, math.floor(args.verifier_cpus)))
-    pair = load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, max_slots=len(PROMPTS))
-    prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    pair = load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, max_slots=len(args.texts))
+    prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in args.texts]
     # Prompt i samples with seed i on both paths (T > 0), so the two may be compared token by token.
     sampling = [SamplingParams(args.max_tokens, args.temperature, seed=i, ignore_eos=True) for i in range(len(prompts))]
     ref = [d.token_ids for d in generate(pair, prompts, sampling, SpecParams("ar"))]
@@ -69,12 +71,12 @@ def in_process(args) -> tuple[list[list[int]], list[dict]]:
     for text in args.modes.split(","):
         mode, adaedl = parse_mode(text)
         spec = SpecParams(mode, args.max_draft, adaedl=adaedl)
-        for conc in (1, len(PROMPTS)):
-            for i in range(0, len(PROMPTS), conc):  # warm: every graph these batches need is captured
+        for conc in (1, len(args.texts)):
+            for i in range(0, len(args.texts), conc):  # warm: every graph these batches need is captured
                 generate(pair, prompts[i : i + conc], sampling[i : i + conc], spec, overlap=mode == "pearl")
             _sync()
             start, outputs = time.perf_counter(), []
-            for i in range(0, len(PROMPTS), conc):  # the same batches the cluster sees
+            for i in range(0, len(args.texts), conc):  # the same batches the cluster sees
                 done = generate(pair, prompts[i : i + conc], sampling[i : i + conc], spec, overlap=mode == "pearl")
                 outputs += [d.token_ids for d in done]
             _sync()
@@ -106,15 +108,15 @@ def run_mode(client, lane, text: str, concurrency: int, args) -> dict:
     mode, adaedl = parse_mode(text)
 
     def one(i):
-        return client.complete(PROMPTS[i], max_tokens=args.max_tokens, mode=mode, max_draft=args.max_draft,
+        return client.complete(args.texts[i], max_tokens=args.max_tokens, mode=mode, max_draft=args.max_draft,
                                adaedl=adaedl, ignore_eos=True, temperature=args.temperature, seed=i)
 
     with ThreadPoolExecutor(concurrency) as pool:  # warm: the graphs of this mode's shapes
-        list(pool.map(one, range(len(PROMPTS))))
+        list(pool.map(one, range(len(args.texts))))
     lane.reset_timing.remote().result()
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        outs = list(pool.map(one, range(len(PROMPTS))))
+        outs = list(pool.map(one, range(len(args.texts))))
     elapsed = time.perf_counter() - start
     load = lane.load.remote().result()
     tokens = sum(len(o.token_ids) for o in outs)
@@ -145,9 +147,14 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="> 0: prompt i samples with seed i on both paths")
     ap.add_argument("--max-draft", type=int, default=4)
     ap.add_argument("--modes", default="ar,sd,pearl", help="comma-separated; '+adaedl' turns AdaEDL on")
+    ap.add_argument("--prompts", choices=["heldout", "short"], default="heldout",
+                    help="heldout: gpu_bench's batch-1 held-out code prompts (the same 8, tandem.zoo.heldout_prompts); "
+                    "short: 8 one-line openings")
     ap.add_argument("--out", default="cluster_gpu.json")
     ap.add_argument("--best-from", help="a gpu_bench.json: run AR and its fastest batch-1 tandem mode at --temperature")
     args = ap.parse_args()
+    # gpu_bench draws its code prompts as heldout_prompts(max(8, 64), seed=1) and runs the first 8 at batch 1
+    args.texts = heldout_prompts(64, seed=1)[:8] if args.prompts == "heldout" else SHORT_PROMPTS
     if args.best_from:
         args.modes, args.max_draft = best_mode(args.best_from, args.temperature)
         print(f"modes {args.modes}, max_draft {args.max_draft} (from {args.best_from})", flush=True)
@@ -160,7 +167,7 @@ def main() -> None:
     from tandem.client import TandemClient
 
     lane_cfg = {"tensor_parallel_size": args.tp, "device": args.device, "verifier_gpus": args.verifier_gpus,
-                "max_batch_size": len(PROMPTS), "verifier_cpus": args.verifier_cpus}
+                "max_batch_size": len(args.texts), "verifier_cpus": args.verifier_cpus}
     lane_cfg.update({"colocate_drafter": True} if args.colocate_drafter else
                     {"drafter_gpus": args.drafter_gpus, "num_drafters": args.num_drafters})
     if args.stream_batching_interval_ms is not None:
@@ -173,7 +180,7 @@ def main() -> None:
     client = TandemClient(f"127.0.0.1:{grpc_port}")
     rows = []
     for text in args.modes.split(","):
-        for conc in (1, len(PROMPTS)):
+        for conc in (1, len(args.texts)):
             r = run_mode(client, lane, text, conc, args)
             outputs = r.pop("outputs")
             # ref: AR, all prompts as one batch; sampled modes follow the target's distribution, not its tokens

@@ -125,6 +125,19 @@ class GraphRunner:
                                     self._capture_draft(key)
         return len(self.graphs)
 
+    def capture_at_start(self, max_draft: int, draft: bool) -> int:
+        """Every graph a lane can ask for up to windows of max_draft, captured now (as vLLM does at
+        start-up) instead of inside the step that first needs it: forwards of every bucket
+        (decode, verify, short prefills) and, for a drafter, its multi-step windows of
+        1..max(max_draft, LONG_PIECE) steps, greedy and sampled. Returns how many graphs the
+        engine holds."""
+        from actors.drafter import LONG_PIECE
+
+        self.warmup()
+        if draft:
+            self.warmup_drafts(self.batch_buckets, list(range(1, max(max_draft, LONG_PIECE) + 1)), sampled=(False, True))
+        return len(self.graphs)
+
     def _spans(self, spans) -> list[int]:
         spans = spans or [s for s in (MIN_SPAN << i for i in range(16)) if s < self.engine.max_context]
         return list(spans) + [self.engine.max_context]

@@ -44,6 +44,8 @@ class LaneSpec:
     adaedl_cost_ratio: float | None = None
     colocate_drafter: bool = False
     num_drafters: int = 1  # drafter processes (colocated: none, the leader drafts)
+    graphs_at_start: bool = False  # capture every CUDA graph before serving (GraphRunner.capture_at_start)
+    max_draft: int = 8  # the longest window those graphs cover
 
     @property
     def world(self) -> int:
@@ -90,7 +92,15 @@ def _adaedl(spec: LaneSpec) -> AdaEDLConfig:
 
 
 def _draft_engine(spec: LaneSpec):
-    return load_engine(spec.draft, spec.device, spec.dtype, spec.engine, spec.max_slots, spec.max_context)
+    engine = load_engine(spec.draft, spec.device, spec.dtype, spec.engine, spec.max_slots, spec.max_context)
+    _capture_graphs(spec, engine, draft=True)
+    return engine
+
+
+def _capture_graphs(spec: LaneSpec, engine, draft: bool) -> None:
+    graphs = getattr(engine, "graphs", None)  # native engine on CUDA at TP 1 only
+    if spec.graphs_at_start and graphs is not None and graphs.capture:
+        graphs.capture_at_start(spec.max_draft, draft)
 
 
 def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatch:
@@ -99,6 +109,7 @@ def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatc
     group, exchanges = join(spec, 0, init_method)
     engine = _target_engine(spec, 0, group)
     warm_kernels(engine.vocab_size, engine.device)  # Triton compiles now, not in a request's step
+    _capture_graphs(spec, engine, draft=False)
     target = TPLeader(engine, group, src=0) if group is not None else engine
     if spec.colocate_drafter:
         return SpecBatch(target, ThreadedDrafter(_draft_engine(spec), _adaedl(spec)), stop_ids)

@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--verifier-gpus", type=float, default=1)
     ap.add_argument("--drafter-gpus", type=float, default=1)
     ap.add_argument("--verifier-cpus", type=float, default=1.0)
+    ap.add_argument("--graphs-at-start", action="store_true", help="lane.cuda_graphs_at_start: every CUDA graph "
+                    "captured before the lane serves")
     ap.add_argument("--num-drafters", type=int, default=1, help="lane.num_drafters: drafter processes, "
                     "each with --drafter-gpus")
     ap.add_argument("--colocate-drafter", action="store_true", help="lane.colocate_drafter: the drafter in the "
@@ -167,13 +169,15 @@ def main() -> None:
     from tandem.client import TandemClient
 
     lane_cfg = {"tensor_parallel_size": args.tp, "device": args.device, "verifier_gpus": args.verifier_gpus,
-                "max_batch_size": len(args.texts), "verifier_cpus": args.verifier_cpus}
+                "max_batch_size": len(args.texts), "verifier_cpus": args.verifier_cpus,
+                "cuda_graphs_at_start": args.graphs_at_start}
     lane_cfg.update({"colocate_drafter": True} if args.colocate_drafter else
                     {"drafter_gpus": args.drafter_gpus, "num_drafters": args.num_drafters})
     if args.stream_batching_interval_ms is not None:
         lane_cfg["stream_batching_interval_ms"] = args.stream_batching_interval_ms
     t0 = time.perf_counter()
-    serve.run(build_app({"model": {"target": args.target, "draft": args.draft, "dtype": args.dtype}, "lane": lane_cfg}),
+    serve.run(build_app({"model": {"target": args.target, "draft": args.draft, "dtype": args.dtype}, "lane": lane_cfg,
+                        "speculation": {"max_draft": args.max_draft}}),
               name="tandem", route_prefix="/")
     print(f"cluster up in {time.perf_counter() - t0:.1f} s", flush=True)
     lane = serve.get_deployment_handle("Lane", app_name="tandem")

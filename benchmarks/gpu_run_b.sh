@@ -1,7 +1,7 @@
-# GPU call B (~9.5 min, right after gpu_run_a.sh, carry .devcarry): concurrency at T=0 and T=1, natural
+# GPU call B (~9 min, right after gpu_run_a.sh, carry .devcarry): concurrency at T=0 and T=1, natural
 # language, fp32 equality, then the cluster path (Ray Serve, gRPC, a lane with the drafter colocated in
-# the replica, the one-GPU layout) for the best batch-1 mode at T=0 and at T=1, and the best T=0 mode
-# with the drafter in its own process on the same GPU (0.5 + 0.5).
+# the replica, the one-GPU layout, every CUDA graph captured at start) for the best batch-1 mode at
+# T=0 and at T=1, on gpu_bench's held-out prompts.
 set -o pipefail; export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 B=/tmp/bench
 [ -f $B/draft/config.json ] || ZOO_MIN=4 bash benchmarks/gpu_run_a.sh   # the machine went cold: start over, shorter
@@ -11,8 +11,7 @@ python benchmarks/gpu_bench.py --target $B/target --draft $B/draft --device cuda
 cp $B/gpu_bench.json $OUT/gpu_bench.json
 grep -v "^\[" $OUT/bench_b.log | tail -44 | cut -c1-170
 for f in .devcarry/ray-*.tar.xz; do tar -C /tmp -xJf $f; done; export PYTHONPATH=/tmp/raypack:$PWD
-CL="python benchmarks/cluster_gpu.py --target $B/target --draft $B/draft --dtype bfloat16 --max-tokens 128 --best-from $B/gpu_bench.json"
-timeout 130 $CL --verifier-gpus 1 --colocate-drafter --out $OUT/cluster_colocated_t0.json > $OUT/cluster_t0.log 2>&1
-timeout 130 $CL --verifier-gpus 1 --colocate-drafter --temperature 1 --out $OUT/cluster_colocated_t1.json > $OUT/cluster_t1.log 2>&1
-timeout $((585 - SECONDS)) $CL --verifier-gpus 0.5 --drafter-gpus 0.5 --out $OUT/cluster_remote_t0.json > $OUT/cluster_remote.log 2>&1
-for f in cluster_t0 cluster_t1 cluster_remote; do grep -v "INFO\|WARN\|pid=" $OUT/$f.log | grep -A5 "^mode"; done
+CL="python benchmarks/cluster_gpu.py --target $B/target --draft $B/draft --dtype bfloat16 --max-tokens 128 --best-from $B/gpu_bench.json --graphs-at-start"
+timeout 170 $CL --verifier-gpus 1 --colocate-drafter --out $OUT/cluster_colocated_t0.json > $OUT/cluster_t0.log 2>&1
+timeout $((585 - SECONDS)) $CL --verifier-gpus 1 --colocate-drafter --temperature 1 --out $OUT/cluster_colocated_t1.json > $OUT/cluster_t1.log 2>&1
+for f in cluster_t0 cluster_t1; do grep -v "INFO\|WARN\|pid=" $OUT/$f.log | grep -A5 "^mode"; done

@@ -48,6 +48,11 @@ class LaneConfig(_Strict):
     num_drafters: int = Field(1, ge=1, le=8, description="drafter processes per lane, each in its own bundle "
                               "(drafter_gpus / drafter_resources each); a request drafts on one of them, so "
                               "several draft a step's batch in parallel")
+    cuda_graphs_at_start: bool = Field(False, description="capture every CUDA graph the lane can ask for (all batch "
+                                       "buckets up to max_batch_size, verify and draft windows up to "
+                                       "speculation.max_draft) before it serves, as vLLM does, instead of when a shape "
+                                       "is first used: no request waits for a capture, start-up takes longer and the "
+                                       "graphs' memory is taken at once (native engine, tensor_parallel_size 1)")
     colocate_drafter: bool = Field(False, description="run the drafter inside verifier rank 0's process, on its "
                                    "device (one-GPU lanes: no per-step exchange; PEARL overlaps on a second CUDA "
                                    "stream). The lane then has no drafter bundle: leave drafter_gpus and "

@@ -170,3 +170,23 @@ def test_captured_draft_graphs_equal_the_token_loop_on_gpu(dtype):
             assert [c.ids for c in a] == [c.ids for c in b_], rnd
         seqs = [s + c.ids + [9] for s, c in zip(seqs, b_)]
     assert any(type(k).__name__ == "DraftShape" for k in fused.engine.graphs.graphs)
+
+
+def test_capture_at_start_covers_every_bucket_a_lane_can_ask_for():
+    """lane.cuda_graphs_at_start: a verifier's runner holds every forward bucket; a drafter's also
+    every window of 1..max(max_draft, LONG_PIECE) steps, greedy and sampled, for every batch
+    bucket and first length (off CUDA the entries exist without a capture)."""
+    from actors.draft_steps import DraftShape
+    from actors.llama import Shape
+
+    model = random_llama(6, hidden=32, layers=1, vocab=40, tied=False, init=0.3)
+    verifier = LlamaEngine(model, max_slots=4, max_context=200, cuda_graphs=True).graphs
+    n = verifier.capture_at_start(max_draft=5, draft=False)
+    assert n == len(verifier.batch_buckets) * len(verifier.query_buckets) * len(verifier._spans(None))
+    assert not any(isinstance(k, DraftShape) for k in verifier.graphs)
+    drafter = LlamaEngine(model, max_slots=4, max_context=200, cuda_graphs=True).graphs
+    drafter.capture_at_start(max_draft=5, draft=True)
+    windows = {(k.first.batch, k.first.query, k.steps, k.sampled) for k in drafter.graphs if isinstance(k, DraftShape)}
+    assert {(b, q, n, s) for b in (1, 2, 4) for q in (1, 2, 4) for n in range(1, LONG_PIECE + 1)
+            for s in (False, True)} <= windows
+    assert Shape(4, 32, 200) in drafter.graphs  # a forward bucket too (prefill tails)

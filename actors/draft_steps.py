@@ -120,7 +120,8 @@ def draft_window(
     fresh = [seq[s:] for seq, s in zip(seqs, starts)]
     total = max(steps)
     span = max(s + len(t) + n - 1 for s, t, n in zip(starts, fresh, steps))
-    shape = Shape(max(len(slots), min_batch), max(len(t) for t in fresh), span)
+    rows = max(len(slots), min_batch) if eng.graphs is not None else len(slots)  # padding buys only a graph
+    shape = Shape(rows, max(len(t) for t in fresh), span)
     bucket = eng.graphs.bucket(shape) if eng.graphs is not None else None
     batch = DraftBatch.build(slots, starts, fresh, steps, sample, bucket or shape, eng.scratch)
     temps = torch.zeros(batch.shape.batch)

@@ -58,7 +58,9 @@ class PoolFuture:
 
     def __init__(self, futures: list[tuple[list[int], object]], n: int) -> None:
         self._futures, self._n = futures, n
-        self.concurrent = all(f.concurrent for _, f in futures)
+        # Concurrent if any drafter drafts beside the verify (one whose requests have nothing to
+        # draft returns a finished, non-concurrent future).
+        self.concurrent = any(f.concurrent for _, f in futures)
         self.seconds = 0.0
 
     def result(self) -> list[DraftChunk]:

@@ -52,6 +52,11 @@ class LaneSpec:
         return self.tp + len(self.drafter_ranks)
 
     @property
+    def draft_slots(self) -> int:
+        """KV slots per drafter: the lane's slots shared out (a request drafts on one drafter)."""
+        return -(-self.max_slots // max(1, len(self.drafter_ranks)))
+
+    @property
     def drafter_ranks(self) -> range:
         return range(self.tp, self.tp + (0 if self.colocate_drafter else self.num_drafters))
 
@@ -92,7 +97,7 @@ def _adaedl(spec: LaneSpec) -> AdaEDLConfig:
 
 
 def _draft_engine(spec: LaneSpec):
-    engine = load_engine(spec.draft, spec.device, spec.dtype, spec.engine, spec.max_slots, spec.max_context)
+    engine = load_engine(spec.draft, spec.device, spec.dtype, spec.engine, spec.draft_slots, spec.max_context)
     _capture_graphs(spec, engine, draft=True)
     return engine
 
@@ -117,7 +122,7 @@ def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatc
     for d, exchange in exchanges.items():
         box = [None]
         dist.recv_object_list(box, src=d, group=exchange)  # the drafter's context length
-        drafters.append(RemoteDrafter(d, box[0], spec.max_slots, exchange))
+        drafters.append(RemoteDrafter(d, box[0], spec.draft_slots, exchange))
     return SpecBatch(target, drafters[0] if len(drafters) == 1 else DrafterPool(drafters), stop_ids)
 
 

@@ -152,11 +152,14 @@ def main() -> None:
     ap.add_argument("--prompts", choices=["heldout", "short"], default="heldout",
                     help="heldout: gpu_bench's batch-1 held-out code prompts (the same 8, tandem.zoo.heldout_prompts); "
                     "short: 8 one-line openings")
+    ap.add_argument("--heldout-pool", type=int, default=64, help="gpu_bench's prompt pool, max(--prompts, "
+                    "max(--concurrency)): heldout_prompts(pool, seed=1)[:8] are its batch-1 prompts")
     ap.add_argument("--out", default="cluster_gpu.json")
     ap.add_argument("--best-from", help="a gpu_bench.json: run AR and its fastest batch-1 tandem mode at --temperature")
     args = ap.parse_args()
-    # gpu_bench draws its code prompts as heldout_prompts(max(8, 64), seed=1) and runs the first 8 at batch 1
-    args.texts = heldout_prompts(64, seed=1)[:8] if args.prompts == "heldout" else SHORT_PROMPTS
+    if args.colocate_drafter and args.num_drafters > 1:
+        ap.error("--colocate-drafter runs one drafter in the lane replica: leave --num-drafters at 1")
+    args.texts = heldout_prompts(args.heldout_pool, seed=1)[:8] if args.prompts == "heldout" else SHORT_PROMPTS
     if args.best_from:
         args.modes, args.max_draft = best_mode(args.best_from, args.temperature)
         print(f"modes {args.modes}, max_draft {args.max_draft} (from {args.best_from})", flush=True)

@@ -386,8 +386,12 @@ def agreement(outs: list[list[int]], ref: list[list[int]]) -> dict:
 def divergence_margins(b: Bench, prompts, outs: list[list[int]], ref: list[list[int]], limit: int = 4) -> list[dict]:
     """Where a T=0 row first left tandem AR's tokens: the target's two top logits after the common
     prefix, scored in one forward. A bf16 near-tie is a gap of a few bf16 steps at the logit's
-    magnitude with the two tokens the top two; a bug shows as a large gap or another token."""
+    magnitude with the two tokens the top two; a bug shows as a large gap or another token.
+    The step is that of the weights' dtype (bf16: 8 significant bits, fp32: 24)."""
     eng, found = b.pair.target, []
+    model = getattr(eng, "model", None)
+    dtype = next(model.parameters()).dtype if model is not None else torch.bfloat16
+    bits = {torch.float32: 24, torch.float16: 11}.get(dtype, 8)
     for p, a, r in zip(prompts, outs, ref):
         j = next((i for i, (x, y) in enumerate(zip(a, r)) if x != y), None)
         if j is None:
@@ -399,8 +403,8 @@ def divergence_margins(b: Bench, prompts, outs: list[list[int]], ref: list[list[
         finally:
             eng.release(slot)
         (v1, v2), (t1, t2) = (x.tolist() for x in torch.topk(logits, 2))
-        step = 2.0 ** (math.floor(math.log2(abs(v1))) - 7) if v1 else 0.0  # bf16: 8 significant bits
-        found.append({"position": j, "gap": v1 - v2, "bf16_step": step, "top2": [t1, t2],
+        step = 2.0 ** (math.floor(math.log2(abs(v1))) - (bits - 1)) if v1 else 0.0
+        found.append({"position": j, "gap": v1 - v2, "dtype_step": step, "top2": [t1, t2],
                       "tokens_are_top2": {a[j], r[j]} == {t1, t2}})
         if len(found) == limit:
             break
@@ -465,10 +469,10 @@ def add_agreement(b: Bench, rec: dict, outputs: dict, prompts) -> None:
         rec["lossless"] = agreement(outs, ar)
         if rec["lossless"]["exact_fraction"] < 1.0:
             margins = rec["lossless"]["divergences"] = divergence_margins(b, prompts, outs, ar)
-            ties = sum(m["tokens_are_top2"] and m["gap"] <= 4 * m["bf16_step"] for m in margins)
+            ties = sum(m["tokens_are_top2"] and m["gap"] <= 4 * m["dtype_step"] for m in margins)
             where = f"n={rec['concurrency']}, " if "concurrency" in rec else ""
             why = (f"at {ties} of {len(margins)} first differences the two tokens are the target's top two "
-                   f"within 4 bf16 steps (largest gap {max(m['gap'] for m in margins):.3g}): near-ties"
+                   f"within 4 steps of its dtype (largest gap {max(m['gap'] for m in margins):.3g}): near-ties"
                    f"{'' if ties == len(margins) else ', or a bug'}") if margins else "only lengths differ"
             b.report.warn(f"{rec['name']} ({where}T=0) differs from tandem AR on "
                           f"{1 - rec['lossless']['exact_fraction']:.0%} of prompts (mean common prefix "
@@ -528,7 +532,9 @@ def concurrency(b: Bench) -> None:
     # those buckets: `captured_in_timed_run`).
     from actors.graphs import BATCH_BUCKETS
 
-    sizes = [s for s in BATCH_BUCKETS if 1 < s <= max(b.args.concurrency)]
+    runner = graphs_of(b.pair.target)
+    buckets = runner.batch_buckets if runner is not None else BATCH_BUCKETS  # the engine's own (its top one may be odd)
+    sizes = [s for s in buckets if 1 < s <= max(b.args.concurrency)]
     seconds = warm_graphs(b, sizes, steps, sampled=tuple({t > 0 for t in temperatures}))
     b.report.data.setdefault("concurrency", {"rows": []})["graph_warmup_s"] = seconds
     for t in temperatures:

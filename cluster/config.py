@@ -48,11 +48,14 @@ class LaneConfig(_Strict):
     num_drafters: int = Field(1, ge=1, le=8, description="drafter processes per lane, each in its own bundle "
                               "(drafter_gpus / drafter_resources each); a request drafts on one of them, so "
                               "several draft a step's batch in parallel")
-    cuda_graphs_at_start: bool = Field(False, description="capture every CUDA graph the lane can ask for (all batch "
-                                       "buckets up to max_batch_size, verify and draft windows up to "
-                                       "speculation.max_draft) before it serves, as vLLM does, instead of when a shape "
-                                       "is first used: no request waits for a capture, start-up takes longer and the "
-                                       "graphs' memory is taken at once (native engine, tensor_parallel_size 1)")
+    cuda_graphs_at_start: bool = Field(False, description="capture the CUDA graphs of every batch bucket up to "
+                                       "max_batch_size (forwards; draft windows up to max(speculation.max_draft, 8) "
+                                       "steps) before the lane serves, as vLLM does, instead of when a shape is first "
+                                       "used; a request asking for a longer window still captures its own. Start-up "
+                                       "takes longer and the memory is taken at once: each sampled draft window keeps "
+                                       "[batch, steps, vocab] fp32 buffers per attention-span bucket, GBs for a 128k "
+                                       "vocabulary at large batch or context. Native engine only; the verifier has no "
+                                       "graphs at tensor_parallel_size > 1 (its drafters still capture theirs)")
     colocate_drafter: bool = Field(False, description="run the drafter inside verifier rank 0's process, on its "
                                    "device (one-GPU lanes: no per-step exchange; PEARL overlaps on a second CUDA "
                                    "stream). The lane then has no drafter bundle: leave drafter_gpus and "

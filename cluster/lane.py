@@ -63,7 +63,7 @@ class Lane:
                 "torch_threads": torch.get_num_threads()}
 
     async def topology(self) -> dict:
-        """Node of this replica (verifier rank 0) and of each worker (ranks 1..T, the drafter last)."""
+        """Node of this replica (verifier rank 0) and of each worker (ranks 1..T-1, then the drafters)."""
         import ray
 
         actors = [w for w in self.workers if isinstance(w, ray.actor.ActorHandle)]

@@ -573,6 +573,7 @@ def test_lane_bundles_hold_the_verifier_ranks_then_the_drafters():
     cfg = AppConfig(lane=gpu)
     assert lane_bundles(cfg) == [{"CPU": 1.0, "GPU": 1}] * 2 + [{"CPU": 0.5, "small_gpu": 1, "GPU": 1}] * 2
     assert list(lane_spec(cfg).drafter_ranks) == [2, 3] and lane_spec(cfg).world == 4
+    assert lane_spec(cfg).draft_slots == 4  # the lane's 8 slots shared by two drafters
     spec = lane_spec(AppConfig(lane={"cuda_graphs_at_start": True}, speculation={"max_draft": 12}))
     assert spec.graphs_at_start and spec.max_draft == 12
     colocated = AppConfig(lane={"colocate_drafter": True, "verifier_gpus": 1})

@@ -268,6 +268,6 @@ def test_warm_kernels_launches_every_specialization_and_nothing_where_torch_runs
     from kernels.warmup import warm_kernels
 
     assert warm_kernels(64, "cpu", max_draft=3, use_triton=False) == 0
-    assert warm_kernels(64, DEVICE, max_draft=3, use_triton=True) == 1 + 4 * 2  # entropy + k = 0..3, q or not
-    assert warm_kernels(64, DEVICE, max_draft=3, rejection=False, use_triton=True) == 1
+    assert warm_kernels(64, DEVICE, max_draft=3, use_triton=True) == 3 + 4 * 2  # entropy per dtype + k = 0..3, q or not
+    assert warm_kernels(64, DEVICE, max_draft=3, rejection=False, use_triton=True) == 3
 

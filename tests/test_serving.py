@@ -272,25 +272,16 @@ def test_cancel_frees_the_lane_slot(server, offline):
 
 
 def test_grpc_client_disconnect_leaves_nothing_running(server):
-    """Seen about once in four runs of this module on 2 cores: the disconnected request ran to
-    its end (1000 steps, ~4 s), as if the cancellation never reached the router's generator
-    (not diagnosed: a race in Serve's proxy of the kind Ray's PR #42665 describes, or the
-    router's generator closed only by the garbage collector). The lane's request timeout
-    still ends such a request. A second disconnect may show that the path works: a broken
-    path fails both."""
-    cut_short = []
-    for attempt in range(2):
-        steps = lane_steps()
-        with server.client() as c:
-            stream = c.generate("def main():\n", **LONG)
-            next(stream)
-            assert running(server) == 1
-            stream.close()  # the SDK cancels the call
-        wait_until(lambda: running(server) == 0, GONE_S + 10, "the disconnected gRPC request to leave the lane")
-        cut_short.append(lane_steps() - steps < LONG["max_tokens"] // 2)
-        if cut_short[-1]:
-            break
-    assert cut_short[-1], f"a disconnect never ended the lane's work early ({cut_short})"
+    """The router ends a request's lane work two ways (Router._end_on_lane): cancelling the
+    streaming call alone was lost about once in four runs of this module on 2 cores."""
+    steps = lane_steps()
+    with server.client() as c:
+        stream = c.generate("def main():\n", **LONG)
+        next(stream)
+        assert running(server) == 1
+        stream.close()  # the SDK cancels the call
+    wait_until(lambda: running(server) == 0, GONE_S, "the disconnected gRPC request to leave the lane")
+    assert_cut_short(steps)
 
 
 def test_grpc_bad_input_is_invalid_argument(server):

@@ -191,7 +191,7 @@ class Router(OpenAIRoutes):
                     raise
             except BaseException:  # e.g. the client went away before the first token
                 self.inflight.pop(req.rid, None)
-                gen.cancel()
+                self._end_on_lane(req.rid, gen)
                 raise
         raise AssertionError("unreachable")
 

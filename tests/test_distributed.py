@@ -134,3 +134,22 @@ def test_drafter_pool_splits_requests_and_frees_every_slot(reference):
     batch.add("a", prompts[0], sampling, SPECS[1])
     batch.add("b", prompts[1], sampling, SPECS[1])
     assert [d.free_slots for d in pool.drafters] == [1, 1]  # one request on each drafter
+
+
+def test_pool_future_puts_chunks_back_in_batch_order():
+    """Each drafter's chunks land at its requests' rows; the slowest drafter's time counts, and
+    the step overlapped if any drafter drafted beside the verify."""
+    from actors.drafter import DraftFuture
+    from actors.drafter_pool import PoolFuture
+    from actors.messages import DraftChunk
+
+    class Beside(DraftFuture):
+        concurrent = True
+
+    chunks = [DraftChunk([b], None) for b in range(4)]
+    future = PoolFuture([([1, 3], Beside([chunks[1], chunks[3]], 0.002)),
+                         ([0, 2], DraftFuture([chunks[0], chunks[2]], 0.0))], 4)
+    assert future.concurrent
+    assert future.result() == chunks and future.seconds == 0.002
+    assert not PoolFuture([([0], DraftFuture([chunks[0]], 0.0))], 1).concurrent
+

@@ -62,6 +62,29 @@ def test_overlapping_drafter_is_lossless(spec, target_model):
     assert sum(d.stats.accepted for d in done) > 0
 
 
+def test_threaded_drafter_drafts_on_its_thread_only_beside_a_verify():
+    """SD steps (overlap=False) draft inline; PEARL steps on the thread; both give the plain
+    drafter's chunks (the reference)."""
+    from actors.drafter import DraftFuture, Drafter, ThreadedDrafter, ThreadedDraftFuture
+    from actors.messages import DraftItem
+
+    model = random_llama(7, layers=1)
+    plain, threaded = (cls(LlamaEngine(model, max_slots=2)) for cls in (Drafter, ThreadedDrafter))
+    try:
+        for d in (plain, threaded):
+            d.start("r", seed=0)
+        items = [DraftItem("r", 0, [1, 2, 3], 4, SamplingParams(), False)]
+        want = [c.ids for c in plain.submit(items).result()]
+        inline, beside = threaded.submit(items, overlap=False), threaded.submit(items, overlap=True)
+        assert type(inline) is DraftFuture and not inline.concurrent
+        assert isinstance(beside, ThreadedDraftFuture) and beside.concurrent
+        assert [c.ids for c in inline.result()] == [c.ids for c in beside.result()] == want
+        assert isinstance(threaded.submit([DraftItem("r", 0, [1, 2, 3], 0, SamplingParams(), False)],
+                                          overlap=True), DraftFuture)  # nothing to draft: no thread
+    finally:
+        threaded.close()
+
+
 # --------------------------------------------------------------------------- on the GPU
 
 

@@ -141,3 +141,16 @@ def test_divergence_margins_score_the_first_difference():
     assert not bug["tokens_are_top2"]
     assert gpu_bench.divergence_margins(b, [prompt], [ref], [ref]) == []
     assert pair.target.free_slots == 1  # the scoring slot came back (the test's own slot stays)
+
+
+def test_step_profile_times_every_phase_and_row(tmp_path):
+    out = tmp_path / "step_profile.json"
+    rc = load_script("step_profile").main([
+        "--device", "cpu", "--dtype", "float32", "--prompts", "1", "--max-tokens", "4", "--top", "3", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [p["phase"] for p in data["phases"]] == ["fresh", "kernels", "graphs", "gc_frozen"]
+    for phase in data["phases"]:
+        assert [(r["mode"], r["temperature"]) for r in phase["rows"]] == [("ar", 0.0), ("ar", 1.0), ("sd", 1.0)]
+        assert all(r["steps"] > 0 and r["step_ms"] >= r["verify_ms"] > 0 for r in phase["rows"])
+        assert len(phase["ar_t1_top_ops"]) == 3

@@ -117,8 +117,13 @@ class TimingStats:
         self.steps, self.requests = 0, 0
         self.sums = StepTiming()
         self.gap = 0.0  # seconds between the end of one step and the start of the next (lane loop)
+        # The slowest step, its index and batch: a mean hides whether a cost is every step's or
+        # one stall's (a graph capture, a compile, a collector pause).
+        self.slowest, self.slowest_at, self.slowest_batch = StepTiming(), -1, 0
 
     def add(self, t: StepTiming, batch_size: int) -> None:
+        if t.total > self.slowest.total:
+            self.slowest, self.slowest_at, self.slowest_batch = t, self.steps, batch_size
         self.steps += 1
         self.requests += batch_size
         for k, v in t.__dict__.items():
@@ -127,4 +132,7 @@ class TimingStats:
     def as_dict(self) -> dict:
         n = max(self.steps, 1)
         out = {f"{k}_ms": 1000 * v / n for k, v in self.sums.__dict__.items()}
-        return {"steps": self.steps, "mean_batch": self.requests / n, **out, "gap_ms": 1000 * self.gap / n}
+        slowest = {"step": self.slowest_at, "batch": self.slowest_batch,
+                   **{f"{k}_ms": 1000 * v for k, v in self.slowest.__dict__.items()}}
+        return {"steps": self.steps, "mean_batch": self.requests / n, **out, "gap_ms": 1000 * self.gap / n,
+                "slowest": slowest}

@@ -688,7 +688,18 @@ def row_line(r: dict) -> str:
     st = r.get("step_ms")
     st = f"{st['draft_ms']:6.2f} {st['verify_ms']:6.2f} {st['wait_ms']:6.2f} {st['total_ms']:6.2f}" if st else ""
     cap = f"  ({r['captures_in_timed_run']} graphs captured in the timed run)" if r.get("captures_in_timed_run") else ""
-    return f"T={r['temperature']:g} {n}{r['name']:<26} {r['tokens_per_s']:8.1f} {vs} {acc} {same} {st}{cap}"
+    return f"T={r['temperature']:g} {n}{r['name']:<26} {r['tokens_per_s']:8.1f} {vs} {acc} {same} {st}{cap}{stall_note(r)}"
+
+
+def stall_note(r: dict) -> str:
+    """Names a step that took over a tenth of the row's step time by itself: a one-off stall
+    (the sixth lease's SD + AdaEDL at n=64 spent ~290 ms outside drafting and verifying)."""
+    st = r.get("step_ms") or {}
+    slow = st.get("slowest")
+    if not slow or slow["total_ms"] <= 0.1 * st["steps"] * st["total_ms"]:
+        return ""
+    return (f"  (step {slow['step']} at batch {slow['batch']} took {slow['total_ms']:.0f} ms: draft {slow['draft_ms']:.0f}, "
+            f"verify {slow['verify_ms']:.0f}, exchange {slow['exchange_ms']:.0f})")
 
 
 GOALS = {  # issue 4's goals: (what, target ratio)

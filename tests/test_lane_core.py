@@ -43,6 +43,9 @@ def test_sinks_get_offline_tokens_and_the_loop_times_its_gaps():
         core.stop()
     assert [got[str(i)] for i in range(len(PROMPTS))] == ref
     assert timing["steps"] > 0 and timing["gap_ms"] >= 0 and timing["total_ms"] > 0
+    slowest = timing["slowest"]
+    assert 0 <= slowest["step"] < timing["steps"] and slowest["batch"] >= 1
+    assert slowest["total_ms"] >= timing["total_ms"] >= 0 and slowest["total_ms"] >= slowest["verify_ms"]
 
 
 def test_lane_stream_merges_what_piled_up():

@@ -13,6 +13,7 @@ import torch
 
 from actors.drafter import Drafter
 from actors.engine import Engine
+from actors.load_control import Candidate, LoadController, StepObservation
 from actors.messages import Emission, SamplingParams, SpecParams
 from actors.request import RequestState
 from actors.step import StepTiming, speculative_step
@@ -21,13 +22,15 @@ from tandem.errors import TandemError
 
 
 class SpecBatch:
-    def __init__(self, target: Engine, drafter: Drafter, stop_ids: set[int]) -> None:
+    def __init__(self, target: Engine, drafter: Drafter, stop_ids: set[int],
+                 controller: LoadController | None = None) -> None:
         self.verifier = Verifier(target)
         self.drafter = drafter
         self.stop_ids = frozenset(stop_ids)
         self.max_context = min(target.max_context, drafter.max_context)
         self.requests: dict[str, RequestState] = {}
         self.timing = TimingStats()
+        self.controller = controller  # caps draft lengths by load (actors/load_control.py); None: never
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -63,9 +66,32 @@ class SpecBatch:
         if not reqs:
             return []
         rooms = [self._room(r) for r in reqs]
-        gained, timing = speculative_step(reqs, self.drafter, self.verifier, rooms)
+        if self.controller is None:
+            gained, timing = speculative_step(reqs, self.drafter, self.verifier, rooms)
+        else:
+            gained, timing = self._controlled_step(reqs, rooms)
         self.timing.add(timing, len(reqs))
         return [self._emit(r, tokens) for r, tokens in zip(reqs, gained)]
+
+    def _controlled_step(self, reqs: list[RequestState], rooms: list[int]):
+        """The step under the load controller's cap, then what it measured fed back to it."""
+        ctl = self.controller
+        cap = ctl.decide([Candidate(r.rid, min(r.spec.max_draft, room) if r.spec.mode != "ar" else 0, r.spec.adaedl,
+                                    r.spec.mode == "pearl") for r, room in zip(reqs, rooms)])
+        before = []
+        for r in reqs:
+            r.draft_cap = cap if r.spec.mode != "ar" else None
+            before.append((r.stats.drafted, r.stats.checked, r.stats.accepted, r.window < r.spec.max_draft))
+        gained, t = speculative_step(reqs, self.drafter, self.verifier, rooms)
+        drafted = [r.stats.drafted - b[0] for r, b in zip(reqs, before)]
+        rounds = [(r.rid, r.stats.checked - b[1], r.stats.accepted - b[2], d, b[3], r.spec.adaedl)
+                  for r, b, d in zip(reqs, before, drafted)]
+        concurrent = t.total < t.draft + t.verify  # drafting ran beside the verify
+        ctl.observe(StepObservation(
+            batch=len(reqs), verified_tokens=sum(x[1] + 1 for x in rounds), drafting=sum(d > 0 for d in drafted),
+            positions=max(drafted), draft_s=t.draft, rest_s=t.total - (t.wait if concurrent else t.draft),
+            concurrent=concurrent), rounds)
+        return gained, t
 
     def cancel(self, rid: str) -> Emission | None:
         r = self.requests.get(rid)
@@ -107,6 +133,8 @@ class SpecBatch:
         r.clear_pending()
         self.verifier.engine.release(r.target_slot)
         self.drafter.finish(r.rid, r.draft_slot)
+        if self.controller is not None:
+            self.controller.finish(r.rid)
         del self.requests[r.rid]
 
 

@@ -21,6 +21,7 @@ from actors.adaedl import AdaEDLConfig
 from actors.batch import SpecBatch
 from actors.drafter import Drafter, ThreadedDrafter
 from actors.drafter_pool import DrafterPool
+from actors.load_control import LoadController
 from actors.pair import load_engine, load_hf_model
 from actors.remote_drafter import RemoteDrafter, serve_drafter
 from actors.tensor_parallel import TPLeader, follow, shard_llama
@@ -46,6 +47,7 @@ class LaneSpec:
     num_drafters: int = 1  # drafter processes (colocated: none, the leader drafts)
     graphs_at_start: bool = False  # capture every CUDA graph before serving (GraphRunner.capture_at_start)
     max_draft: int = 8  # the longest window those graphs cover
+    load_control: bool = False  # cap draft lengths by the lane's load (actors/load_control.py)
 
     @property
     def world(self) -> int:
@@ -96,6 +98,10 @@ def _adaedl(spec: LaneSpec) -> AdaEDLConfig:
     return AdaEDLConfig(lambda0=spec.adaedl_lambda0, stop=spec.adaedl_stop, cost_ratio=spec.adaedl_cost_ratio)
 
 
+def _controller(spec: LaneSpec) -> LoadController | None:
+    return LoadController() if spec.load_control else None
+
+
 def _draft_engine(spec: LaneSpec):
     engine = load_engine(spec.draft, spec.device, spec.dtype, spec.engine, spec.draft_slots, spec.max_context)
     _capture_graphs(spec, engine, draft=True)
@@ -117,13 +123,13 @@ def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatc
     _capture_graphs(spec, engine, draft=False)
     target = TPLeader(engine, group, src=0) if group is not None else engine
     if spec.colocate_drafter:
-        return SpecBatch(target, ThreadedDrafter(_draft_engine(spec), _adaedl(spec)), stop_ids)
+        return SpecBatch(target, ThreadedDrafter(_draft_engine(spec), _adaedl(spec)), stop_ids, _controller(spec))
     drafters = []
     for d, exchange in exchanges.items():
         box = [None]
         dist.recv_object_list(box, src=d, group=exchange)  # the drafter's context length
         drafters.append(RemoteDrafter(d, box[0], spec.draft_slots, exchange))
-    return SpecBatch(target, drafters[0] if len(drafters) == 1 else DrafterPool(drafters), stop_ids)
+    return SpecBatch(target, drafters[0] if len(drafters) == 1 else DrafterPool(drafters), stop_ids, _controller(spec))
 
 
 def run_follower(spec: LaneSpec, rank: int, init_method: str) -> None:

@@ -24,7 +24,7 @@ class SDMode:
     verify_needs_draft = True
 
     def draft_item(self, r: RequestState, room: int) -> DraftItem:
-        k = min(r.spec.max_draft, room)
+        k = min(r.window, room)
         return DraftItem(r.rid, r.draft_slot, r.seq, k, r.sampling, r.spec.adaedl, r.spec.send_draft_probs)
 
     def verify_item(self, r: RequestState, chunk: DraftChunk) -> VerifyItem:
@@ -38,7 +38,7 @@ class SDMode:
         r.verified += emitted
         if not chunk.ids:
             return []
-        return [DraftRound(r.rid, len(chunk.ids), accepted, r.spec.max_draft, chunk.entropies)]
+        return [DraftRound(r.rid, len(chunk.ids), accepted, r.window, chunk.entropies)]
 
 
 class ARMode(SDMode):
@@ -65,7 +65,7 @@ class PearlMode:
     verify_needs_draft = False
 
     def draft_item(self, r: RequestState, room: int) -> DraftItem:
-        gamma = min(r.spec.max_draft, max(room - len(r.pending), 0))
+        gamma = min(r.window, max(room - len(r.pending), 0))
         seq = r.seq + r.pending
         return DraftItem(r.rid, r.draft_slot, seq, gamma, r.sampling, r.spec.adaedl, r.spec.send_draft_probs)
 
@@ -89,12 +89,12 @@ class PearlMode:
         if not chunk.ids or accepted < n_pending:
             return rounds  # no chunk, or it was drafted after a token now rejected: never judged
         if accepted == n_pending:  # the chunk's first token was rejected
-            return rounds + [DraftRound(r.rid, len(chunk.ids), 0, r.spec.max_draft, chunk.entropies)]
+            return rounds + [DraftRound(r.rid, len(chunk.ids), 0, r.window, chunk.entropies)]
         if len(chunk.ids) == 1:  # fully verified already
-            return rounds + [DraftRound(r.rid, 1, 1, r.spec.max_draft, chunk.entropies)]
+            return rounds + [DraftRound(r.rid, 1, 1, r.window, chunk.entropies)]
         r.pending = chunk.ids[1:]
         r.pending_probs = chunk.probs[1:] if chunk.probs is not None else None
-        r.pending_chunk = (len(chunk.ids), r.spec.max_draft, chunk.entropies)
+        r.pending_chunk = (len(chunk.ids), r.window, chunk.entropies)
         return rounds
 
     @staticmethod

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from actors.adaedl import AdaEDLConfig
 from actors.batch import SpecBatch
 from actors.drafter import Drafter, ThreadedDrafter
+from actors.load_control import LoadController
 from actors.messages import RequestStats, SamplingParams, SpecParams
 from actors.pair import ModelPair
 
@@ -24,16 +25,18 @@ def generate(
     spec: SpecParams | list[SpecParams],
     adaedl: AdaEDLConfig | None = None,
     overlap: bool = False,
+    controller: LoadController | None = None,
 ) -> list[Completion]:
     """Run the prompts as one continuous batch; return each one's verified tokens.
 
     overlap=True drafts in a background thread on its own CUDA stream (or the draft's own GPU),
-    so PEARL's draft and verify run at the same time in one process.
+    so PEARL's draft and verify run at the same time in one process. controller caps the
+    requests' draft lengths by the batch's load (actors/load_control.py).
     """
     kind = ThreadedDrafter if overlap else Drafter
     drafter = kind(pair.draft, adaedl, acceptance=pair.acceptance)
     try:
-        return run_batch(SpecBatch(pair.target, drafter, pair.stop_ids), prompts, sampling, spec)
+        return run_batch(SpecBatch(pair.target, drafter, pair.stop_ids, controller), prompts, sampling, spec)
     finally:
         if overlap:
             drafter.close()

@@ -26,6 +26,12 @@ class RequestState:
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: str | None = None
     started_at: float = 0.0
+    draft_cap: int | None = None  # the lane's load controller's cap on the window (None: none)
+
+    @property
+    def window(self) -> int:
+        """The draft length / PEARL window this step: the request's max_draft, under the lane's cap."""
+        return self.spec.max_draft if self.draft_cap is None else min(self.spec.max_draft, self.draft_cap)
 
     @property
     def seq(self) -> list[int]:

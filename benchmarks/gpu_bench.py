@@ -44,6 +44,7 @@ import torch
 
 from actors.batch import SpecBatch
 from actors.drafter import LONG_PIECE, PIECE, Drafter
+from actors.load_control import LoadController
 from actors.messages import SamplingParams, SpecParams
 from actors.offline import run_batch
 from actors.pair import load_pair, load_tokenizer
@@ -130,6 +131,7 @@ class Row:
     overlap: bool = False  # PEARL: drafter in a background thread / on its own GPU
     assisted: bool = False  # HF: assistant_model=the draft
     paper_adaedl: bool = False  # AdaEDL's own stop rule (λ, --adaedl-lambda/alpha), not the cost-aware one
+    load_control: bool = False  # the lane's load controller caps draft lengths (actors/load_control.py)
 
     @property
     def is_hf(self) -> bool:
@@ -310,10 +312,11 @@ def make_drafter(b: Bench, overlap: bool, paper_adaedl: bool = False):
 def run_tandem(b: Bench, row: Row, prompts, samplings, group: int) -> tuple[dict, list[list[int]]]:
     """Warm up on one short batch, then run the prompts `group` at a time as one continuous batch."""
     drafter = make_drafter(b, row.overlap, row.paper_adaedl)
+    controller = LoadController() if row.load_control else None  # learns in the warm-up, as a lane would
     try:
         warm = [dataclasses.replace(s, max_tokens=min(b.args.warmup_tokens, s.max_tokens)) for s in samplings[:group]]
-        run_batch(SpecBatch(b.pair.target, drafter, b.pair.stop_ids), prompts[:group], warm, row.spec)
-        batch = SpecBatch(b.pair.target, drafter, b.pair.stop_ids)
+        run_batch(SpecBatch(b.pair.target, drafter, b.pair.stop_ids, controller), prompts[:group], warm, row.spec)
+        batch = SpecBatch(b.pair.target, drafter, b.pair.stop_ids, controller)
         graphs_before = graph_keys(b)
         done, start = [], time.perf_counter()
         for i in range(0, len(prompts), group):
@@ -328,6 +331,8 @@ def run_tandem(b: Bench, row: Row, prompts, samplings, group: int) -> tuple[dict
     captured = sorted(graph_keys(b) - graphs_before)
     out = {**summarize([d.stats for d in done], seconds), "overlap": overlapped, "step_ms": batch.timing.as_dict(),
            "captures_in_timed_run": len(captured), "captured_in_timed_run": captured}
+    if controller is not None:
+        out["load_control"] = controller.state()
     return out, [d.token_ids for d in done]
 
 
@@ -455,7 +460,7 @@ def run_rows(b: Bench, section: str, rows: list[Row], prompts, temperature: floa
 def spec_fields(row: Row) -> dict:
     if row.is_hf:
         return {"mode": "hf assisted" if row.assisted else "hf ar"}
-    return {"mode": row.spec.mode, "max_draft": row.spec.max_draft, "adaedl": row.spec.adaedl}
+    return {"mode": row.spec.mode, "max_draft": row.spec.max_draft, "adaedl": row.spec.adaedl, "load_control": row.load_control}
 
 
 def add_agreement(b: Bench, rec: dict, outputs: dict, prompts) -> None:
@@ -522,7 +527,8 @@ def concurrency(b: Bench) -> None:
     cap = min(16, 2 * b.gamma)
     sd = best(b, "sd", Row("sd k=5", SpecParams("sd", 5, adaedl=False)))
     pearl = best(b, "pearl", Row(f"pearl+adaedl (cap {cap})", SpecParams("pearl", cap, adaedl=True), overlap=True))
-    rows = [Row(AR, SpecParams("ar")), sd, Row("sd+adaedl (cap 16)", SpecParams("sd", 16, adaedl=True)), pearl]
+    rows = [Row(AR, SpecParams("ar")), sd, Row("sd+adaedl (cap 16)", SpecParams("sd", 16, adaedl=True)), pearl,
+            Row("sd+adaedl (cap 16) + load control", SpecParams("sd", 16, adaedl=True), load_control=True)]
     # Every window length these rows ask for, the shorter tails at a request's end included (the
     # first lease's n=4 rows paid for captures of the tails inside the timed run).
     steps = range(1, max(16, sd.spec.max_draft, pearl.spec.max_draft) + 1)

@@ -81,6 +81,10 @@ class SpeculationConfig(_Strict):
     adaedl_cost_ratio: float | None = Field(None, gt=0, description="c = step time / draft-token time for the cost "
                                             "stop (default: measured online)")
     send_draft_probs: bool = Field(True, description="send q with drafts (False: one-hot drafts)")
+    load_control: bool = Field(False, description="cap every request's draft length by the lane's load: every few "
+                               "steps the lane picks the cap that maximizes its predicted tokens/s from step times "
+                               "it fits online (0: speculation off while the batch is compute-bound; "
+                               "actors/load_control.py). A request's max_draft stays its ceiling")
 
 
 class AppConfig(_Strict):

@@ -36,7 +36,8 @@ def lane_spec(cfg: AppConfig) -> LaneSpec:
     return LaneSpec(m.target, m.draft, lane.tensor_parallel_size, lane.device, m.dtype, m.engine,
                     lane.max_batch_size, m.max_context, cfg.speculation.adaedl_lambda0,
                     cfg.speculation.adaedl_stop, cfg.speculation.adaedl_cost_ratio, lane.colocate_drafter,
-                    lane.num_drafters, lane.cuda_graphs_at_start, cfg.speculation.max_draft)
+                    lane.num_drafters, lane.cuda_graphs_at_start, cfg.speculation.max_draft,
+                    cfg.speculation.load_control)
 
 
 def build_lane_batch(cfg: AppConfig) -> tuple[SpecBatch, list]:

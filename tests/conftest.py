@@ -1,6 +1,7 @@
 """Shared fixtures: small random Llama models (fast, fp32) and the shipped tiny pair."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from actors.llama import LlamaEngine
+from actors.load_control import LoadControlConfig, LoadController
 from actors.pair import ModelPair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,3 +50,15 @@ def random_draft_model():
 def tiny_pair_paths():
     assert (TINY / "target" / "config.json").is_file(), "the shipped tiny pair is missing (models/tiny)"
     return TINY / "target", TINY / "draft"
+
+
+class Scripted(LoadController):
+    """The real load controller's bookkeeping with caps that change every step (0 included), so
+    a batch's handling of caps is tested apart from the cost model."""
+
+    def __init__(self, caps) -> None:
+        super().__init__(LoadControlConfig(every=1))
+        self.script = itertools.cycle(caps)
+
+    def _choose(self, candidates):
+        return next(self.script)

@@ -14,7 +14,7 @@ from scipy.stats import chi2, ncx2
 from actors.hf_engine import HFEngine
 from actors.messages import SamplingParams, SpecParams
 from actors.offline import generate
-from conftest import make_pair, random_llama
+from conftest import Scripted, make_pair, random_llama
 from kernels.sampling import logits_to_probs
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [42]]
@@ -141,10 +141,10 @@ def power_against_mixture(p: torch.Tensor, q: torch.Tensor, n: int, bias=0.1, le
     return float(ncx2.sf(chi2.isf(level, df), df, noncentrality))
 
 
-def sample_joint(pair, spec, temperature, top_p, vocab) -> torch.Tensor:  # [V, V] counts
+def sample_joint(pair, spec, temperature, top_p, vocab, controller=None) -> torch.Tensor:  # [V, V] counts
     counts = torch.zeros(vocab, vocab)
     samplings = [SamplingParams(4, temperature, 0, top_p, seed=s, ignore_eos=True) for s in range(N_SAMPLES)]
-    for d in generate(pair, [CONTEXT] * N_SAMPLES, samplings, spec):
+    for d in generate(pair, [CONTEXT] * N_SAMPLES, samplings, spec, controller=controller):
         counts[d.token_ids[0], d.token_ids[1]] += 1
     return counts
 
@@ -153,14 +153,19 @@ def sample_joint(pair, spec, temperature, top_p, vocab) -> torch.Tensor:  # [V, 
     "spec,top_p",
     [(SpecParams("sd", 3, adaedl=False), 1.0), (SpecParams("pearl", 3, adaedl=False), 1.0),
      (SpecParams("pearl", 3, adaedl=True), 0.8), (SpecParams("sd", 3, False, False), 1.0),
-     (SpecParams("pearl", 2, False, False), 0.8)],
-    ids=["sd", "pearl", "pearl-adaedl-topp", "sd-onehot", "pearl-onehot-topp"],
+     (SpecParams("pearl", 2, False, False), 0.8), (SpecParams("sd", 3, adaedl=False), "capped"),
+     (SpecParams("pearl", 3, adaedl=False), "capped")],
+    ids=["sd", "pearl", "pearl-adaedl-topp", "sd-onehot", "pearl-onehot-topp", "sd-load-capped", "pearl-load-capped"],
 )
 def test_sampling_matches_target_distribution(spec, top_p):
-    """Joint law of the first two tokens (the second is judged in PEARL's POST step)."""
+    """Joint law of the first two tokens (the second is judged in PEARL's POST step). "capped":
+    the load controller's cap changes every step (1, then 0, then 2: the first token drafted, the
+    second decoded, or the other way round in PEARL), at top-p 1."""
     target, draft = peaked_pair()
     pair = make_pair(target, draft, slots=1024)
-    counts = sample_joint(pair, spec, 1.0, top_p, 64)
+    controller = Scripted([1, 0, 2]) if top_p == "capped" else None
+    top_p = 1.0 if controller is not None else top_p
+    counts = sample_joint(pair, spec, 1.0, top_p, 64, controller)
     p, q = exact_joint(target, CONTEXT, 1.0, top_p), exact_joint(draft, CONTEXT, 1.0, top_p)
     assert chi_square_pvalue(counts, p, N_SAMPLES) > 1e-3
     # The test has teeth: the draft's own law is rejected, and a sampler that leaked 10% of

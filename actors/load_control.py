@@ -1,0 +1,202 @@
+"""Load control (DESIGN §6): a lane-wide cap on draft length, chosen for the batch's goodput.
+
+Speculation pays while the verifier is memory-bound: verifying k+1 tokens of a request costs
+about what decoding one does. As the batch grows the verify forward turns compute-bound and
+every drafted token costs verify time whether it is accepted or not; the sixth H200 lease
+measured SD + AdaEDL (cap 16) at 0.49x AR with 64 requests, SD k=8 at 1.01x, where the same
+modes gave 2.1-2.3x at batch 1. The controller picks, every few steps, the cap K that maximizes
+
+    goodput(K) = sum_r E_r(w_r) / T(K),    w_r = min(K, L_r),    E_r(w) = (1 - a_r^(w+1)) / (1 - a_r)
+
+    T(K) = F(sum_r (w_r + 1)) + K' * (d0 + d1 * B')     (SD: one after the other)
+    T(K) = max(F(...), K' * (d0 + d1 * B'))            (PEARL only: drafting beside verifying)
+
+with a_r request r's per-token acceptance (the geometric estimate: accepted tokens over accepted
+tokens plus rejections, from a prior of the lane's own), L_r the window the request drafts
+without a cap (its max_draft, or for AdaEDL its recent mean chunk length, since AdaEDL stops
+inside the cap anyway), F(N) the step's cost apart from drafting as a function of the tokens
+verified, and drafting K' = max_r w_r positions for the B' requests that draft at d0 + d1 * B'
+per position. F and the per-position cost are straight lines fitted online by least squares with
+forgetting from the lane's own steps, their slopes shrunk towards 0 (memory-bound) until the
+batch has varied enough to show them: with no evidence the controller keeps what requests ask
+for. K = 0 turns speculation off for the step (the requests decode as AR). Among caps within
+`tolerance` of the best the largest is kept, so a cap is only imposed where it is predicted to
+pay. Output stays lossless at any cap: it changes how many tokens are proposed, never which.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+CAPS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass
+class LoadControlConfig:
+    every: int = 8  # re-decide every this many steps (and whenever the batch's requests change)
+    warmup_steps: int = 8  # steps observed before the first cap
+    forget: float = 0.98  # per-step weight kept by the fits' running sums (~50 steps of memory)
+    shrink: float = 0.2  # slope prior, in units of the mean regressor squared
+    tolerance: float = 0.03  # caps predicted within 3% of the best goodput count as ties
+    prior_acceptance: float = 0.7  # per-token acceptance before a lane has seen any
+    prior_weight: float = 4.0  # pseudo-tokens of the lane's acceptance in each request's estimate
+
+
+class _Line:
+    """y = a + b * x by weighted least squares with forgetting; b shrunk towards 0."""
+
+    def __init__(self, forget: float, shrink: float) -> None:
+        self.forget, self.shrink = forget, shrink
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        f = self.forget
+        self.w, self.sx, self.sy = f * self.w + 1, f * self.sx + x, f * self.sy + y
+        self.sxx, self.sxy = f * self.sxx + x * x, f * self.sxy + x * y
+
+    @property
+    def seen(self) -> bool:
+        return self.w > 0
+
+    def coefficients(self) -> tuple[float, float]:
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx - self.w * mx * mx  # centred sums: the slope's evidence
+        cov = self.sxy - self.w * mx * my
+        b = max(0.0, cov / (var + self.shrink * mx * mx + 1e-12))  # a cost never falls with more work
+        return my - b * mx, b
+
+    def __call__(self, x: float) -> float:
+        a, b = self.coefficients()
+        return max(0.0, a + b * x)
+
+
+@dataclass
+class _Acceptance:
+    """One request's per-token acceptance: accepted tokens and rejections, with a prior."""
+
+    accepted: float = 0.0
+    rejected: float = 0.0
+    mean_len: float | None = None  # of its uncapped chunks (AdaEDL's own stopping)
+
+    def alpha(self, prior: float, weight: float) -> float:
+        a = (self.accepted + weight * prior) / (self.accepted + self.rejected + weight)
+        return min(a, 0.99)
+
+
+@dataclass
+class StepObservation:
+    """What one step did, as the controller needs it (SpecBatch.step measures it)."""
+
+    batch: int  # requests in the step
+    verified_tokens: int  # sum over requests of the tokens the verify scored (window + 1)
+    drafting: int  # requests that drafted
+    positions: int  # the longest chunk drafted (the positions a batched draft runs)
+    draft_s: float  # drafting compute
+    rest_s: float  # the step's time apart from drafting (verify, judging, waiting, bookkeeping)
+    concurrent: bool = False  # drafting ran beside the verify (PEARL with a drafter of its own)
+
+
+@dataclass
+class Candidate:
+    rid: str
+    window: int  # what it would draft uncapped (max_draft, room-limited)
+    adaedl: bool
+    pearl: bool  # PEARL drafts beside the verify where its drafter can (the steps say whether it did)
+
+
+@dataclass
+class LoadController:
+    config: LoadControlConfig = field(default_factory=LoadControlConfig)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.rest = _Line(c.forget, c.shrink)  # F(N): seconds against verified tokens
+        self.per_position = _Line(c.forget, c.shrink)  # draft seconds per position against drafting batch
+        self.requests: dict[str, _Acceptance] = {}
+        self.lane = _Acceptance()
+        self.steps = 0
+        self.overlap = 0.0  # how often a step with drafting ran it beside the verify (EMA)
+        self.cap: int | None = None  # None: no cap (what requests ask for)
+        self._since, self._rids = 0, frozenset()
+        self.last_goodput: dict[int, float] = {}
+
+    # -- observing ---------------------------------------------------------------------------
+    def observe(self, step: StepObservation, rounds: list[tuple[str, int, int, int, bool, bool]]) -> None:
+        """rounds: (rid, judged, accepted, drafted, capped, adaedl) per request: the draft tokens
+        its verify judged and accepted, the chunk it drafted, whether the cap shortened its window."""
+        self.steps += 1
+        self.rest.add(step.verified_tokens, step.rest_s)
+        if step.positions > 0 and step.drafting > 0:
+            self.per_position.add(step.drafting, step.draft_s / step.positions)
+            self.overlap = 0.9 * self.overlap + 0.1 * float(step.concurrent)
+        for rid, judged, accepted, drafted, capped, adaedl in rounds:
+            if judged > 0:
+                rejected = 1.0 if accepted < judged else 0.0
+                for acc in (self.requests.setdefault(rid, _Acceptance()), self.lane):
+                    acc.accepted += min(accepted, judged)
+                    acc.rejected += rejected
+            if adaedl and not capped and drafted > 0:
+                r = self.requests.setdefault(rid, _Acceptance())
+                r.mean_len = drafted if r.mean_len is None else 0.8 * r.mean_len + 0.2 * drafted
+
+    def finish(self, rid: str) -> None:
+        self.requests.pop(rid, None)
+
+    # -- deciding ----------------------------------------------------------------------------
+    def decide(self, candidates: list[Candidate]) -> int | None:
+        """The cap for the next steps (None: none), re-decided every `every` steps or when the
+        batch's requests change."""
+        rids = frozenset(c.rid for c in candidates)
+        self._since += 1
+        if rids == self._rids and self._since < self.config.every:
+            return self.cap
+        self._since, self._rids = 0, rids
+        self.cap = self._choose(candidates)
+        return self.cap
+
+    def _choose(self, candidates: list[Candidate]) -> int | None:
+        speculating = [c for c in candidates if c.window > 0]
+        if self.steps < self.config.warmup_steps or not speculating or not self.per_position.seen:
+            return None
+        c = self.config
+        lane_alpha = self.lane.alpha(c.prior_acceptance, c.prior_weight) if self.lane.accepted else c.prior_acceptance
+        alphas = {x.rid: self.requests.get(x.rid, _Acceptance()).alpha(lane_alpha, c.prior_weight) for x in speculating}
+        lengths = {x.rid: self._uncapped(x) for x in speculating}
+        top = max(lengths.values())
+        overlapped = all(x.pearl for x in speculating) and self.overlap > 0.5
+        fixed = len(candidates) - len(speculating)  # AR requests: one token each, one verified row
+        self.last_goodput = {}
+        for k in [k for k in CAPS if k < top] + [top]:
+            windows = [min(k, lengths[x.rid]) for x in speculating]
+            tokens = fixed + sum(_expected(alphas[x.rid], w) for x, w in zip(speculating, windows))
+            drafting = sum(w > 0 for w in windows)
+            draft = max(windows) * self.per_position(drafting) if drafting else 0.0
+            rest = self.rest(fixed + sum(w + 1 for w in windows))
+            step = max(rest, draft) if overlapped else rest + draft
+            self.last_goodput[k] = tokens / step if step > 0 else 0.0
+        best = max(self.last_goodput.values())
+        chosen = max(k for k, g in self.last_goodput.items() if g >= (1 - c.tolerance) * best)
+        return None if chosen >= top else chosen
+
+    def _uncapped(self, x: Candidate) -> int:
+        mean = self.requests.get(x.rid, _Acceptance()).mean_len if x.adaedl else None
+        return x.window if mean is None else max(1, min(x.window, math.ceil(mean)))
+
+    def state(self) -> dict:
+        """For the lane's load() and metrics: the cap, the fitted costs and what was compared."""
+        rest = self.rest.coefficients() if self.rest.seen else (None, None)
+        pos = self.per_position.coefficients() if self.per_position.seen else (None, None)
+        return {"cap": self.cap, "steps_observed": self.steps,
+                "rest_ms": {"fixed": _ms(rest[0]), "per_token": _ms(rest[1])},
+                "draft_position_ms": {"fixed": _ms(pos[0]), "per_request": _ms(pos[1])},
+                "lane_acceptance": self.lane.alpha(self.config.prior_acceptance, self.config.prior_weight),
+                "goodput_tokens_per_s": {str(k): round(v, 1) for k, v in self.last_goodput.items()}}
+
+
+def _expected(alpha: float, window: int) -> float:
+    """Tokens a verify yields for a window of drafts at per-token acceptance alpha (with the bonus)."""
+    return (1 - alpha ** (window + 1)) / (1 - alpha)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds

@@ -1,0 +1,136 @@
+"""The load controller (actors/load_control.py): its cost fits, the cap it picks in memory- and
+compute-bound lanes, and that any cap it sets leaves the output exactly the target's."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from conftest import Scripted, make_pair, random_llama
+
+from actors.batch import SpecBatch
+from actors.drafter import Drafter
+from actors.lane_core import LaneCore
+from actors.load_control import Candidate, LoadControlConfig, LoadController, StepObservation, _Line
+from actors.messages import SamplingParams, SpecParams
+from actors.offline import generate
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [42]]
+
+
+def test_line_fit_recovers_a_line_and_shrinks_an_unseen_slope():
+    line = _Line(forget=1.0, shrink=0.2)
+    for x in range(1, 200, 7):
+        line.add(x, 0.5 + 0.01 * x)
+    a, b = line.coefficients()
+    assert b == pytest.approx(0.01, rel=0.05) and a == pytest.approx(0.5, abs=0.05)  # shrunk by ~2%
+    flat = _Line(forget=0.98, shrink=0.2)
+    for _ in range(50):
+        flat.add(64, 3.0)  # one batch size only: nothing says the cost grows with it
+    assert flat.coefficients() == pytest.approx((3.0, 0.0))
+
+
+def trained(rest, per_position, alpha: float, batch: int, windows=(2, 4, 8, 16), adaedl_len: int | None = None):
+    """A controller that has watched steps of a lane whose costs are rest(N) (the step apart
+    from drafting, N verified tokens) and per_position(B) (drafting one position for B requests),
+    with every request accepting each draft token with probability alpha."""
+    ctl = LoadController(LoadControlConfig(forget=1.0))
+    for i, k in enumerate(itertools.islice(itertools.cycle(windows), 40)):
+        b = max(1, batch - i % 3)  # the batch varies a little as requests come and go
+        if adaedl_len is not None:
+            k = adaedl_len
+        accepted = round(alpha * (1 - alpha**k) / (1 - alpha))  # a geometric run's mean length, capped at k
+        rounds = [(str(r), k, accepted, k, False, adaedl_len is not None) for r in range(b)]
+        ctl.observe(StepObservation(b, b * (k + 1), b, k, k * per_position(b), rest(b * (k + 1))), rounds)
+    return ctl
+
+
+def candidates(batch: int, window: int, adaedl: bool = False) -> list[Candidate]:
+    return [Candidate(str(r), window, adaedl, pearl=False) for r in range(batch)]
+
+
+def test_a_memory_bound_lane_keeps_the_requested_window():
+    # batch 1 on a GPU: the verify costs 1.5 ms whatever its length, a draft position 0.05 ms
+    ctl = trained(rest=lambda n: 1.5e-3, per_position=lambda b: 5e-5, alpha=0.85, batch=1)
+    assert ctl.decide(candidates(1, 8)) is None
+    assert ctl.state()["cap"] is None and ctl.state()["steps_observed"] == 40
+
+
+def test_a_compute_bound_lane_turns_speculation_off():
+    # batch 64: every verified token costs 50 us; drafting is not free either
+    ctl = trained(rest=lambda n: 1e-3 + 5e-5 * n, per_position=lambda b: 2e-4 + 1e-6 * b, alpha=0.6, batch=64)
+    assert ctl.decide(candidates(64, 16)) == 0
+    goodput = ctl.state()["goodput_tokens_per_s"]
+    assert goodput["0"] == max(goodput.values())
+
+
+def test_the_cap_shrinks_as_verify_cost_grows_with_load():
+    def cap(batch):
+        ctl = trained(rest=lambda n: 1.5e-3 + 4e-6 * n, per_position=lambda b: 2.5e-4, alpha=0.85, batch=batch)
+        c = ctl.decide(candidates(batch, 16))
+        return 16 if c is None else c
+
+    caps = [cap(b) for b in (1, 8, 32, 64)]
+    assert caps == sorted(caps, reverse=True) and caps[0] > caps[-1], caps
+
+
+def test_adaedl_requests_are_judged_at_the_length_they_stop_at():
+    # AdaEDL stops at ~3 tokens by itself: a cap of 16 costs nothing more, so none is set
+    ctl = trained(rest=lambda n: 1.5e-3, per_position=lambda b: 2.5e-4, alpha=0.85, batch=1, adaedl_len=3)
+    assert ctl.decide(candidates(1, 16, adaedl=True)) is None
+
+
+def test_no_cap_before_the_lane_has_been_watched():
+    ctl = LoadController()
+    assert ctl.decide(candidates(64, 16)) is None
+
+
+@pytest.mark.parametrize("spec", [SpecParams("sd", 6, adaedl=False), SpecParams("sd", 8, adaedl=True),
+                                  SpecParams("pearl", 5, adaedl=False), SpecParams("pearl", 5, adaedl=True)],
+                         ids=["sd", "sd-adaedl", "pearl", "pearl-adaedl"])
+def test_any_cap_keeps_greedy_output_exact(spec):
+    target = random_llama(0)
+    pair = make_pair(target, random_llama(0, layers=1))  # related drafter: partial acceptance
+    ref = [d.token_ids for d in generate(pair, PROMPTS, SamplingParams(max_tokens=24), SpecParams("ar"))]
+    ctl = Scripted([0, 2, None, 1, 3])
+    done = generate(pair, PROMPTS, SamplingParams(max_tokens=24), spec, controller=ctl)
+    assert [d.token_ids for d in done] == ref
+    assert ctl.steps > 0 and ctl.lane.accepted + ctl.lane.rejected > 0  # it watched the steps
+    assert not ctl.requests  # finished requests leave its table
+    assert pair.target.free_slots == pair.draft.free_slots == 8
+
+
+def test_a_cap_of_zero_decodes_as_ar():
+    pair = make_pair(random_llama(0), random_llama(0, layers=1))
+    done = generate(pair, PROMPTS, SamplingParams(max_tokens=12), SpecParams("sd", 4, adaedl=False), controller=Scripted([0]))
+    assert all(d.stats.drafted == 0 and d.stats.steps == 12 for d in done)
+
+
+def test_a_lane_with_load_control_reports_it():
+    pair = make_pair(random_llama(0), random_llama(0, layers=1))
+    sampling = SamplingParams(max_tokens=16, ignore_eos=True)
+    ref = [d.token_ids for d in generate(pair, PROMPTS, sampling, SpecParams("ar"))]
+    batch = SpecBatch(pair.target, Drafter(pair.draft), set(), LoadController(LoadControlConfig(warmup_steps=2)))
+    core = LaneCore(batch, max_queued=8, max_batch_size=4)
+    got = {str(i): [] for i in range(len(PROMPTS))}
+    finished = []
+    import threading
+
+    done = threading.Event()
+
+    def sink(e):
+        got[e.rid] += e.token_ids
+        if e.finish_reason:
+            finished.append(e.rid)
+            if len(finished) == len(PROMPTS):
+                done.set()
+
+    try:
+        for i, p in enumerate(PROMPTS):
+            core.submit(str(i), p, sampling, SpecParams("sd", 4, adaedl=False), sink)
+        assert done.wait(timeout=60)
+        state = core.load()["load_control"]
+    finally:
+        core.stop()
+    assert [got[str(i)] for i in range(len(PROMPTS))] == ref
+    assert state["steps_observed"] > 2 and state["rest_ms"]["fixed"] is not None
+    assert set(state) >= {"cap", "draft_position_ms", "lane_acceptance", "goodput_tokens_per_s"}

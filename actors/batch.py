@@ -90,7 +90,7 @@ class SpecBatch:
         ctl.observe(StepObservation(
             batch=len(reqs), verified_tokens=sum(x[1] + 1 for x in rounds), drafting=sum(d > 0 for d in drafted),
             positions=max(drafted), draft_s=t.draft, rest_s=t.total - (t.wait if concurrent else t.draft),
-            concurrent=concurrent), rounds)
+            concurrent=concurrent, emitted=sum(len(g) for g in gained), step_s=t.total), rounds)
         return gained, t
 
     def cancel(self, rid: str) -> Emission | None:

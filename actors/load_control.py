@@ -19,7 +19,13 @@ verified, and drafting K' = max_r w_r positions for the B' requests that draft a
 per position. F and the per-position cost are straight lines fitted online by least squares with
 forgetting from the lane's own steps, their slopes shrunk towards 0 (memory-bound) until the
 batch has varied enough to show them: with no evidence the controller keeps what requests ask
-for. K = 0 turns speculation off for the step (the requests decode as AR). Among caps within
+for. K = 0 turns speculation off for the step (the requests decode as AR). A cap falls at once
+but rises at most to double per decision, so when the fits forget why they capped (a lane that
+only decodes sees no verify of many tokens) the probe is a short window, not every request's
+whole one. The model's choice is then checked against what the lane measured: a cap that ran
+slower at this batch size than another did (tokens/s over recent steps, per batch bucket) gives
+way to it, and where the model predicts under 1.5x over plain decoding, cap 0 is measured every
+few decisions, so a wrong cost model costs a probe, not the lane's throughput. Among caps within
 `tolerance` of the best the largest is kept, so a cap is only imposed where it is predicted to
 pay. Output stays lossless at any cap: it changes how many tokens are proposed, never which.
 """
@@ -40,6 +46,9 @@ class LoadControlConfig:
     tolerance: float = 0.03  # caps predicted within 3% of the best goodput count as ties
     prior_acceptance: float = 0.7  # per-token acceptance before a lane has seen any
     prior_weight: float = 4.0  # pseudo-tokens of the lane's acceptance in each request's estimate
+    probe_every: int = 8  # decisions between probes of cap 0 where the model's predicted gain is small
+    probe_below: float = 1.5  # probe only where the model predicts less than this gain over cap 0
+    fresh_steps: int = 256  # a measured rate older than this many steps is measured again
 
 
 class _Line:
@@ -94,6 +103,8 @@ class StepObservation:
     draft_s: float  # drafting compute
     rest_s: float  # the step's time apart from drafting (verify, judging, waiting, bookkeeping)
     concurrent: bool = False  # drafting ran beside the verify (PEARL with a drafter of its own)
+    emitted: int = 0  # tokens the step gave its requests
+    step_s: float = 0.0  # the step's wall time
 
 
 @dataclass
@@ -119,12 +130,17 @@ class LoadController:
         self.cap: int | None = None  # None: no cap (what requests ask for)
         self._since, self._rids = 0, frozenset()
         self.last_goodput: dict[int, float] = {}
+        self.realized: dict[tuple[int, int], _Rate] = {}  # (batch bucket, cap or -1 for none): measured
+        self._decisions = 0
 
     # -- observing ---------------------------------------------------------------------------
     def observe(self, step: StepObservation, rounds: list[tuple[str, int, int, int, bool, bool]]) -> None:
         """rounds: (rid, judged, accepted, drafted, capped, adaedl) per request: the draft tokens
         its verify judged and accepted, the chunk it drafted, whether the cap shortened its window."""
         self.steps += 1
+        if step.step_s > 0:
+            key = (_bucket(step.batch), -1 if self.cap is None else self.cap)
+            self.realized.setdefault(key, _Rate()).add(step.emitted, step.step_s, self.steps, self.config.forget)
         self.rest.add(step.verified_tokens, step.rest_s)
         if step.positions > 0 and step.drafting > 0:
             self.per_position.add(step.drafting, step.draft_s / step.positions)
@@ -151,7 +167,15 @@ class LoadController:
         if rids == self._rids and self._since < self.config.every:
             return self.cap
         self._since, self._rids = 0, rids
-        self.cap = self._choose(candidates)
+        chosen = self._choose(candidates)
+        if self.cap is not None and (chosen is None or chosen > self.cap):
+            # Up at most to double the cap (from 0: to 1) per decision: a fit that forgot why it
+            # capped probes with short windows, not with every request's whole window at once.
+            grown = max(1, 2 * self.cap)
+            chosen = grown if chosen is None or chosen > grown else chosen
+            top = max((c.window for c in candidates), default=0)
+            chosen = None if chosen >= top else chosen
+        self.cap = chosen
         return self.cap
 
     def _choose(self, candidates: list[Candidate]) -> int | None:
@@ -165,7 +189,7 @@ class LoadController:
         top = max(lengths.values())
         overlapped = all(x.pearl for x in speculating) and self.overlap > 0.5
         fixed = len(candidates) - len(speculating)  # AR requests: one token each, one verified row
-        self.last_goodput = {}
+        goodput = {}  # built apart, then swapped in: state() may read it from another thread
         for k in [k for k in CAPS if k < top] + [top]:
             windows = [min(k, lengths[x.rid]) for x in speculating]
             tokens = fixed + sum(_expected(alphas[x.rid], w) for x, w in zip(speculating, windows))
@@ -173,10 +197,27 @@ class LoadController:
             draft = max(windows) * self.per_position(drafting) if drafting else 0.0
             rest = self.rest(fixed + sum(w + 1 for w in windows))
             step = max(rest, draft) if overlapped else rest + draft
-            self.last_goodput[k] = tokens / step if step > 0 else 0.0
-        best = max(self.last_goodput.values())
-        chosen = max(k for k, g in self.last_goodput.items() if g >= (1 - c.tolerance) * best)
-        return None if chosen >= top else chosen
+            goodput[k] = tokens / step if step > 0 else 0.0
+        self.last_goodput = goodput
+        best = max(goodput.values())
+        chosen = max(k for k, g in goodput.items() if g >= (1 - c.tolerance) * best)
+        return self._measured(len(candidates), None if chosen >= top else chosen, goodput[chosen] / max(goodput[0], 1e-12))
+
+    def _measured(self, batch: int, chosen: int | None, predicted_gain: float) -> int | None:
+        """The model's choice checked against the rates measured at this batch size: a cap that
+        was measured slower than another (by more than `tolerance`) gives way to it, and where
+        the model predicts little gain over decoding, cap 0 is measured now and then."""
+        self._decisions += 1
+        c, bucket = self.config, _bucket(batch)
+        rates = {k: r.rate for (b, k), r in self.realized.items()
+                 if b == bucket and r.weight >= c.every and self.steps - r.last < c.fresh_steps}
+        key = -1 if chosen is None else chosen
+        if key != 0 and 0 not in rates and predicted_gain < c.probe_below and (self._decisions - 1) % c.probe_every == 0:
+            return 0  # probe: what does decoding alone give at this batch size now?
+        faster = max(rates, key=rates.get, default=None)
+        if faster is not None and key in rates and rates[faster] > (1 + c.tolerance) * rates[key]:
+            return None if faster == -1 else faster
+        return chosen
 
     def _uncapped(self, x: Candidate) -> int:
         mean = self.requests.get(x.rid, _Acceptance()).mean_len if x.adaedl else None
@@ -190,7 +231,31 @@ class LoadController:
                 "rest_ms": {"fixed": _ms(rest[0]), "per_token": _ms(rest[1])},
                 "draft_position_ms": {"fixed": _ms(pos[0]), "per_request": _ms(pos[1])},
                 "lane_acceptance": self.lane.alpha(self.config.prior_acceptance, self.config.prior_weight),
-                "goodput_tokens_per_s": {str(k): round(v, 1) for k, v in self.last_goodput.items()}}
+                "goodput_tokens_per_s": {str(k): round(v, 1) for k, v in self.last_goodput.items()},
+                "measured_tokens_per_s": {f"batch<={b} cap={'none' if k == -1 else k}": round(r.rate, 1)
+                                          for (b, k), r in sorted(self.realized.items())}}
+
+
+@dataclass
+class _Rate:
+    """Tokens per second measured at one (batch bucket, cap), with forgetting."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
+    weight: float = 0.0
+    last: int = 0  # the controller's step count at the last update
+
+    def add(self, tokens: int, seconds: float, step: int, forget: float) -> None:
+        self.tokens, self.seconds = forget * self.tokens + tokens, forget * self.seconds + seconds
+        self.weight, self.last = forget * self.weight + 1, step
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _bucket(batch: int) -> int:
+    return 1 << max(0, batch - 1).bit_length()  # 1, 2, 4, 8, ...
 
 
 def _expected(alpha: float, window: int) -> float:

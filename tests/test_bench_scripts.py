@@ -154,3 +154,13 @@ def test_step_profile_times_every_phase_and_row(tmp_path):
         assert [(r["mode"], r["temperature"]) for r in phase["rows"]] == [("ar", 0.0), ("ar", 1.0), ("sd", 1.0)]
         assert all(r["steps"] > 0 and r["step_ms"] >= r["verify_ms"] > 0 for r in phase["rows"])
         assert len(phase["ar_t1_top_ops"]) == 3
+
+
+def test_load_control_benchmark_checks_every_row_against_ar(tmp_path):
+    out = tmp_path / "load_control.json"
+    rc = load_script("load_control").main(["--device", "cpu", "--concurrency", "1,3", "--max-tokens", "8",
+                                            "--warm-tokens", "4", "--out", str(out)])
+    assert rc == 0  # a row whose greedy output differed from AR would have exited with the violation
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 5 and all(r["tokens_per_s"] > 0 for r in rows)
+    assert all((r["load_control"] is not None) == r["row"].endswith("load control") for r in rows)

@@ -134,3 +134,29 @@ def test_a_lane_with_load_control_reports_it():
     assert [got[str(i)] for i in range(len(PROMPTS))] == ref
     assert state["steps_observed"] > 2 and state["rest_ms"]["fixed"] is not None
     assert set(state) >= {"cap", "draft_position_ms", "lane_acceptance", "goodput_tokens_per_s"}
+
+
+def test_a_cap_falls_at_once_and_rises_at_most_to_double():
+    ctl = Scripted([0, None, None, None, None, 3, None])
+    caps = [ctl.decide(candidates(4, 8)) for _ in range(7)]
+    assert caps == [0, 1, 2, 4, None, 3, 6]  # None: the requests' own window (8)
+
+
+def test_a_cap_measured_slower_than_another_gives_way_to_it():
+    ctl = trained(rest=lambda n: 1.5e-3, per_position=lambda b: 5e-5, alpha=0.85, batch=4)
+    assert ctl.decide(candidates(4, 8)) is None  # the model: speculate in full
+    for cap, emitted, seconds in ((0, 4, 1e-3), (None, 8, 4e-3)):  # measured: decoding is faster here
+        ctl.cap = cap
+        for _ in range(10):
+            ctl.observe(StepObservation(4, 4, 0, 0, 0.0, seconds, emitted=emitted, step_s=seconds), [])
+    ctl.cap = None
+    assert ctl.decide(candidates(4, 8)[:3] + [Candidate("new", 8, False, False)]) == 0
+    assert ctl.state()["measured_tokens_per_s"] == {"batch<=4 cap=0": 4000.0, "batch<=4 cap=none": 2000.0}
+
+
+def test_cap_zero_is_probed_only_where_the_model_predicts_little_gain():
+    ctl = LoadController()
+    picks = [ctl._measured(4, 3, predicted_gain=1.2) for _ in range(16)]
+    assert picks.count(0) == 2 and picks[0] == picks[8] == 0  # the first decision, then every 8th
+    ctl = LoadController()
+    assert all(ctl._measured(4, 3, predicted_gain=2.0) == 3 for _ in range(16))  # clearly worth it: no probe

@@ -12,18 +12,17 @@ from conftest import make_pair, random_llama
 from actors.batch import SpecBatch
 from actors.drafter import Drafter
 from actors.lane_core import LaneCore
+from actors.load_control import LoadControlConfig, LoadController
 from actors.messages import Emission, RequestStats, SamplingParams, SpecParams
 from actors.offline import generate
 
 PROMPTS = [[1, 2, 3, 4], [9, 8, 7]]
 
 
-def test_sinks_get_offline_tokens_and_the_loop_times_its_gaps():
-    pair = make_pair(random_llama(0), random_llama(0, layers=1))
-    sampling = SamplingParams(max_tokens=12, ignore_eos=True)
-    ref = [d.token_ids for d in generate(pair, PROMPTS, sampling, SpecParams("ar"))]
-    core = LaneCore(SpecBatch(pair.target, Drafter(pair.draft), set()), max_queued=4, max_batch_size=2)
-    got = {str(i): [] for i in range(len(PROMPTS))}
+def serve_all(core: LaneCore, prompts, sampling: SamplingParams, spec: SpecParams) -> tuple[list[list[int]], dict]:
+    """Submit every prompt to the running lane loop, wait for all to finish; their tokens (in
+    prompt order) and the loop's load() at the end."""
+    got = {str(i): [] for i in range(len(prompts))}
     done = threading.Event()
     finished = []
 
@@ -31,21 +30,44 @@ def test_sinks_get_offline_tokens_and_the_loop_times_its_gaps():
         got[e.rid] += e.token_ids
         if e.finish_reason:
             finished.append(e.rid)
-            if len(finished) == len(PROMPTS):
+            if len(finished) == len(prompts):
                 done.set()
 
     try:
-        for i, p in enumerate(PROMPTS):
-            core.submit(str(i), p, sampling, SpecParams("sd", 3, adaedl=False), sink)
+        for i, p in enumerate(prompts):
+            core.submit(str(i), p, sampling, spec, sink)
         assert done.wait(timeout=60)
-        timing = core.load()["step_timing"]
+        load = core.load()
     finally:
         core.stop()
-    assert [got[str(i)] for i in range(len(PROMPTS))] == ref
+    return [got[str(i)] for i in range(len(prompts))], load
+
+
+def test_sinks_get_offline_tokens_and_the_loop_times_its_gaps():
+    pair = make_pair(random_llama(0), random_llama(0, layers=1))
+    sampling = SamplingParams(max_tokens=12, ignore_eos=True)
+    ref = [d.token_ids for d in generate(pair, PROMPTS, sampling, SpecParams("ar"))]
+    core = LaneCore(SpecBatch(pair.target, Drafter(pair.draft), set()), max_queued=4, max_batch_size=2)
+    got, load = serve_all(core, PROMPTS, sampling, SpecParams("sd", 3, adaedl=False))
+    timing = load["step_timing"]
+    assert got == ref
     assert timing["steps"] > 0 and timing["gap_ms"] >= 0 and timing["total_ms"] > 0
     slowest = timing["slowest"]
     assert 0 <= slowest["step"] < timing["steps"] and slowest["batch"] >= 1
     assert slowest["total_ms"] >= timing["total_ms"] >= 0 and slowest["total_ms"] >= slowest["verify_ms"]
+
+
+def test_a_lane_with_load_control_reports_it():
+    pair = make_pair(random_llama(0), random_llama(0, layers=1))
+    sampling = SamplingParams(max_tokens=16, ignore_eos=True)
+    prompts = PROMPTS + [list(range(10, 40)), [42]]
+    ref = [d.token_ids for d in generate(pair, prompts, sampling, SpecParams("ar"))]
+    batch = SpecBatch(pair.target, Drafter(pair.draft), set(), LoadController(LoadControlConfig(warmup_steps=2)))
+    got, load = serve_all(LaneCore(batch, max_queued=8, max_batch_size=4), prompts, sampling, SpecParams("sd", 4, adaedl=False))
+    assert got == ref
+    state = load["load_control"]
+    assert state["steps_observed"] > 2 and state["rest_ms"]["fixed"] is not None
+    assert set(state) >= {"cap", "draft_position_ms", "lane_acceptance", "goodput_tokens_per_s", "measured_tokens_per_s"}
 
 
 def test_lane_stream_merges_what_piled_up():

@@ -7,9 +7,6 @@ import itertools
 import pytest
 from conftest import Scripted, make_pair, random_llama
 
-from actors.batch import SpecBatch
-from actors.drafter import Drafter
-from actors.lane_core import LaneCore
 from actors.load_control import Candidate, LoadControlConfig, LoadController, StepObservation, _Line
 from actors.messages import SamplingParams, SpecParams
 from actors.offline import generate
@@ -103,37 +100,6 @@ def test_a_cap_of_zero_decodes_as_ar():
     pair = make_pair(random_llama(0), random_llama(0, layers=1))
     done = generate(pair, PROMPTS, SamplingParams(max_tokens=12), SpecParams("sd", 4, adaedl=False), controller=Scripted([0]))
     assert all(d.stats.drafted == 0 and d.stats.steps == 12 for d in done)
-
-
-def test_a_lane_with_load_control_reports_it():
-    pair = make_pair(random_llama(0), random_llama(0, layers=1))
-    sampling = SamplingParams(max_tokens=16, ignore_eos=True)
-    ref = [d.token_ids for d in generate(pair, PROMPTS, sampling, SpecParams("ar"))]
-    batch = SpecBatch(pair.target, Drafter(pair.draft), set(), LoadController(LoadControlConfig(warmup_steps=2)))
-    core = LaneCore(batch, max_queued=8, max_batch_size=4)
-    got = {str(i): [] for i in range(len(PROMPTS))}
-    finished = []
-    import threading
-
-    done = threading.Event()
-
-    def sink(e):
-        got[e.rid] += e.token_ids
-        if e.finish_reason:
-            finished.append(e.rid)
-            if len(finished) == len(PROMPTS):
-                done.set()
-
-    try:
-        for i, p in enumerate(PROMPTS):
-            core.submit(str(i), p, sampling, SpecParams("sd", 4, adaedl=False), sink)
-        assert done.wait(timeout=60)
-        state = core.load()["load_control"]
-    finally:
-        core.stop()
-    assert [got[str(i)] for i in range(len(PROMPTS))] == ref
-    assert state["steps_observed"] > 2 and state["rest_ms"]["fixed"] is not None
-    assert set(state) >= {"cap", "draft_position_ms", "lane_acceptance", "goodput_tokens_per_s"}
 
 
 def test_a_cap_falls_at_once_and_rises_at_most_to_double():

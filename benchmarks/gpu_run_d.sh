@@ -1,4 +1,4 @@
-# GPU call D (~3 min, one H200, no Ray): where an AR / SD step's time goes at T=0 and T=1, and
+# GPU call D (~4 min, one H200, no Ray; most of it capturing every graph for 64 slots): where an AR / SD step's time goes at T=0 and T=1, and
 # whether warm_kernels, capturing every graph at start, or gc.freeze() change it
 # (benchmarks/step_profile.py says why). Uses the benchmark pair if gpu_run_a.sh left it in
 # /tmp/bench, else a random-weight pair of the same shapes (timing only).

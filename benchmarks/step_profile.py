@@ -7,10 +7,12 @@ The sixth H200 lease measured tandem AR at T=1, batch 1, at 2.35 ms per step in 
 the cluster lane, but 1.76 ms per token in cluster_gpu's in-process run on the same prompts; the
 fourth and fifth leases had gpu_bench at 1.81-1.95 ms. What the slower runs did first and the
 fast one did not: Triton's kernels compiled for every specialization (kernels/warmup.py) and
-hundreds to thousands of CUDA graphs captured up front. This script times the same rows in one
+hundreds to thousands of CUDA graphs captured up front; they also held 64 KV slots, not 8. This script times the same rows in one
 process after each of those in turn (cumulative phases), so the step that changes names itself:
 
-  fresh        the pair loaded, one untimed run of each row (lazy graphs, lazy Triton)
+  few_slots    the pair loaded with --few-slots KV slots (cluster_gpu's in-process run had 8),
+               one untimed run of each row (lazy graphs, lazy Triton); then it is dropped
+  fresh        the pair loaded with --max-slots slots (gpu_bench's: its largest concurrency)
   kernels      + warm_kernels (every rejection-sampler / softmax-entropy specialization)
   graphs       + every CUDA graph a lane captures at start (GraphRunner.capture_at_start)
   gc_frozen    + gc.freeze(): the collector stops walking the start-up objects (vLLM does this
@@ -44,7 +46,7 @@ from actors.pair import load_pair
 from kernels.warmup import warm_kernels
 from tandem.zoo import heldout_prompts
 
-PHASES = ("fresh", "kernels", "graphs", "gc_frozen")
+PHASES = ("few_slots", "fresh", "kernels", "graphs", "gc_frozen")
 ROWS = (("ar", 0, 0.0), ("ar", 0, 1.0), ("sd", 5, 1.0))  # (mode, max_draft, temperature)
 
 
@@ -89,11 +91,12 @@ def enter(phase: str, pair, max_draft: int) -> str:
             if runner is not None and runner.capture:
                 made.append(runner.capture_at_start(max_draft, draft))
         return f"{made} graphs held (target, draft)" if made else "no CUDA graphs here"
+    if phase in ("few_slots", "fresh"):
+        return f"{pair.target.free_slots} KV slots"
     if phase == "gc_frozen":
         gc.collect()
         gc.freeze()
         return f"{gc.get_freeze_count()} objects frozen"
-    return "loaded"
 
 
 def _sync() -> None:
@@ -111,14 +114,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-draft", type=int, default=16, help="the window capture_at_start covers")
     ap.add_argument("--top", type=int, default=15, help="profiler rows kept")
+    ap.add_argument("--max-slots", type=int, default=64, help="KV slots of the pair the later phases use")
+    ap.add_argument("--few-slots", type=int, default=8, help="KV slots of the first phase's pair")
     ap.add_argument("--out", default="step_profile.json")
     args = ap.parse_args(argv)
 
-    pair = load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, max_slots=2)
+    def load(slots: int):
+        return load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, max_slots=slots)
+
+    pair = load(args.few_slots)
     prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in heldout_prompts(64, seed=1)[: args.prompts]]
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": vars(args), "phases": []}
     print(f"{'phase':<10} {'row':<10} {'tok/s':>8} {'step':>7} {'draft':>7} {'verify':>7} {'rest':>7}  (ms per step)")
     for phase in PHASES:
+        if phase == "fresh":  # the few-slot pair goes; the phases after this one build on this pair
+            del pair
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            pair = load(args.max_slots)
         note = enter(phase, pair, args.max_draft)
         print(f"[{phase}: {note}]", flush=True)
         rows = []

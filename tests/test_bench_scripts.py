@@ -149,7 +149,7 @@ def test_step_profile_times_every_phase_and_row(tmp_path):
         "--device", "cpu", "--dtype", "float32", "--prompts", "1", "--max-tokens", "4", "--top", "3", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
-    assert [p["phase"] for p in data["phases"]] == ["fresh", "kernels", "graphs", "gc_frozen"]
+    assert [p["phase"] for p in data["phases"]] == ["few_slots", "fresh", "kernels", "graphs", "gc_frozen"]
     for phase in data["phases"]:
         assert [(r["mode"], r["temperature"]) for r in phase["rows"]] == [("ar", 0.0), ("ar", 1.0), ("sd", 1.0)]
         assert all(r["steps"] > 0 and r["step_ms"] >= r["verify_ms"] > 0 for r in phase["rows"])

@@ -20,6 +20,7 @@ from actors.lane_core import LaneCore
 from actors.lane_roles import stop_lane
 from actors.messages import Emission, SamplingParams, SpecParams
 from cluster.config import AppConfig
+from cluster.metrics import LaneMetrics
 from cluster.topology import build_lane_batch
 
 
@@ -33,12 +34,14 @@ class Lane:
                              on_stop=stop_lane)
         self.batching_interval_s = lane.stream_batching_interval_ms / 1000
         self.streamed = {"items": 0, "tokens": 0}  # since reset_timing(); tokens / items = batching
+        self.metrics = LaneMetrics(self.lane_id, self.core.load)  # the Ray dashboard's tandem_* series
 
     async def generate(self, rid: str, prompt: list[int], sampling: dict, spec: dict) -> AsyncIterator[dict]:
         """Stream {token_ids, finish_reason, stats} dicts; the last one has finish_reason set."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Emission] = asyncio.Queue()
-        self.core.submit(rid, prompt, SamplingParams(**sampling), SpecParams(**spec),
+        spec = SpecParams(**spec)
+        self.core.submit(rid, prompt, SamplingParams(**sampling), spec,
                          lambda e: loop.call_soon_threadsafe(inbox.put_nowait, e))
         finished = False
         hold_until = 0.0  # loop time before which tokens wait for company; 0: the first goes out at once
@@ -49,11 +52,14 @@ class Lane:
                 finished = e.finish_reason is not None
                 self.streamed["items"] += 1
                 self.streamed["tokens"] += len(e.token_ids)
+                if finished:
+                    self.metrics.request_finished(spec.mode, e.finish_reason, e.stats)
                 yield {"token_ids": e.token_ids, "finish_reason": e.finish_reason,
                        "stats": e.stats.as_dict() if finished else None, "lane": self.lane_id}
         finally:
             if not finished:  # the caller went away (disconnect, Cancel): free the slot now
                 self.core.cancel(rid)
+                self.metrics.request_finished(spec.mode, "cancelled", None)
 
     async def cancel(self, rid: str) -> bool:
         return self.core.cancel(rid)
@@ -80,6 +86,9 @@ class Lane:
             raise RuntimeError(f"lane {self.lane_id} step loop failed: {self.core.error!r}")
 
     def __del__(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.stop()
         core = getattr(self, "core", None)
         if core is not None:
             core.stop()

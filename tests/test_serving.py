@@ -15,6 +15,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,7 @@ def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:
 class Server:
     grpc: str  # host:port
     http: str  # base URL, no trailing slash
+    metrics: str  # the node's Prometheus endpoint (what the Ray dashboard reads)
 
     def client(self, app: str = "tandem", **kw) -> TandemClient:
         """An SDK client; with two applications the gRPC proxy routes on metadata "application"."""
@@ -95,15 +97,16 @@ def server():
     from cluster.app import build_app
 
     temp = tempfile.mkdtemp(prefix="tdm", dir="/tmp")  # short: Ray's socket paths have a length limit
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     ray.init(num_cpus=4, num_gpus=0, _temp_dir=temp, object_store_memory=200 * 1024**2,
-             include_dashboard=False, log_to_driver=False)
+             include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 500})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                     grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
         serve.run_many([serve.RunTarget(build_app(MAIN_ARGS), name="tandem", route_prefix="/"),
                         serve.RunTarget(build_app(ONE_ARGS), name="one", route_prefix="/one")])
-        yield Server(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
+        yield Server(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -225,6 +228,33 @@ def test_cli_generate_url_prints_the_offline_json_shape(server, offline, monkeyp
     want = offline(PROMPTS[1], 10)
     assert (out["token_ids"], out["text"], out["finish_reason"]) == (want, text_of(offline, want), "length")
     assert out["stats"]["generated"] == 10 and out["stats"]["steps"] >= 1
+
+
+def test_lane_metrics_reach_prometheus(server, offline):
+    """The tandem_* series a Ray dashboard shows: counted per finished request, gauged per lane."""
+    from ray import serve
+
+    with server.client("one") as c:
+        got = c.complete(PROMPTS[0], max_tokens=12, mode="sd", temperature=0.0)
+    (load,) = serve.get_deployment_handle("Lane", "one").broadcast("load").results(timeout_s=30)
+    lane = load["lane"]
+
+    def series(name: str) -> dict[str, float]:  # {labels: value} of this lane's samples
+        body = urllib.request.urlopen(server.metrics, timeout=5).read().decode()
+        return {line.split("{", 1)[1].rsplit("}", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                if line.startswith(name + "{") and f'lane="{lane}"' in line}
+
+    def sd_total(name: str) -> float:
+        return sum(v for labels, v in series(name).items() if 'mode="sd"' in labels)
+
+    wait_until(lambda: sd_total("ray_tandem_generated_tokens_total") >= 12 and series("ray_tandem_lane_step_ms"),
+               timeout=30, what="tandem metrics on the Prometheus endpoint")
+    assert sd_total("ray_tandem_draft_tokens_total") >= got.stats.drafted > 0
+    assert sd_total("ray_tandem_accepted_tokens_total") <= sd_total("ray_tandem_checked_tokens_total")
+    assert any('finish_reason="length"' in labels for labels in series("ray_tandem_requests_total"))
+    parts = {labels.split('part="', 1)[1].split('"', 1)[0] for labels in series("ray_tandem_lane_step_ms")}
+    assert parts == {"total", "draft", "verify", "wait", "exchange"}
+    assert series("ray_tandem_load_control_cap")  # this app's lane has speculation.load_control on
 
 
 def test_health_and_list_models(server):
@@ -451,7 +481,21 @@ def fake_lane(core: FakeCore, interval_ms: float):
     lane = Lane.__new__(Lane)
     lane.core, lane.lane_id, lane.streamed = core, "fake", {"items": 0, "tokens": 0}
     lane.batching_interval_s = interval_ms / 1000
+    lane.metrics = CountedEnds()
     return lane
+
+
+class CountedEnds:
+    """What a fake lane tells its metrics: (mode, finish_reason) per ended request."""
+
+    def __init__(self) -> None:
+        self.ended = []
+
+    def request_finished(self, mode, finish_reason, stats) -> None:
+        self.ended.append((mode, finish_reason))
+
+    def stop(self) -> None:  # Lane.__del__
+        pass
 
 
 def stream(lane, rid: str = "r"):
@@ -476,7 +520,9 @@ def test_lane_stream_sends_the_first_token_at_once_then_batches_and_flushes_the_
     # tokens 0..9 one per 10 ms, then the finish; interval 40 ms
     tokens = [(0.01 * i, Emission("r", [i])) for i in range(10)]
     core = FakeCore(tokens + [(0.10, Emission("r", [10], "length", RequestStats(generated=11)))])
-    out = stream(fake_lane(core, 40))
+    lane = fake_lane(core, 40)
+    out = stream(lane)
+    assert lane.metrics.ended == [("pearl", "length")]  # SpecParams()'s mode
     items = [item for _, item in out]
     assert [t for item in items for t in item["token_ids"]] == list(range(11))
     assert items[0]["token_ids"] == [0]  # time to first token: never held
@@ -524,6 +570,7 @@ def test_lane_stream_cancelled_while_holding_frees_the_slot():
 
     assert asyncio.run(run())["token_ids"] == [1]
     assert core.cancelled == ["r"]
+    assert lane.metrics.ended == [("pearl", "cancelled")]
 
 
 # -- configuration ---------------------------------------------------------------------------------

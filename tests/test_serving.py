@@ -234,27 +234,35 @@ def test_lane_metrics_reach_prometheus(server, offline):
     """The tandem_* series a Ray dashboard shows: counted per finished request, gauged per lane."""
     from ray import serve
 
-    with server.client("one") as c:
-        got = c.complete(PROMPTS[0], max_tokens=12, mode="sd", temperature=0.0)
-    (load,) = serve.get_deployment_handle("Lane", "one").broadcast("load").results(timeout_s=30)
-    lane = load["lane"]
+    lanes = {app: [x["lane"] for x in serve.get_deployment_handle("Lane", app).broadcast("load").results(timeout_s=30)]
+             for app in ("tandem", "one")}
 
-    def series(name: str) -> dict[str, float]:  # {labels: value} of this lane's samples
+    def series(name: str, app: str = "tandem") -> dict[str, float]:  # {labels: value} of the app's lanes
         body = urllib.request.urlopen(server.metrics, timeout=5).read().decode()
         return {line.split("{", 1)[1].rsplit("}", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-                if line.startswith(name + "{") and f'lane="{lane}"' in line}
+                if line.startswith(name + "{") and any(f'lane="{lane}"' in line for lane in lanes[app])}
 
-    def sd_total(name: str) -> float:
-        return sum(v for labels, v in series(name).items() if 'mode="sd"' in labels)
+    counted = ("generated", "draft", "checked", "accepted")
 
-    wait_until(lambda: sd_total("ray_tandem_generated_tokens_total") >= 12 and series("ray_tandem_lane_step_ms"),
-               timeout=30, what="tandem metrics on the Prometheus endpoint")
-    assert sd_total("ray_tandem_draft_tokens_total") >= got.stats.drafted > 0
-    assert sd_total("ray_tandem_accepted_tokens_total") <= sd_total("ray_tandem_checked_tokens_total")
+    def sd_totals() -> dict[str, float]:  # the counters of sd requests, summed over the app's lanes
+        return {k: sum(v for labels, v in series(f"ray_tandem_{k}_tokens_total").items() if 'mode="sd"' in labels)
+                for k in counted}
+
+    before = sd_totals()  # earlier tests' requests are counted too
+    with server.client() as c:
+        got = c.complete(PROMPTS[0], max_tokens=12, mode="sd", temperature=0.0)
+    want = {"generated": 12, "draft": got.stats.drafted, "checked": got.stats.checked, "accepted": got.stats.accepted}
+    assert want["draft"] > 0
+    wait_until(lambda: {k: v - before[k] for k, v in sd_totals().items()} == want, timeout=30,
+               what=f"the request's {want} counted on the Prometheus endpoint")
     assert any('finish_reason="length"' in labels for labels in series("ray_tandem_requests_total"))
-    parts = {labels.split('part="', 1)[1].split('"', 1)[0] for labels in series("ray_tandem_lane_step_ms")}
-    assert parts == {"total", "draft", "verify", "wait", "exchange"}
-    assert series("ray_tandem_load_control_cap")  # this app's lane has speculation.load_control on
+    def parts() -> set[str]:
+        return {labels.split('part="', 1)[1].split('"', 1)[0] for labels in series("ray_tandem_lane_step_ms")}
+
+    wait_until(lambda: parts() == {"total", "draft", "verify", "wait", "exchange"}, timeout=30, what="step ms by part")
+    # the load controller's cap: only where speculation.load_control is on (the "one" app)
+    assert not series("ray_tandem_load_control_cap")
+    wait_until(lambda: series("ray_tandem_load_control_cap", "one"), timeout=30, what="the cap gauge of the one-slot lane")
 
 
 def test_health_and_list_models(server):

@@ -248,13 +248,30 @@ def test_lane_metrics_reach_prometheus(server, offline):
         return {k: sum(v for labels, v in series(f"ray_tandem_{k}_tokens_total").items() if 'mode="sd"' in labels)
                 for k in counted}
 
-    before = sd_totals()  # earlier tests' requests are counted too
+    def settled() -> dict[str, float]:  # earlier tests' requests are counted too, their series exported apart
+        last = sd_totals()
+        while True:
+            time.sleep(1.5)  # 3 export intervals (metrics_report_interval_ms=500)
+            now = sd_totals()
+            if now == last:
+                return now
+            last = now
+
+    before = settled()
     with server.client() as c:
         got = c.complete(PROMPTS[0], max_tokens=12, mode="sd", temperature=0.0)
     want = {"generated": 12, "draft": got.stats.drafted, "checked": got.stats.checked, "accepted": got.stats.accepted}
     assert want["draft"] > 0
-    wait_until(lambda: {k: v - before[k] for k, v in sd_totals().items()} == want, timeout=30,
-               what=f"the request's {want} counted on the Prometheus endpoint")
+    seen = {}
+
+    def counted_now() -> bool:
+        seen.update({k: v - before[k] for k, v in sd_totals().items()})
+        return seen == want
+
+    try:
+        wait_until(counted_now, timeout=30, what=f"the request's {want} counted on the Prometheus endpoint")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; counted {seen}, before {before}") from None
     assert any('finish_reason="length"' in labels for labels in series("ray_tandem_requests_total"))
     def parts() -> set[str]:
         return {labels.split('part="', 1)[1].split('"', 1)[0] for labels in series("ray_tandem_lane_step_ms")}

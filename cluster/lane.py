@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from typing import AsyncIterator
 
 import torch
@@ -39,15 +40,14 @@ class Lane:
     async def generate(self, rid: str, prompt: list[int], sampling: dict, spec: dict) -> AsyncIterator[dict]:
         """Stream {token_ids, finish_reason, stats} dicts; the last one has finish_reason set."""
         loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[Emission] = asyncio.Queue()
+        inbox = Inbox(loop)
         spec = SpecParams(**spec)
-        self.core.submit(rid, prompt, SamplingParams(**sampling), spec,
-                         lambda e: loop.call_soon_threadsafe(inbox.put_nowait, e))
+        self.core.submit(rid, prompt, SamplingParams(**sampling), spec, inbox.put)
         finished = False
         hold_until = 0.0  # loop time before which tokens wait for company; 0: the first goes out at once
         try:
             while not finished:
-                e = _merge(await _drain(inbox, hold_until))
+                e = _merge(await inbox.take(hold_until))
                 hold_until = loop.time() + self.batching_interval_s
                 finished = e.finish_reason is not None
                 self.streamed["items"] += 1
@@ -94,25 +94,52 @@ class Lane:
             core.stop()
 
 
-async def _drain(inbox: asyncio.Queue, hold_until: float = 0.0) -> list[Emission]:
-    """The next emission, those that arrive behind it until `hold_until` (loop time), and every
-    one queued by then; a finished request is never held.
+class Inbox:
+    """One request's emissions, from the step thread to its generate() on the replica's event loop.
 
-    Each streamed item costs Python time here (Serve forwards it from this replica's user-code
-    event loop to the router as its own object) and in the router, and the step loop shares this
-    interpreter. Taking only what had piled up did not cure the cluster's loss at 8 streams on an
-    H200 (0.27x in-process); holding tokens for a few ms makes every item carry several.
+    The step thread appends and wakes the loop only when generate() waits for a first emission or
+    when the request finishes, not at every step: each wake-up is Python work in this interpreter,
+    which the step loop shares (an asyncio.Queue fed by call_soon_threadsafe woke the loop and the
+    request's task once per step per stream). While generate() holds tokens to batch them, what
+    the steps verify piles up here unseen until the hold ends; a finish ends a hold at once.
     """
-    loop = asyncio.get_running_loop()
-    items = [await inbox.get()]
-    while items[-1].finish_reason is None and hold_until > loop.time():
-        try:  # Queue.get loses no item when it times out
-            items.append(await asyncio.wait_for(inbox.get(), hold_until - loop.time()))
-        except asyncio.TimeoutError:
-            break
-    while items[-1].finish_reason is None and not inbox.empty():
-        items.append(inbox.get_nowait())
-    return items
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: deque[Emission] = deque()
+        self.wake = asyncio.Event()
+        self.waiting = False  # generate() sleeps until the next emission
+
+    def put(self, e: Emission) -> None:  # the step thread's sink (thread-safe: deque append, one flag)
+        self.items.append(e)
+        if self.waiting or e.finish_reason is not None:
+            self.waiting = False
+            self.loop.call_soon_threadsafe(self.wake.set)
+
+    async def take(self, hold_until: float = 0.0) -> list[Emission]:
+        """The next emission, and every one that arrives behind it until `hold_until` (loop time);
+        a finished request is never held."""
+        if not self.items:
+            self.wake.clear()
+            self.waiting = True
+            if not self.items:  # put() may have run before `waiting` was set
+                await self.wake.wait()
+            self.waiting = False
+        delay = hold_until - self.loop.time()
+        if delay > 0 and not self._finished():
+            self.wake.clear()  # a wake scheduled before now runs after this: a finish is never missed
+            if not self._finished():
+                try:
+                    await asyncio.wait_for(self.wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        taken = []
+        while self.items:
+            taken.append(self.items.popleft())
+        return taken
+
+    def _finished(self) -> bool:
+        return bool(self.items) and self.items[-1].finish_reason is not None
 
 
 def _merge(items: list[Emission]) -> Emission:

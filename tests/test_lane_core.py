@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from conftest import make_pair, random_llama
@@ -72,19 +73,59 @@ def test_a_lane_with_load_control_reports_it():
 
 def test_lane_stream_merges_what_piled_up():
     pytest.importorskip("ray")
-    from cluster.lane import _drain, _merge
+    from cluster.lane import Inbox, _merge
 
     stats = RequestStats(steps=3)
 
     async def run():
-        inbox: asyncio.Queue = asyncio.Queue()
+        inbox = Inbox(asyncio.get_running_loop())
         for e in (Emission("r", [1, 2]), Emission("r", [3]), Emission("r", [4], "length", stats)):
-            inbox.put_nowait(e)
-        items = await _drain(inbox)
-        assert inbox.empty()
+            inbox.put(e)
+        items = await inbox.take()
+        assert not inbox.items
         return _merge(items)
 
     merged = asyncio.run(run())
     assert merged.token_ids == [1, 2, 3, 4] and merged.finish_reason == "length" and merged.stats is stats
     single = Emission("r", [5])
     assert _merge([single]) is single
+
+
+def test_lane_inbox_wakes_for_a_first_emission_and_a_finish_only():
+    """A step thread feeding the inbox: generate() wakes for the first emission after it waited
+    and for the finish (which ends a hold early), not for the tokens in between."""
+    pytest.importorskip("ray")
+    from cluster.lane import Inbox
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        inbox = Inbox(loop)
+        wakes = []
+        original = loop.call_soon_threadsafe
+
+        def counted(cb, *args):
+            wakes.append(cb)
+            return original(cb, *args)
+
+        loop.call_soon_threadsafe = counted
+
+        def steps():  # the step thread: 20 steps 2 ms apart, then the finish
+            for i in range(20):
+                time.sleep(0.002)
+                inbox.put(Emission("r", [i]))
+            inbox.put(Emission("r", [20], "length"))
+
+        t = threading.Thread(target=steps)
+        t.start()
+        first = await inbox.take()
+        start = loop.time()
+        rest = await inbox.take(hold_until=loop.time() + 10.0)  # held, until the finish ends the hold
+        held = loop.time() - start
+        t.join()
+        return first, rest, held, len(wakes)
+
+    first, rest, held, wakes = asyncio.run(run())
+    tokens = [t for e in first + rest for t in e.token_ids]
+    assert tokens == list(range(21)) and rest[-1].finish_reason == "length"
+    assert held < 5.0  # the finish ended the 10 s hold
+    assert wakes <= 3  # the first emission (maybe one more, racing the flag) and the finish, not 21

@@ -78,17 +78,19 @@ class SpecBatch:
         ctl = self.controller
         cap = ctl.decide([Candidate(r.rid, min(r.spec.max_draft, room) if r.spec.mode != "ar" else 0, r.spec.adaedl,
                                     r.spec.mode == "pearl") for r, room in zip(reqs, rooms)])
-        before = []
+        before, rows = [], 0
         for r in reqs:
             r.draft_cap = cap if r.spec.mode != "ar" else None
             before.append((r.stats.drafted, r.stats.checked, r.stats.accepted, r.window < r.spec.max_draft))
+            rows += len(r.pending) + 1  # PEARL's verify: pending + the last verified token (SD: below)
         gained, t = speculative_step(reqs, self.drafter, self.verifier, rooms)
         drafted = [r.stats.drafted - b[0] for r, b in zip(reqs, before)]
         rounds = [(r.rid, r.stats.checked - b[1], r.stats.accepted - b[2], d, b[3], r.spec.adaedl)
                   for r, b, d in zip(reqs, before, drafted)]
+        rows += sum(judged for (_, judged, *_), r in zip(rounds, reqs) if r.spec.mode == "sd")  # SD: + its chunk
         concurrent = t.total < t.draft + t.verify  # drafting ran beside the verify
         ctl.observe(StepObservation(
-            batch=len(reqs), verified_tokens=sum(x[1] + 1 for x in rounds), drafting=sum(d > 0 for d in drafted),
+            batch=len(reqs), verified_tokens=rows, drafting=sum(d > 0 for d in drafted),
             positions=max(drafted), draft_s=t.draft, rest_s=t.total - (t.wait if concurrent else t.draft),
             concurrent=concurrent, emitted=sum(len(g) for g in gained), step_s=t.total), rounds)
         return gained, t
@@ -148,6 +150,7 @@ class TimingStats:
         # The slowest step, its index and batch: a mean hides whether a cost is every step's or
         # one stall's (a graph capture, a compile, a collector pause).
         self.slowest, self.slowest_at, self.slowest_batch = StepTiming(), -1, 0
+        self.started = time.time()  # names this window (a reader of the means can tell a reset)
 
     def add(self, t: StepTiming, batch_size: int) -> None:
         if t.total > self.slowest.total:
@@ -163,4 +166,4 @@ class TimingStats:
         slowest = {"step": self.slowest_at, "batch": self.slowest_batch,
                    **{f"{k}_ms": 1000 * v for k, v in self.slowest.__dict__.items()}}
         return {"steps": self.steps, "mean_batch": self.requests / n, **out, "gap_ms": 1000 * self.gap / n,
-                "slowest": slowest}
+                "slowest": slowest, "started": self.started}

@@ -46,7 +46,7 @@ class LoadControlConfig:
     tolerance: float = 0.03  # caps predicted within 3% of the best goodput count as ties
     prior_acceptance: float = 0.7  # per-token acceptance before a lane has seen any
     prior_weight: float = 4.0  # pseudo-tokens of the lane's acceptance in each request's estimate
-    probe_every: int = 8  # decisions between probes of cap 0 where the model's predicted gain is small
+    probe_every: int = 8  # probe cap 0 every probe_every * every steps where the predicted gain is small
     probe_below: float = 1.5  # probe only where the model predicts less than this gain over cap 0
     fresh_steps: int = 256  # a measured rate older than this many steps is measured again
 
@@ -97,7 +97,7 @@ class StepObservation:
     """What one step did, as the controller needs it (SpecBatch.step measures it)."""
 
     batch: int  # requests in the step
-    verified_tokens: int  # sum over requests of the tokens the verify scored (window + 1)
+    verified_tokens: int  # rows the verify scored: SD a chunk + 1, PEARL its pending + 1, AR 1
     drafting: int  # requests that drafted
     positions: int  # the longest chunk drafted (the positions a batched draft runs)
     draft_s: float  # drafting compute
@@ -131,7 +131,7 @@ class LoadController:
         self._since, self._rids = 0, frozenset()
         self.last_goodput: dict[int, float] = {}
         self.realized: dict[tuple[int, int], _Rate] = {}  # (batch bucket, cap or -1 for none): measured
-        self._decisions = 0
+        self._last_probe = -(1 << 30)  # the step of the last probe of cap 0
 
     # -- observing ---------------------------------------------------------------------------
     def observe(self, step: StepObservation, rounds: list[tuple[str, int, int, int, bool, bool]]) -> None:
@@ -161,29 +161,39 @@ class LoadController:
     # -- deciding ----------------------------------------------------------------------------
     def decide(self, candidates: list[Candidate]) -> int | None:
         """The cap for the next steps (None: none), re-decided every `every` steps or when the
-        batch's requests change."""
+        batch's requests change: the model's choice, its rise limited, then checked against the
+        rates the lane measured."""
         rids = frozenset(c.rid for c in candidates)
         self._since += 1
         if rids == self._rids and self._since < self.config.every:
             return self.cap
         self._since, self._rids = 0, rids
-        chosen = self._choose(candidates)
-        if self.cap is not None and (chosen is None or chosen > self.cap):
-            # Up at most to double the cap (from 0: to 1) per decision: a fit that forgot why it
-            # capped probes with short windows, not with every request's whole window at once.
-            grown = max(1, 2 * self.cap)
-            chosen = grown if chosen is None or chosen > grown else chosen
-            top = max((c.window for c in candidates), default=0)
-            chosen = None if chosen >= top else chosen
-        self.cap = chosen
+        speculating = [c for c in candidates if c.window > 0]
+        if not speculating:  # nothing to cap: keep the cap for when drafting requests come back
+            return self.cap
+        chosen, gain = self._choose(candidates, speculating)
+        chosen = self._ramp(chosen, speculating)
+        self.cap = self._measured(len(candidates), chosen, gain)
         return self.cap
 
-    def _choose(self, candidates: list[Candidate]) -> int | None:
-        speculating = [c for c in candidates if c.window > 0]
-        if self.steps < self.config.warmup_steps or not speculating or not self.per_position.seen:
-            return None
+    def _ramp(self, chosen: int | None, speculating: list[Candidate]) -> int | None:
+        """A cap falls at once but rises at most to double per decision (from 0: to the smallest
+        window that can pay, 1, or 2 for PEARL, whose window of 1 yields what decoding does): a fit
+        that forgot why it capped probes with short windows, not every request's whole window."""
+        if self.cap is None or (chosen is not None and chosen <= self.cap):
+            return chosen
+        floor = 2 if all(c.pearl for c in speculating) else 1
+        grown = max(floor, 2 * self.cap)
+        chosen = grown if chosen is None or chosen > grown else chosen
+        return None if chosen >= max(c.window for c in speculating) else chosen
+
+    def _choose(self, candidates: list[Candidate], speculating: list[Candidate]) -> tuple[int | None, float]:
+        """The model's cap (None: none) and its predicted goodput over cap 0's."""
+        if self.steps < self.config.warmup_steps or not self.per_position.seen:
+            return None, math.inf
         c = self.config
-        lane_alpha = self.lane.alpha(c.prior_acceptance, c.prior_weight) if self.lane.accepted else c.prior_acceptance
+        seen = self.lane.accepted + self.lane.rejected
+        lane_alpha = self.lane.alpha(c.prior_acceptance, c.prior_weight) if seen else c.prior_acceptance
         alphas = {x.rid: self.requests.get(x.rid, _Acceptance()).alpha(lane_alpha, c.prior_weight) for x in speculating}
         lengths = {x.rid: self._uncapped(x) for x in speculating}
         top = max(lengths.values())
@@ -192,27 +202,34 @@ class LoadController:
         goodput = {}  # built apart, then swapped in: state() may read it from another thread
         for k in [k for k in CAPS if k < top] + [top]:
             windows = [min(k, lengths[x.rid]) for x in speculating]
-            tokens = fixed + sum(_expected(alphas[x.rid], w) for x, w in zip(speculating, windows))
+            tokens, rows = fixed, fixed
+            for x, w in zip(speculating, windows):
+                # SD verifies its w drafts and a bonus row; PEARL its w - 1 pending tokens and the
+                # last verified one, and the chunk's first token is judged there: w - 1 + 1 rows
+                judged = w - 1 if x.pearl and w > 0 else w
+                tokens += _expected(alphas[x.rid], judged)
+                rows += judged + 1
             drafting = sum(w > 0 for w in windows)
             draft = max(windows) * self.per_position(drafting) if drafting else 0.0
-            rest = self.rest(fixed + sum(w + 1 for w in windows))
+            rest = self.rest(rows)
             step = max(rest, draft) if overlapped else rest + draft
             goodput[k] = tokens / step if step > 0 else 0.0
         self.last_goodput = goodput
         best = max(goodput.values())
         chosen = max(k for k, g in goodput.items() if g >= (1 - c.tolerance) * best)
-        return self._measured(len(candidates), None if chosen >= top else chosen, goodput[chosen] / max(goodput[0], 1e-12))
+        return (None if chosen >= top else chosen), goodput[chosen] / max(goodput[0], 1e-12)
 
     def _measured(self, batch: int, chosen: int | None, predicted_gain: float) -> int | None:
-        """The model's choice checked against the rates measured at this batch size: a cap that
-        was measured slower than another (by more than `tolerance`) gives way to it, and where
-        the model predicts little gain over decoding, cap 0 is measured now and then."""
-        self._decisions += 1
+        """A cap measured slower at this batch size than another (by more than `tolerance`)
+        gives way to it; where the model predicts little gain over decoding, cap 0 is measured
+        every probe_every * every steps."""
         c, bucket = self.config, _bucket(batch)
         rates = {k: r.rate for (b, k), r in self.realized.items()
-                 if b == bucket and r.weight >= c.every and self.steps - r.last < c.fresh_steps}
+                 if b == bucket and r.count >= c.every and self.steps - r.last < c.fresh_steps}
         key = -1 if chosen is None else chosen
-        if key != 0 and 0 not in rates and predicted_gain < c.probe_below and (self._decisions - 1) % c.probe_every == 0:
+        if (key != 0 and 0 not in rates and predicted_gain < c.probe_below
+                and self.steps - self._last_probe >= c.probe_every * c.every):
+            self._last_probe = self.steps
             return 0  # probe: what does decoding alone give at this batch size now?
         faster = max(rates, key=rates.get, default=None)
         if faster is not None and key in rates and rates[faster] > (1 + c.tolerance) * rates[key]:
@@ -242,12 +259,12 @@ class _Rate:
 
     tokens: float = 0.0
     seconds: float = 0.0
-    weight: float = 0.0
+    count: int = 0  # steps measured
     last: int = 0  # the controller's step count at the last update
 
     def add(self, tokens: int, seconds: float, step: int, forget: float) -> None:
         self.tokens, self.seconds = forget * self.tokens + tokens, forget * self.seconds + seconds
-        self.weight, self.last = forget * self.weight + 1, step
+        self.count, self.last = self.count + 1, step
 
     @property
     def rate(self) -> float:

@@ -119,7 +119,7 @@ class Inbox:
     async def take(self, hold_until: float = 0.0) -> list[Emission]:
         """The next emission, and every one that arrives behind it until `hold_until` (loop time);
         a finished request is never held."""
-        if not self.items:
+        while not self.items:  # a wake scheduled by an earlier put() can find nothing new: wait again
             self.wake.clear()
             self.waiting = True
             if not self.items:  # put() may have run before `waiting` was set
@@ -136,6 +136,7 @@ class Inbox:
         taken = []
         while self.items:
             taken.append(self.items.popleft())
+        assert taken, "Inbox.take returned nothing"  # the loop above waits until there is something
         return taken
 
     def _finished(self) -> bool:

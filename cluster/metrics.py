@@ -44,7 +44,7 @@ class LaneMetrics:
         self.step_ms = Gauge("tandem_lane_step_ms", "mean ms per step over the last interval", tag_keys=("lane", "part"))
         self.batch = Gauge("tandem_lane_batch", "mean requests per step over the last interval", tag_keys=("lane",))
         self.cap = Gauge("tandem_load_control_cap", "the load controller's draft-length cap (-1: none)", tag_keys=("lane",))
-        self._last = (0, 0.0, {p: 0.0 for p in PARTS})  # steps, requests x steps, ms x steps at the last publish
+        self._last = (None, 0, 0.0, {p: 0.0 for p in PARTS})  # window, steps, requests x steps, ms x steps
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lane-metrics-{lane_id}", daemon=True)
         self._thread.start()
@@ -70,15 +70,15 @@ class LaneMetrics:
         t = load["step_timing"]
         steps, batch_sum = t["steps"], t["mean_batch"] * t["steps"]
         sums = {p: t[f"{p}_ms"] * steps for p in PARTS}
-        last_steps, last_batch, last_sums = self._last
-        if steps < last_steps:  # the timing window was reset (benchmarks do): start over
+        window, last_steps, last_batch, last_sums = self._last
+        if t["started"] != window:  # a new timing window (benchmarks reset it): count from its start
             last_steps, last_batch, last_sums = 0, 0.0, {p: 0.0 for p in PARTS}
         if steps > last_steps:
             n = steps - last_steps
             for p in PARTS:
                 self.step_ms.set((sums[p] - last_sums[p]) / n, tags={**tags, "part": p})
             self.batch.set((batch_sum - last_batch) / n, tags=tags)
-        self._last = (steps, batch_sum, sums)
+        self._last = (t["started"], steps, batch_sum, sums)
         control = load.get("load_control")
         if control is not None:
             self.cap.set(-1 if control["cap"] is None else control["cap"], tags=tags)

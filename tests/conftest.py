@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -60,5 +61,5 @@ class Scripted(LoadController):
         super().__init__(LoadControlConfig(every=1))
         self.script = itertools.cycle(caps)
 
-    def _choose(self, candidates):
-        return next(self.script)
+    def _choose(self, candidates, speculating):
+        return next(self.script), math.inf  # an infinite predicted gain: no probes of cap 0

@@ -129,3 +129,23 @@ def test_lane_inbox_wakes_for_a_first_emission_and_a_finish_only():
     assert tokens == list(range(21)) and rest[-1].finish_reason == "length"
     assert held < 5.0  # the finish ended the 10 s hold
     assert wakes <= 3  # the first emission (maybe one more, racing the flag) and the finish, not 21
+
+
+def test_lane_inbox_take_never_returns_empty_after_a_stale_wake():
+    """put() racing take()'s first wait leaves a wake behind; the next take() must not return it
+    with nothing (the reviewer's interleaving, replayed on the loop)."""
+    pytest.importorskip("ray")
+    from cluster.lane import Inbox
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        inbox = Inbox(loop)
+        inbox.waiting = True  # take() was about to wait when the step thread's put() came
+        inbox.put(Emission("r", [1]))  # schedules a wake
+        first = await inbox.take()  # finds the item without waiting; the wake is still pending
+        loop.call_later(0.05, inbox.put, Emission("r", [2], "length"))
+        second = await inbox.take()  # the stale wake fires first: it must wait on for the real one
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert [e.token_ids for e in first] == [[1]] and [e.token_ids for e in second] == [[2]]

@@ -121,8 +121,24 @@ def test_a_cap_measured_slower_than_another_gives_way_to_it():
 
 
 def test_cap_zero_is_probed_only_where_the_model_predicts_little_gain():
+    def picks(gain):
+        ctl, out = LoadController(), []
+        for _ in range(16):
+            out.append(ctl._measured(4, 3, predicted_gain=gain))
+            ctl.steps += 8  # a decision every 8 steps
+        return out
+
+    low = picks(1.2)
+    assert low.count(0) == 2 and low[0] == low[8] == 0  # at once, then every 64 steps
+    assert all(k == 3 for k in picks(2.0))  # clearly worth it: no probe
+
+
+
+
+def test_a_rise_from_cap_zero_starts_where_a_window_can_pay():
     ctl = LoadController()
-    picks = [ctl._measured(4, 3, predicted_gain=1.2) for _ in range(16)]
-    assert picks.count(0) == 2 and picks[0] == picks[8] == 0  # the first decision, then every 8th
-    ctl = LoadController()
-    assert all(ctl._measured(4, 3, predicted_gain=2.0) == 3 for _ in range(16))  # clearly worth it: no probe
+    ctl.cap = 0
+    assert ctl._ramp(None, [Candidate("a", 8, False, pearl=False)]) == 1
+    # PEARL's window of 1 yields what decoding does (its chunk's first token is judged the next step)
+    assert ctl._ramp(None, [Candidate("a", 8, False, pearl=True)]) == 2
+    assert ctl._ramp(1, [Candidate("a", 8, False, pearl=False)]) == 1  # at or under the cap: as chosen

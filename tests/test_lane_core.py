@@ -149,3 +149,42 @@ def test_lane_inbox_take_never_returns_empty_after_a_stale_wake():
 
     first, second = asyncio.run(run())
     assert [e.token_ids for e in first] == [[1]] and [e.token_ids for e in second] == [[2]]
+
+
+def test_lane_metrics_gauge_each_interval_and_start_over_on_a_reset(monkeypatch):
+    """publish() turns the lane's running step means into per-interval means; a new timing window
+    (a benchmark's reset) starts the count over instead of mixing the two windows."""
+    pytest.importorskip("ray")
+    import ray.util.metrics as rm
+
+    from cluster.metrics import PARTS, LaneMetrics
+
+    class Recorded:  # stands in for Ray's metric objects, which need a running Ray
+        def __init__(self, name, description="", tag_keys=(), boundaries=None):
+            self.name, self.values = name, {}
+
+        def set(self, value, tags):
+            self.values[tuple(sorted(tags.items()))] = value
+
+        inc = observe = set
+
+    for cls in ("Counter", "Gauge", "Histogram"):
+        monkeypatch.setattr(rm, cls, Recorded)
+    metrics = LaneMetrics("L", load=lambda: {}, interval_s=3600)
+
+    def load(started, steps, mean_total_ms, mean_batch):
+        timing = {"started": started, "steps": steps, "mean_batch": mean_batch,
+                  **{f"{p}_ms": (mean_total_ms if p == "total" else 0.0) for p in PARTS}}
+        return {"running": 2, "queued": 1, "free_slots": 5, "step_timing": timing, "load_control": {"cap": None}}
+
+    def total_ms():
+        return metrics.step_ms.values[(("lane", "L"), ("part", "total"))]
+
+    metrics.publish(load(1.0, 10, 2.0, 4.0))  # 10 steps of 2 ms
+    assert total_ms() == pytest.approx(2.0) and metrics.batch.values[(("lane", "L"),)] == pytest.approx(4.0)
+    metrics.publish(load(1.0, 20, 3.0, 4.0))  # 10 more: their mean is (20 * 3 - 10 * 2) / 10
+    assert total_ms() == pytest.approx(4.0)
+    metrics.publish(load(2.0, 30, 1.0, 2.0))  # a new window with more steps than the old: from its start
+    assert total_ms() == pytest.approx(1.0) and metrics.batch.values[(("lane", "L"),)] == pytest.approx(2.0)
+    assert metrics.cap.values[(("lane", "L"),)] == -1 and metrics.running.values[(("lane", "L"),)] == 2
+    metrics.stop()

@@ -13,7 +13,7 @@ import torch
 
 from actors.drafter import Drafter
 from actors.engine import Engine
-from actors.load_control import Candidate, LoadController, StepObservation
+from actors.load_control import Candidate, LoadController, Round, StepObservation
 from actors.messages import Emission, SamplingParams, SpecParams
 from actors.request import RequestState
 from actors.step import StepTiming, speculative_step
@@ -78,20 +78,22 @@ class SpecBatch:
         ctl = self.controller
         cap = ctl.decide([Candidate(r.rid, min(r.spec.max_draft, room) if r.spec.mode != "ar" else 0, r.spec.adaedl,
                                     r.spec.mode == "pearl") for r, room in zip(reqs, rooms)])
-        before, rows = [], 0
+        before = []
         for r in reqs:
             r.draft_cap = cap if r.spec.mode != "ar" else None
-            before.append((r.stats.drafted, r.stats.checked, r.stats.accepted, r.window < r.spec.max_draft))
-            rows += len(r.pending) + 1  # PEARL's verify: pending + the last verified token (SD: below)
+            before.append((r.stats.drafted, r.stats.checked, r.stats.accepted, r.window < r.spec.max_draft, len(r.pending)))
         gained, t = speculative_step(reqs, self.drafter, self.verifier, rooms)
-        drafted = [r.stats.drafted - b[0] for r, b in zip(reqs, before)]
-        rounds = [(r.rid, r.stats.checked - b[1], r.stats.accepted - b[2], d, b[3], r.spec.adaedl)
-                  for r, b, d in zip(reqs, before, drafted)]
-        rows += sum(judged for (_, judged, *_), r in zip(rounds, reqs) if r.spec.mode == "sd")  # SD: + its chunk
+        rounds = [Round(r.rid, r.stats.checked - checked, r.stats.accepted - accepted, r.stats.drafted - drafted,
+                        capped, r.spec.adaedl)
+                  for r, (drafted, checked, accepted, capped, _) in zip(reqs, before)]
+        # Rows the verify scored: SD its chunk + 1, PEARL its pending tokens + 1, AR 1.
+        rows = sum(x.judged + 1 if r.spec.mode == "sd" else pending + 1
+                   for x, r, (*_, pending) in zip(rounds, reqs, before))
         concurrent = t.total < t.draft + t.verify  # drafting ran beside the verify
         ctl.observe(StepObservation(
-            batch=len(reqs), verified_tokens=rows, drafting=sum(d > 0 for d in drafted),
-            positions=max(drafted), draft_s=t.draft, rest_s=t.total - (t.wait if concurrent else t.draft),
+            batch=len(reqs), verified_tokens=rows, drafting=sum(x.drafted > 0 for x in rounds),
+            positions=max(x.drafted for x in rounds), draft_s=t.draft,
+            rest_s=t.total - (t.wait if concurrent else t.draft),
             concurrent=concurrent, emitted=sum(len(g) for g in gained), step_s=t.total), rounds)
         return gained, t
 

@@ -11,7 +11,7 @@ modes gave 2.1-2.3x at batch 1. The controller picks, every few steps, the cap K
     T(K) = F(sum_r (w_r + 1)) + K' * (d0 + d1 * B')     (SD: one after the other)
     T(K) = max(F(...), K' * (d0 + d1 * B'))            (PEARL only: drafting beside verifying)
 
-with a_r request r's per-token acceptance (the geometric estimate: accepted tokens over accepted
+(PEARL: w - 1 judged tokens, no bonus, on w verified rows) with a_r request r's per-token acceptance (the geometric estimate: accepted tokens over accepted
 tokens plus rejections, from a prior of the lane's own), L_r the window the request drafts
 without a cap (its max_draft, or for AdaEDL its recent mean chunk length, since AdaEDL stops
 inside the cap anyway), F(N) the step's cost apart from drafting as a function of the tokens
@@ -25,7 +25,7 @@ only decodes sees no verify of many tokens) the probe is a short window, not eve
 whole one. The model's choice is then checked against what the lane measured: a cap that ran
 slower at this batch size than another did (tokens/s over recent steps, per batch bucket) gives
 way to it, and where the model predicts under 1.5x over plain decoding, cap 0 is measured every
-few decisions, so a wrong cost model costs a probe, not the lane's throughput. Among caps within
+64 steps, so a wrong cost model costs a probe, not the lane's throughput. Among caps within
 `tolerance` of the best the largest is kept, so a cap is only imposed where it is predicted to
 pay. Output stays lossless at any cap: it changes how many tokens are proposed, never which.
 """
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 CAPS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
@@ -92,6 +93,17 @@ class _Acceptance:
         return min(a, 0.99)
 
 
+class Round(NamedTuple):
+    """One request in one step, as the controller counts it (SpecBatch.step measures it)."""
+
+    rid: str
+    judged: int  # draft tokens its verify judged
+    accepted: int  # of those, accepted
+    drafted: int  # the chunk it drafted this step
+    capped: bool  # the cap shortened its window
+    adaedl: bool
+
+
 @dataclass
 class StepObservation:
     """What one step did, as the controller needs it (SpecBatch.step measures it)."""
@@ -134,9 +146,7 @@ class LoadController:
         self._last_probe = -(1 << 30)  # the step of the last probe of cap 0
 
     # -- observing ---------------------------------------------------------------------------
-    def observe(self, step: StepObservation, rounds: list[tuple[str, int, int, int, bool, bool]]) -> None:
-        """rounds: (rid, judged, accepted, drafted, capped, adaedl) per request: the draft tokens
-        its verify judged and accepted, the chunk it drafted, whether the cap shortened its window."""
+    def observe(self, step: StepObservation, rounds: list[Round]) -> None:
         self.steps += 1
         if step.step_s > 0:
             key = (_bucket(step.batch), -1 if self.cap is None else self.cap)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 from conftest import Scripted, make_pair, random_llama
 
-from actors.load_control import Candidate, LoadControlConfig, LoadController, StepObservation, _Line
+from actors.load_control import Candidate, LoadControlConfig, LoadController, Round, StepObservation, _Line
 from actors.messages import SamplingParams, SpecParams
 from actors.offline import generate
 
@@ -36,7 +36,7 @@ def trained(rest, per_position, alpha: float, batch: int, windows=(2, 4, 8, 16),
         if adaedl_len is not None:
             k = adaedl_len
         accepted = round(alpha * (1 - alpha**k) / (1 - alpha))  # a geometric run's mean length, capped at k
-        rounds = [(str(r), k, accepted, k, False, adaedl_len is not None) for r in range(b)]
+        rounds = [Round(str(r), k, accepted, k, False, adaedl_len is not None) for r in range(b)]
         ctl.observe(StepObservation(b, b * (k + 1), b, k, k * per_position(b), rest(b * (k + 1))), rounds)
     return ctl
 

@@ -23,6 +23,7 @@ from kernels.sampling import (
     sample,
     sampling_flags,
     sampling_tensors,
+    to_device,
 )
 
 
@@ -185,7 +186,7 @@ class Drafter:
         logits = self.engine.forward([it.slot for it in items], seqs, [1] * len(items))
         params = [it.sampling for it in items]
         if all(p.top_k == 0 and p.top_p >= 1 for p in params):
-            temp = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(logits.device)
+            temp = to_device(torch.tensor([p.temperature for p in params], dtype=torch.float32), logits.device)
             return softmax_entropy(logits, temp)  # fused on CUDA
         temp, top_k, top_p = sampling_tensors(params, logits.device)
         q = logits_to_probs(logits, temp, top_k, top_p, sampling_flags(params))

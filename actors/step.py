@@ -18,6 +18,7 @@ from actors.modes import MODE_STEPS
 from actors.request import RequestState
 from actors.verifier import Verifier
 from kernels.rejection import RejectionOutput, draw_randoms, rejection_sample
+from kernels.sampling import to_device
 
 
 @dataclass
@@ -61,9 +62,10 @@ def speculative_step(
         num_emitted = [len(o) for o in out_ids]
     else:
         verdict = judge(checks, target, [r.generator for r in reqs])
-        # One device-to-host copy for the whole batch (a sync per request adds up at batch 64).
-        out_ids = verdict.output_ids.tolist()
-        num_accepted, num_emitted = verdict.num_accepted.tolist(), verdict.num_emitted.tolist()
+        # One device-to-host copy for the whole batch and all three results: each is a sync.
+        rows = torch.cat([verdict.output_ids, verdict.num_accepted[:, None], verdict.num_emitted[:, None]], 1).tolist()
+        out_ids = [row[:-2] for row in rows]
+        num_accepted, num_emitted = [row[-2] for row in rows], [row[-1] for row in rows]
     emitted_all, rounds = [], []
     for b, (m, r, c) in enumerate(zip(modes, reqs, chunks)):
         accepted = num_accepted[b]
@@ -108,32 +110,32 @@ def judge(checks, target_probs: list[torch.Tensor], generators) -> RejectionOutp
     vocab, device = target_probs[0].shape[-1], target_probs[0].device
     num = [len(ids) for ids, _, _ in checks]
     batch, k = len(checks), max(num)
-    ids_host = torch.zeros(batch, k, dtype=torch.long)
-    for b, (ids, _, _) in enumerate(checks):
-        ids_host[b, : num[b]] = torch.tensor(ids, dtype=torch.long)
-    draft_ids = ids_host.to(device)  # [B, K]
-    # Scatter every request's rows into the padded batch with one copy (not one per request).
-    p = torch.zeros(batch * (k + 1), vocab, device=device)
-    p_rows = [b * (k + 1) + j for b, t in enumerate(target_probs) for j in range(t.shape[0])]
-    p.index_copy_(0, torch.tensor(p_rows, device=device), torch.cat(target_probs).float())
-    p = p.view(batch, k + 1, vocab)  # [B, K+1, V]
+    # Host-side inputs go in one copy that does not wait for the device (kernels/sampling.py).
+    rows = [[*ids, *[0] * (k - len(ids)), int(bonus), len(ids)] for ids, _, bonus in checks]
+    host = to_device(torch.tensor(rows, dtype=torch.long), device)  # [B, K+2]: drafts | bonus | count
+    draft_ids, bonus, num_draft = host[:, :k].contiguous(), host[:, k].bool(), host[:, k + 1].contiguous()
+    if all(t.shape[0] == k + 1 for t in target_probs):  # every row present (AR, full windows)
+        p = torch.cat(target_probs).float().view(batch, k + 1, vocab)
+    else:  # scatter every request's rows into the padded batch with one copy (not one per request)
+        p = torch.zeros(batch * (k + 1), vocab, device=device)
+        p_rows = [b * (k + 1) + j for b, t in enumerate(target_probs) for j in range(t.shape[0])]
+        p.index_copy_(0, to_device(torch.tensor(p_rows), device), torch.cat(target_probs).float())
+        p = p.view(batch, k + 1, vocab)  # [B, K+1, V]
     q = None
     if any(probs is not None for _, probs, _ in checks):
         q = torch.zeros(batch * k, vocab, device=device)
-        parts = [(probs if probs is not None else _one_hot(ids, vocab, device)).to(device)
+        parts = [to_device(probs if probs is not None else _one_hot(ids, vocab, device), device)
                  for ids, probs, _ in checks if ids]
         q_rows = [b * k + j for b in range(batch) for j in range(num[b])]
         if q_rows:
-            q.index_copy_(0, torch.tensor(q_rows, device=device), torch.cat(parts).float())
+            q.index_copy_(0, to_device(torch.tensor(q_rows), device), torch.cat(parts).float())
         q = q.view(batch, k, vocab)  # [B, K, V]
-    bonus = torch.tensor([bonus for _, _, bonus in checks], device=device)
     uniforms, noise = draw_randoms(generators, num, k, vocab, device)
-    num_draft = torch.tensor(num, dtype=torch.long, device=device)
     return rejection_sample(draft_ids, num_draft, q, p, bonus, uniforms, noise)
 
 
 def _one_hot(ids: list[int], vocab: int, device) -> torch.Tensor:  # [n, V]
-    return torch.nn.functional.one_hot(torch.tensor(ids, device=device), vocab).float()
+    return torch.nn.functional.one_hot(to_device(torch.tensor(ids), device), vocab).float()
 
 
 def _count(r: RequestState, chunk: DraftChunk, checked: int, accepted: int) -> None:

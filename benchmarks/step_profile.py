@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=15, help="profiler rows kept")
     ap.add_argument("--max-slots", type=int, default=64, help="KV slots of the pair the later phases use")
     ap.add_argument("--few-slots", type=int, default=8, help="KV slots of the first phase's pair")
+    ap.add_argument("--phases", default=",".join(PHASES), help="the first n of " + ",".join(PHASES))
     ap.add_argument("--out", default="step_profile.json")
     args = ap.parse_args(argv)
 
@@ -126,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in heldout_prompts(64, seed=1)[: args.prompts]]
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": vars(args), "phases": []}
     print(f"{'phase':<10} {'row':<10} {'tok/s':>8} {'step':>7} {'draft':>7} {'verify':>7} {'rest':>7}  (ms per step)")
-    for phase in PHASES:
+    phases = PHASES[: len(args.phases.split(","))]
+    if list(phases) != args.phases.split(","):
+        ap.error(f"--phases: a prefix of {','.join(PHASES)} (they build on each other)")
+    for phase in phases:
         if phase == "fresh":  # the few-slot pair goes; the phases after this one build on this pair
             del pair
             gc.collect()
@@ -145,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['verify_ms']:>7.3f} {r['rest_ms']:>7.3f}", flush=True)
         ops = profile_row(pair, prompts, args.max_tokens, args.top)
         result["phases"].append({"phase": phase, "did": note, "rows": rows, "ar_t1_top_ops": ops})
-    print("\nAR T=1, the ops with the most self host time per phase (us per step: host / device)")
+    print("\nAR T=1, the ops with the most self host time per phase (per step: calls, us host / device)")
     for ph in result["phases"]:
         steps = next(r["steps"] for r in ph["rows"] if r["mode"] == "ar" and r["temperature"] > 0) / max(1, args.prompts)
-        cells = [f"{o['op'][:28]} {o['self_host_us'] / steps:.0f}/{o['self_device_us'] / steps:.0f}" for o in ph["ar_t1_top_ops"][:6]]
+        cells = [f"{o['op'][:24]} {o['calls'] / steps:.1f}x {o['self_host_us'] / steps:.0f}/{o['self_device_us'] / steps:.0f}" for o in ph["ar_t1_top_ops"][:6]]
         print(f"{ph['phase']:<10} " + " | ".join(cells))
     gc.unfreeze()  # where main() runs inside a longer process (the tests)
     Path(args.out).write_text(json.dumps(result, indent=1))

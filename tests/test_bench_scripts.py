@@ -154,6 +154,8 @@ def test_step_profile_times_every_phase_and_row(tmp_path):
         assert [(r["mode"], r["temperature"]) for r in phase["rows"]] == [("ar", 0.0), ("ar", 1.0), ("sd", 1.0)]
         assert all(r["steps"] > 0 and r["step_ms"] >= r["verify_ms"] > 0 for r in phase["rows"])
         assert len(phase["ar_t1_top_ops"]) == 3
+    with pytest.raises(SystemExit):  # the phases build on each other: a prefix only
+        load_script("step_profile").main(["--device", "cpu", "--phases", "fresh", "--out", str(out)])
 
 
 def test_load_control_benchmark_checks_every_row_against_ar(tmp_path):

@@ -25,7 +25,7 @@ from actors.load_control import LoadController
 from actors.pair import load_engine, load_hf_model
 from actors.remote_drafter import RemoteDrafter, serve_drafter
 from actors.tensor_parallel import TPLeader, follow, shard_llama
-from kernels.warmup import warm_kernels
+from kernels.warmup import freeze_heap, warm_kernels
 
 
 @dataclass(frozen=True)
@@ -123,19 +123,24 @@ def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatc
     _capture_graphs(spec, engine, draft=False)
     target = TPLeader(engine, group, src=0) if group is not None else engine
     if spec.colocate_drafter:
-        return SpecBatch(target, ThreadedDrafter(_draft_engine(spec), _adaedl(spec)), stop_ids, _controller(spec))
-    drafters = []
-    for d, exchange in exchanges.items():
-        box = [None]
-        dist.recv_object_list(box, src=d, group=exchange)  # the drafter's context length
-        drafters.append(RemoteDrafter(d, box[0], spec.draft_slots, exchange))
-    return SpecBatch(target, drafters[0] if len(drafters) == 1 else DrafterPool(drafters), stop_ids, _controller(spec))
+        drafter = ThreadedDrafter(_draft_engine(spec), _adaedl(spec))
+    else:
+        drafters = []
+        for d, exchange in exchanges.items():
+            box = [None]
+            dist.recv_object_list(box, src=d, group=exchange)  # the drafter's context length
+            drafters.append(RemoteDrafter(d, box[0], spec.draft_slots, exchange))
+        drafter = drafters[0] if len(drafters) == 1 else DrafterPool(drafters)
+    freeze_heap()  # no collection walks the start-up heap inside a step
+    return SpecBatch(target, drafter, stop_ids, _controller(spec))
 
 
 def run_follower(spec: LaneSpec, rank: int, init_method: str) -> None:
     """Ranks 1..T-1: hold a shard and replay the leader's engine calls until it stops."""
     group, _ = join(spec, rank, init_method)
-    follow(_target_engine(spec, rank, group), group, src=0)
+    engine = _target_engine(spec, rank, group)
+    freeze_heap()
+    follow(engine, group, src=0)
 
 
 def run_drafter(spec: LaneSpec, rank: int, init_method: str) -> None:
@@ -144,6 +149,7 @@ def run_drafter(spec: LaneSpec, rank: int, init_method: str) -> None:
     engine = _draft_engine(spec)
     warm_kernels(engine.vocab_size, engine.device, rejection=False)
     dist.send_object_list([engine.max_context], dst=0, group=exchanges[rank])
+    freeze_heap()
     serve_drafter(Drafter(engine, _adaedl(spec)), leader=0, group=exchanges[rank])
 
 

@@ -59,6 +59,7 @@ def in_process(args) -> tuple[list[list[int]], list[dict]]:
     from actors.messages import SamplingParams, SpecParams
     from actors.offline import generate
     from actors.pair import load_pair
+    from kernels.warmup import freeze_heap
 
     if args.device == "cpu":  # what Ray sets OMP_NUM_THREADS to in the replica (ray._private.utils)
         torch.set_num_threads(max(1, math.floor(args.verifier_cpus)))
@@ -68,6 +69,7 @@ def in_process(args) -> tuple[list[list[int]], list[dict]]:
     if args.graphs_at_start:  # what the lane captures before it serves (lane_roles._capture_graphs)
         for draft, r in runners.items():
             r.capture_at_start(args.max_draft, draft)
+    freeze_heap()  # as the lane does before it serves (actors/lane_roles.py)
     prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in args.texts]
     # Prompt i samples with seed i on both paths (T > 0), so the two may be compared token by token.
     sampling = [SamplingParams(args.max_tokens, args.temperature, seed=i, ignore_eos=True) for i in range(len(prompts))]

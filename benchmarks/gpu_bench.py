@@ -48,7 +48,7 @@ from actors.load_control import LoadController
 from actors.messages import SamplingParams, SpecParams
 from actors.offline import run_batch
 from actors.pair import load_pair, load_tokenizer
-from kernels.warmup import warm_kernels
+from kernels.warmup import freeze_heap, warm_kernels
 from tandem.zoo import heldout_prompts
 
 NL_PROMPTS = [
@@ -646,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()  # Triton compiles here, not inside the first sampled row (kernels/warmup.py)
     warm_kernels(b.pair.target.vocab_size, b.pair.target.device)
     report.data["meta"]["kernel_warmup_s"] = time.perf_counter() - start
+    report.data["meta"]["frozen_objects"] = freeze_heap()  # as a lane does before it serves
     report.save()
     print(f"[{budget.elapsed():6.1f}s] loaded; {report.data['meta']['params']} params, features {b.features}", flush=True)
     sections = [("calibration", lambda: calibration(b))]

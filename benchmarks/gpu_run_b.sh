@@ -8,14 +8,14 @@
 set -o pipefail; export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 B=/tmp/bench
 export PYTHONPATH=$PWD
-SECTIONS="concurrency,natural_language,lossless_fp32 --resume"; BEST="--best-from $B/gpu_bench.json"
+SECTIONS=concurrency,natural_language,lossless_fp32; RESUME=--resume; BEST="--best-from $B/gpu_bench.json"
 if [ ! -f $B/draft/config.json ]; then  # the machine went cold: a shorter pair, and no batch-1 rows (gpu_run_a.sh's)
   python -m tandem.zoo --preset bench --out $B --device cuda --minutes 4 --draft-share 0.5 --eval-prompts 8 > $OUT/zoo.log 2>&1
-  tail -3 $OUT/zoo.log; cp $B/zoo_report.json $OUT/; SECTIONS="calibration,concurrency,natural_language"
+  tail -3 $OUT/zoo.log; cp $B/zoo_report.json $OUT/; SECTIONS=calibration,concurrency,natural_language; RESUME=
   BEST="--modes ar,sd+adaedl --max-draft 16"  # the best batch-1 T=0 mode of the sixth and seventh leases
 fi
 python benchmarks/gpu_bench.py --target $B/target --draft $B/draft --device cuda --dtype bfloat16 \
-  --sections $SECTIONS --deadline-s 220 --out $B/gpu_bench.json > $OUT/bench_b.log 2>&1
+  --sections $SECTIONS $RESUME --deadline-s 220 --out $B/gpu_bench.json > $OUT/bench_b.log 2>&1
 cp $B/gpu_bench.json $OUT/gpu_bench.json
 grep -v "^\[" $OUT/bench_b.log | tail -44 | cut -c1-170
 for f in .devcarry/ray-*.tar.xz; do tar -C /tmp -xJf $f; done; export PYTHONPATH=/tmp/raypack:$PWD

@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phases", default=",".join(PHASES), help="the first n of " + ",".join(PHASES))
     ap.add_argument("--out", default="step_profile.json")
     args = ap.parse_args(argv)
+    phases = PHASES[: len(args.phases.split(","))]
+    if list(phases) != args.phases.split(","):
+        ap.error(f"--phases: a prefix of {','.join(PHASES)} (they build on each other)")
 
     def load(slots: int):
         return load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, max_slots=slots)
@@ -127,9 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in heldout_prompts(64, seed=1)[: args.prompts]]
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": vars(args), "phases": []}
     print(f"{'phase':<10} {'row':<10} {'tok/s':>8} {'step':>7} {'draft':>7} {'verify':>7} {'rest':>7}  (ms per step)")
-    phases = PHASES[: len(args.phases.split(","))]
-    if list(phases) != args.phases.split(","):
-        ap.error(f"--phases: a prefix of {','.join(PHASES)} (they build on each other)")
     for phase in phases:
         if phase == "fresh":  # the few-slot pair goes; the phases after this one build on this pair
             del pair

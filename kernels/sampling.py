@@ -82,7 +82,7 @@ def to_device(host: torch.Tensor, device) -> torch.Tensor:
     """A small host tensor on the device without waiting for the device's queue to drain.
 
     torch.tensor(..., device="cuda") and .to("cuda") wait for the stream after the copy (a
-    cudaStreamSynchronize each: the sixth H200 lease's AR step at T=1 made ten). From pageable
+    cudaStreamSynchronize each: the seventh H200 lease profiled nine per AR step at T=1). From pageable
     memory CUDA stages the bytes before cudaMemcpyAsync returns, so the host tensor may go at once.
     """
     return host.to(device, non_blocking=True)

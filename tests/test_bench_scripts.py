@@ -58,6 +58,7 @@ def test_every_section_is_written(bench_json):
     rows = [r for s in SECTIONS[1:] for r in data[s]["rows"]]
     assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
     assert {"command", "versions", "params", "devices"} <= set(data["meta"])
+    assert data["meta"]["frozen_objects"] > 0  # the start-up heap is out of the collector's way
     assert data["calibration"]["c"] > 0 and set(data["calibration"]["target_verify_ms"]) == {"4", "6", "9", "17"}
     names = {r["name"] for r in data["latency_t0"]["rows"]}
     assert {"tandem ar", "hf generate", "hf assisted", "sd k=3", "sd+adaedl (cap 16)"} <= names

@@ -143,6 +143,46 @@ def test_overlapped_drafting_leaves_the_target_alone_on_gpu(batch):
         assert [d.token_ids for d in overlapped] == [d.token_ids for d in alone], spec
 
 
+def test_sampled_judge_equals_the_reference_sampler():
+    """judge's batching (one host copy; p concatenated where every request has all its rows,
+    scattered into padding where not) gives the tokens rejection_sample_reference gives on
+    inputs padded one request at a time, with the same per-request draws."""
+    from actors.step import judge
+    from kernels.rejection import draw_randoms, rejection_sample_reference
+
+    g = torch.Generator().manual_seed(0)
+    vocab, paths = 11, set()
+    for trial in range(150):
+        batch = int(torch.randint(1, 5, (1,), generator=g))
+        checks, targets = [], []
+        for _ in range(batch):
+            n = int(torch.randint(0, 4, (1,), generator=g))
+            bonus = bool(torch.randint(0, 2, (1,), generator=g)) or n == 0
+            ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+            q = torch.rand(n, vocab, generator=g).softmax(-1) if n and trial % 3 else None  # None: one-hot drafts
+            checks.append((ids, q, bonus))
+            targets.append(torch.rand(n + int(bonus), vocab, generator=g).pow(4).softmax(-1))
+        k = max(len(ids) for ids, _, _ in checks)
+        paths.add(all(t.shape[0] == k + 1 for t in targets))
+        seed = [torch.Generator().manual_seed(trial * 10 + b) for b in range(batch)]
+        verdict = judge(checks, targets, seed)
+
+        num = [len(ids) for ids, _, _ in checks]
+        draft_ids, p = torch.zeros(batch, k, dtype=torch.long), torch.zeros(batch, k + 1, vocab)
+        q = torch.zeros(batch, k, vocab) if any(c[1] is not None for c in checks) else None
+        for b, ((ids, qb, _), t) in enumerate(zip(checks, targets)):
+            draft_ids[b, : num[b]] = torch.tensor(ids, dtype=torch.long)
+            p[b, : t.shape[0]] = t
+            if q is not None and ids:
+                q[b, : num[b]] = qb if qb is not None else torch.nn.functional.one_hot(torch.tensor(ids), vocab).float()
+        uniforms, noise = draw_randoms([torch.Generator().manual_seed(trial * 10 + b) for b in range(batch)], num, k, vocab, "cpu")
+        ref = rejection_sample_reference(draft_ids, torch.tensor(num), q, p, torch.tensor([c[2] for c in checks]), uniforms, noise)
+        assert verdict.num_accepted.tolist() == ref.num_accepted.tolist(), trial
+        assert verdict.num_emitted.tolist() == ref.num_emitted.tolist(), trial
+        assert verdict.output_ids.tolist() == ref.output_ids.tolist(), trial
+    assert paths == {True, False}  # both ways of building p were taken
+
+
 def test_greedy_judge_equals_rejection_sampling():
     """The temperature-0 host path gives the tokens the rejection sampler gives for one-hot p."""
     from actors.step import judge, judge_greedy

@@ -25,11 +25,11 @@ if str(REPO) not in sys.path:
 
 import torch
 
-import actors.drafter as drafter_module
-from actors.adaedl import AdaEDLConfig
-from actors.messages import SamplingParams, SpecParams
-from actors.offline import generate
-from actors.pair import load_pair
+import tandem.actors.drafter as drafter_module
+from tandem.actors.offline import generate
+from tandem.engine.pair import load_pair
+from tandem.params import SamplingParams, SpecParams
+from tandem.spec.adaedl import AdaEDLConfig
 from tandem.zoo import heldout_prompts
 
 
@@ -66,8 +66,8 @@ def run(pair, prompts, counter, args, name, spec, adaedl, temperature) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default=str(REPO / "models/tiny/target"))
-    ap.add_argument("--draft", default=str(REPO / "models/tiny/draft"))
+    ap.add_argument("--target", default="tandem:tiny/target")
+    ap.add_argument("--draft", default="tandem:tiny/draft")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--fixed-ms", type=float, default=2.0, help="a verifier step outside drafting")

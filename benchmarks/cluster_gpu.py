@@ -56,10 +56,10 @@ def parse_mode(text: str) -> tuple[str, bool]:
 
 def in_process(args) -> tuple[list[list[int]], list[dict]]:
     """AR's greedy tokens (the reference), and each mode run in one process on the same prompts."""
-    from actors.messages import SamplingParams, SpecParams
-    from actors.offline import generate
-    from actors.pair import load_pair
-    from kernels.warmup import freeze_heap
+    from tandem.actors.offline import generate
+    from tandem.engine.pair import load_pair
+    from tandem.kernels.warmup import freeze_heap
+    from tandem.params import SamplingParams, SpecParams
 
     if args.device == "cpu":  # what Ray sets OMP_NUM_THREADS to in the replica (ray._private.utils)
         torch.set_num_threads(max(1, math.floor(args.verifier_cpus)))
@@ -69,7 +69,7 @@ def in_process(args) -> tuple[list[list[int]], list[dict]]:
     if args.graphs_at_start:  # what the lane captures before it serves (lane_roles._capture_graphs)
         for draft, r in runners.items():
             r.capture_at_start(args.max_draft, draft)
-    freeze_heap()  # as the lane does before it serves (actors/lane_roles.py)
+    freeze_heap()  # as the lane does before it serves (tandem/actors/lane_roles.py)
     prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in args.texts]
     # Prompt i samples with seed i on both paths (T > 0), so the two may be compared token by token.
     sampling = [SamplingParams(args.max_tokens, args.temperature, seed=i, ignore_eos=True) for i in range(len(prompts))]
@@ -141,8 +141,8 @@ def run_mode(client, lane, text: str, concurrency: int, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default=str(REPO / "models/tiny/target"))
-    ap.add_argument("--draft", default=str(REPO / "models/tiny/draft"))
+    ap.add_argument("--target", default="tandem:tiny/target")
+    ap.add_argument("--draft", default="tandem:tiny/draft")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--verifier-gpus", type=float, default=1)
     ap.add_argument("--drafter-gpus", type=float, default=1)
@@ -178,9 +178,9 @@ def main() -> None:
     grpc_port = free_port()
     ray.init(num_cpus=12, num_gpus=torch.cuda.device_count() or 2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": ["protos.tandem_pb2_grpc.add_TandemServicer_to_server"]})
-    from cluster.app import build_app
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": ["tandem.protos.tandem_pb2_grpc.add_TandemServicer_to_server"]})
     from tandem.client import TandemClient
+    from tandem.cluster.app import build_app
 
     lane_cfg = {"tensor_parallel_size": args.tp, "device": args.device, "verifier_gpus": args.verifier_gpus,
                 "max_batch_size": len(args.texts), "verifier_cpus": args.verifier_cpus,

@@ -23,17 +23,17 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(REPO))
 
-from actors.llama import LlamaEngine
-from actors.messages import SamplingParams, SpecParams
-from actors.offline import generate
-from actors.pair import ModelPair
+from tandem.actors.offline import generate
+from tandem.engine.llama import LlamaEngine
+from tandem.engine.pair import ModelPair
+from tandem.params import SamplingParams, SpecParams
 
 
 def bench_models(args):
     from tandem import zoo
 
     if args.target:
-        from actors.pair import load_hf_model
+        from tandem.engine.pair import load_hf_model
 
         return load_hf_model(args.target, "cuda", "bfloat16"), load_hf_model(args.draft, "cuda", "bfloat16")
     preset = zoo.presets()["bench"]
@@ -103,13 +103,13 @@ def split_forward(engine, context: int, reps: int) -> dict:
 
 def draft_windows(draft_engine, reps: int) -> list[dict]:
     """A k-token greedy draft at batch 1: fused (one program) vs the token-by-token loop."""
-    from actors.drafter import Drafter
-    from actors.messages import DraftItem
+    from tandem.actors.drafter import LocalDrafter
+    from tandem.spec.messages import DraftItem
 
     rows = []
     prompt = [int(x) for x in torch.randint(1, draft_engine.vocab_size, (100,))]
     for fused in (True, False):
-        d = Drafter(draft_engine, fused=fused)
+        d = LocalDrafter(draft_engine, fused=fused)
         slot = d.start("r", 0)
         for k in (1, 4, 8, 16):
             item = DraftItem("r", slot, prompt, k, SamplingParams(64), adaedl=False)
@@ -145,9 +145,9 @@ class _NoTokenizer:
 
 def step_logic(pair, prompt, bare: float) -> dict:
     """AR / SD / PEARL through SpecBatch at batch 1: ms per step and where it goes."""
-    from actors.batch import SpecBatch
-    from actors.drafter import Drafter, ThreadedDrafter
-    from actors.offline import run_batch
+    from tandem.actors.drafter import LocalDrafter, ThreadedDrafter
+    from tandem.actors.offline import run_batch
+    from tandem.spec.batch import SpecBatch
 
     out, tokens = {}, {}
     for label, spec, overlap in (("ar", SpecParams("ar"), False), ("sd k=4", SpecParams("sd", 4, adaedl=False), False),
@@ -155,7 +155,7 @@ def step_logic(pair, prompt, bare: float) -> dict:
                                  ("pearl γ=4 no overlap", SpecParams("pearl", 4, adaedl=False), False),
                                  ("pearl γ=4", SpecParams("pearl", 4, adaedl=False), True),
                                  ("pearl γ=8", SpecParams("pearl", 8, adaedl=False), True)):
-        drafter = (ThreadedDrafter if overlap else Drafter)(pair.draft)
+        drafter = (ThreadedDrafter if overlap else LocalDrafter)(pair.draft)
         run_batch(SpecBatch(pair.target, drafter, set()), [prompt], SamplingParams(16, ignore_eos=True), spec)
         batch = SpecBatch(pair.target, drafter, set())
         torch.cuda.synchronize()

@@ -3,7 +3,7 @@
     python benchmarks/exchange.py                 # 2000 round trips per row, CPU, localhost
 
 Rows: `dist.send_object_list` (what the lane used before), the lane's `Channel` (one fixed
-4 KiB buffer per message, actors/remote_drafter.py), and a bare int64[64] tensor each way (the
+4 KiB buffer per message, tandem/actors/remote_drafter.py), and a bare int64[64] tensor each way (the
 transport's floor). The messages are a step's draft request (one request, a 300-token context)
 and its chunk (8 tokens, greedy: no q rows). Prints a table and writes JSON.
 """
@@ -34,8 +34,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, n: int, results) -> None:
-    from actors.messages import DraftChunk, DraftItem, SamplingParams
-    from actors.remote_drafter import Channel
+    from tandem.actors.remote_drafter import Channel
+    from tandem.params import SamplingParams
+    from tandem.spec.messages import DraftChunk, DraftItem
 
     sys.path.insert(0, str(REPO))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -42,13 +42,13 @@ if str(REPO) not in sys.path:  # run as a script from a checkout that is not pip
 
 import torch
 
-from actors.batch import SpecBatch
-from actors.drafter import LONG_PIECE, PIECE, Drafter
-from actors.load_control import LoadController
-from actors.messages import SamplingParams, SpecParams
-from actors.offline import run_batch
-from actors.pair import load_pair, load_tokenizer
-from kernels.warmup import freeze_heap, warm_kernels
+from tandem.actors.drafter import LocalDrafter
+from tandem.actors.offline import run_batch
+from tandem.engine.pair import load_pair, load_tokenizer
+from tandem.kernels.warmup import freeze_heap, warm_kernels
+from tandem.params import SamplingParams, SpecParams
+from tandem.spec.batch import SpecBatch
+from tandem.spec.load_control import LoadController
 from tandem.zoo import heldout_prompts
 
 NL_PROMPTS = [
@@ -131,7 +131,7 @@ class Row:
     overlap: bool = False  # PEARL: drafter in a background thread / on its own GPU
     assisted: bool = False  # HF: assistant_model=the draft
     paper_adaedl: bool = False  # AdaEDL's own stop rule (λ, --adaedl-lambda/alpha), not the cost-aware one
-    load_control: bool = False  # the lane's load controller caps draft lengths (actors/load_control.py)
+    load_control: bool = False  # the lane's load controller caps draft lengths (tandem/spec/load_control.py)
 
     @property
     def is_hf(self) -> bool:
@@ -141,7 +141,7 @@ class Row:
 @dataclass
 class Bench:
     args: argparse.Namespace
-    pair: object  # actors.pair.ModelPair
+    pair: object  # tandem.engine.pair.ModelPair
     code: list[list[int]]  # held-out code prompts (token ids), at least max(concurrency)
     nl: list[list[int]]
     report: Report
@@ -198,15 +198,15 @@ def graph_keys(b: Bench) -> set[str]:
 
 
 def threaded_drafter_cls():
-    import actors.drafter
+    import tandem.actors.drafter
 
-    return getattr(actors.drafter, "ThreadedDrafter", None)
+    return getattr(tandem.actors.drafter, "ThreadedDrafter", None)
 
 
 def warm_graphs(b: Bench, batch_sizes: list[int], draft_steps=range(1, 17), sampled=(False, True)) -> float:
     """Capture the CUDA graphs of these batch sizes now, so no timed row pays for a capture:
     target forwards (decode and verify shapes), draft forwards (prefill tails) and the draft's
-    multi-step windows (actors/draft_steps.py) of every length a row can ask for."""
+    multi-step windows (tandem/engine/draft_steps.py) of every length a row can ask for."""
     start = time.perf_counter()
     for name, engine in (("target", b.pair.target), ("draft", b.pair.draft)):
         if graphs_of(engine) is not None:
@@ -300,13 +300,13 @@ def summarize(stats: list, seconds: float) -> dict:
 
 
 def make_drafter(b: Bench, overlap: bool, paper_adaedl: bool = False):
-    from actors.adaedl import AdaEDLConfig
+    from tandem.spec.adaedl import AdaEDLConfig
 
     cls = threaded_drafter_cls() if overlap else None
     config = AdaEDLConfig(stop="paper", lambda0=b.args.adaedl_lambda, alpha=b.args.adaedl_alpha) if paper_adaedl \
         else AdaEDLConfig()
     # Every row's drafter learns into the pair's acceptance tables, as a server's lane would.
-    return (cls or Drafter)(b.pair.draft, config, acceptance=b.pair.acceptance)
+    return (cls or LocalDrafter)(b.pair.draft, config, acceptance=b.pair.acceptance)
 
 
 def run_tandem(b: Bench, row: Row, prompts, samplings, group: int) -> tuple[dict, list[list[int]]]:
@@ -326,7 +326,7 @@ def run_tandem(b: Bench, row: Row, prompts, samplings, group: int) -> tuple[dict
     finally:
         if hasattr(drafter, "close"):
             drafter.close()
-    overlapped = row.overlap and type(drafter) is not Drafter
+    overlapped = row.overlap and type(drafter) is not LocalDrafter
     # Graphs captured inside the timed run (their capture time is in `seconds`): should be none.
     captured = sorted(graph_keys(b) - graphs_before)
     out = {**summarize([d.stats for d in done], seconds), "overlap": overlapped, "step_ms": batch.timing.as_dict(),
@@ -536,7 +536,7 @@ def concurrency(b: Bench) -> None:
     # Every batch bucket up to the largest n: requests of one batch finish at different steps, so
     # a batch of 64 runs at 32, 16, ... rows at its end (the fourth lease's timed rows captured
     # those buckets: `captured_in_timed_run`).
-    from actors.graphs import BATCH_BUCKETS
+    from tandem.engine.graphs import BATCH_BUCKETS
 
     runner = graphs_of(b.pair.target)
     buckets = runner.batch_buckets if runner is not None else BATCH_BUCKETS  # the engine's own (its top one may be odd)
@@ -600,8 +600,8 @@ def natural_language(b: Bench) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default=str(REPO / "models/tiny/target"))
-    ap.add_argument("--draft", default=str(REPO / "models/tiny/draft"))
+    ap.add_argument("--target", default="tandem:tiny/target")
+    ap.add_argument("--draft", default="tandem:tiny/draft")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--draft-device", default=None, help="e.g. cuda:1: the draft on a second GPU")
     ap.add_argument("--dtype", default="bfloat16")
@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         report.data["meta"] = meta(b, argv)
     b.gamma = report.data.get("calibration", {}).get("gamma", b.gamma)
     report.data["meta"]["graph_warmup_s"] = warm_graphs(b, [1])
-    start = time.perf_counter()  # Triton compiles here, not inside the first sampled row (kernels/warmup.py)
+    start = time.perf_counter()  # Triton compiles here, not inside the first sampled row (tandem/kernels/warmup.py)
     warm_kernels(b.pair.target.vocab_size, b.pair.target.device)
     report.data["meta"]["kernel_warmup_s"] = time.perf_counter() - start
     report.data["meta"]["frozen_objects"] = freeze_heap()  # as a lane does before it serves

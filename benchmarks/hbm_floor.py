@@ -34,8 +34,8 @@ if str(REPO) not in sys.path:  # run as a script from a checkout that is not pip
 
 import torch
 
-from actors.llama import LlamaEngine
-from actors.pair import DTYPES, load_hf_model
+from tandem.engine.llama import LlamaEngine
+from tandem.engine.pair import DTYPES, load_hf_model
 
 LLAMA_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
             "intermediate_size": 14336, "vocab_size": 128256}
@@ -168,7 +168,7 @@ def measure(name: str, model, args, bandwidth: float, device: torch.device) -> d
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default=str(REPO / "models/tiny/target"), help="checkpoint folder")
+    ap.add_argument("--target", default="tandem:tiny/target", help="checkpoint folder")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--skip-8b", action="store_true", help="no 8B-shaped random model")

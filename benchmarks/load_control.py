@@ -5,7 +5,7 @@
 
 For each n, one batch of n held-out code prompts (T=0, every request max_tokens): tandem AR,
 static SD, SD + AdaEDL, and the SD rows again with the lane's load controller
-(actors/load_control.py) capping their windows. Greedy outputs are checked against AR on the
+(tandem/spec/load_control.py) capping their windows. Greedy outputs are checked against AR on the
 way (lossless: the run fails loudly if one differs). Reports tokens/s, the ratio to AR at the
 same n, and the cap the controller held at the end. Prints a table, writes JSON and a PNG.
 """
@@ -24,12 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(REPO))
 
-from actors.batch import SpecBatch
-from actors.drafter import Drafter
-from actors.load_control import LoadController
-from actors.messages import SamplingParams, SpecParams
-from actors.offline import run_batch
-from actors.pair import load_pair
+from tandem.actors.drafter import LocalDrafter
+from tandem.actors.offline import run_batch
+from tandem.engine.pair import load_pair
+from tandem.params import SamplingParams, SpecParams
+from tandem.spec.batch import SpecBatch
+from tandem.spec.load_control import LoadController
 from tandem.zoo import heldout_prompts
 
 ROWS = [  # (name, spec, load control)
@@ -44,7 +44,7 @@ ROWS = [  # (name, spec, load control)
 def run_row(pair, prompts, spec: SpecParams, control: bool, max_tokens: int, warm_tokens: int) -> dict:
     """Warm on the same batch (the controller learns there, as a lane's would over its life), then time it."""
     controller = LoadController() if control else None
-    batch = SpecBatch(pair.target, Drafter(pair.draft, None, acceptance=pair.acceptance), pair.stop_ids, controller)
+    batch = SpecBatch(pair.target, LocalDrafter(pair.draft, None, acceptance=pair.acceptance), pair.stop_ids, controller)
     run_batch(batch, prompts, SamplingParams(warm_tokens, 0.0, ignore_eos=True), spec)
     start = time.perf_counter()
     done = run_batch(batch, prompts, SamplingParams(max_tokens, 0.0, ignore_eos=True), spec)
@@ -61,8 +61,8 @@ def run_row(pair, prompts, spec: SpecParams, control: bool, max_tokens: int, war
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default=str(REPO / "models/tiny/target"))
-    ap.add_argument("--draft", default=str(REPO / "models/tiny/draft"))
+    ap.add_argument("--target", default="tandem:tiny/target")
+    ap.add_argument("--draft", default="tandem:tiny/draft")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--concurrency", default="1,4,16,32")

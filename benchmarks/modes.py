@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from actors.messages import SamplingParams, SpecParams
-from actors.offline import generate
-from actors.pair import load_pair
+from tandem.actors.offline import generate
+from tandem.engine.pair import load_pair
+from tandem.params import SamplingParams, SpecParams
 from tandem.zoo import heldout_prompts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,8 +53,8 @@ def run_config(pair, prompts, spec, sampling) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default=str(REPO / "models/tiny/target"))
-    ap.add_argument("--draft", default=str(REPO / "models/tiny/draft"))
+    ap.add_argument("--target", default="tandem:tiny/target")
+    ap.add_argument("--draft", default="tandem:tiny/draft")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prompts", type=int, default=8)

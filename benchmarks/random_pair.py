@@ -20,8 +20,8 @@ if str(REPO) not in sys.path:
 
 import torch
 
-from actors.pair import load_tokenizer
 from tandem import zoo
+from tandem.engine.pair import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", default="bench")
     args = ap.parse_args(argv)
-    tokenizer = load_tokenizer(REPO / "models/tiny/target")
+    tokenizer = load_tokenizer("tandem:tiny/target")
     preset = dataclasses.replace(zoo.presets()[args.preset], vocab_size=len(tokenizer))
     for seed, (name, shape) in enumerate((("target", preset.target), ("draft", preset.draft))):
         with torch.device(args.device):

@@ -6,7 +6,7 @@
 The sixth H200 lease measured tandem AR at T=1, batch 1, at 2.35 ms per step in gpu_bench and in
 the cluster lane, but 1.76 ms per token in cluster_gpu's in-process run on the same prompts; the
 fourth and fifth leases had gpu_bench at 1.81-1.95 ms. What the slower runs did first and the
-fast one did not: Triton's kernels compiled for every specialization (kernels/warmup.py) and
+fast one did not: Triton's kernels compiled for every specialization (tandem/kernels/warmup.py) and
 hundreds to thousands of CUDA graphs captured up front; they also held 64 KV slots, not 8. This script times the same rows in one
 process after each of those in turn (cumulative phases), so the step that changes names itself:
 
@@ -38,12 +38,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(REPO))
 
-from actors.batch import SpecBatch
-from actors.drafter import Drafter
-from actors.messages import SamplingParams, SpecParams
-from actors.offline import run_batch
-from actors.pair import load_pair
-from kernels.warmup import warm_kernels
+from tandem.actors.drafter import LocalDrafter
+from tandem.actors.offline import run_batch
+from tandem.engine.pair import load_pair
+from tandem.kernels.warmup import warm_kernels
+from tandem.params import SamplingParams, SpecParams
+from tandem.spec.batch import SpecBatch
 from tandem.zoo import heldout_prompts
 
 PHASES = ("few_slots", "fresh", "kernels", "graphs", "gc_frozen")
@@ -52,7 +52,7 @@ ROWS = (("ar", 0, 0.0), ("ar", 0, 1.0), ("sd", 5, 1.0))  # (mode, max_draft, tem
 
 def run_row(pair, prompts, mode: str, max_draft: int, temperature: float, max_tokens: int) -> dict:
     """The prompts one after another at batch 1 on one SpecBatch; its step timing and tokens/s."""
-    batch = SpecBatch(pair.target, Drafter(pair.draft, None, acceptance=pair.acceptance), pair.stop_ids)
+    batch = SpecBatch(pair.target, LocalDrafter(pair.draft, None, acceptance=pair.acceptance), pair.stop_ids)
     spec = SpecParams(mode, max_draft, adaedl=False)
     tokens, start = 0, time.perf_counter()
     for i, p in enumerate(prompts):
@@ -106,8 +106,8 @@ def _sync() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default=str(REPO / "models/tiny/target"))
-    ap.add_argument("--draft", default=str(REPO / "models/tiny/draft"))
+    ap.add_argument("--target", default="tandem:tiny/target")
+    ap.add_argument("--draft", default="tandem:tiny/draft")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prompts", type=int, default=4, help="held-out code prompts (gpu_bench's first ones)")

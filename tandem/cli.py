@@ -1,50 +1,61 @@
-"""The `tandem` command line. Heavy modules are imported inside each subcommand."""
+"""The `tandem` command line. Light: heavy modules are imported inside the subcommand that needs
+them, so `tandem generate --url` runs on the SDK install (grpcio + protobuf) alone."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from tandem import models
 from tandem.errors import TandemError
+from tandem.params import MODES
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "models" / "tiny"
+SERVER_EXTRA = "pip install 'tandem[server]'"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_arguments(sub.add_parser("generate", help="generate text in-process, or on a server with --url"))
-    zoo_parser = sub.add_parser("zoo", help="train the project's own target/draft model pair (needs torch)")
+    sub.add_parser("zoo", add_help=False, help="train the project's own target/draft model pair "
+                   "(`tandem zoo --help`; needs the server extra)")
     try:
-        from tandem import zoo  # torch: only with the server extra
-
-        zoo.add_arguments(zoo_parser)
-    except ImportError:
-        zoo = None
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "generate":
-            return run_generate(args)
-        if zoo is None:
-            raise TandemError("`tandem zoo` needs the server extra: pip install 'tandem[server]'")
-        return zoo.run(args)
+        if argv[:1] == ["zoo"]:  # its own parser, in its own module (torch)
+            return run_zoo(argv[1:])
+        return run_generate(parser.parse_args(argv))
     except TandemError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
 
 
+def run_zoo(argv: list[str]) -> int:
+    try:
+        from tandem import zoo
+    except ImportError as e:
+        return needs_server_extra("tandem zoo", e)
+    return zoo.main(argv)
+
+
+def needs_server_extra(what: str, e: ImportError) -> int:
+    """One line instead of a traceback where the SDK-only install lacks torch / transformers."""
+    print(f"tandem: error: {what} needs the server extra ({e.name or e} is not installed): {SERVER_EXTRA}",
+          file=sys.stderr)
+    return 2
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=str(TINY / "target"), help="target checkpoint folder (default: shipped tiny pair)")
-    p.add_argument("--draft", default=str(TINY / "draft"), help="draft checkpoint folder")
+    p.add_argument("--target", default=models.TINY_TARGET,
+                   help="target checkpoint folder, or tandem:<name> for one shipped in the package "
+                        f"(default: {models.TINY_TARGET}, the tiny pair)")
+    p.add_argument("--draft", default=models.TINY_DRAFT, help=f"draft checkpoint folder (default: {models.TINY_DRAFT})")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--mode", choices=["ar", "sd", "pearl"], default="pearl")
+    p.add_argument("--mode", choices=MODES, default="pearl")
     p.add_argument("--max-draft", type=int, default=8, help="SD draft length k / PEARL window")
     p.add_argument("--adaedl", action=argparse.BooleanOptionalAction, default=True, help="entropy-based early draft stop")
     p.add_argument("--adaedl-lambda", type=float, default=None, help="AdaEDL initial threshold λ0")
@@ -67,10 +78,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     if args.url:
         return run_remote_generate(args)
-    from actors.adaedl import AdaEDLConfig
-    from actors.messages import SamplingParams, SpecParams
-    from actors.offline import generate
-    from actors.pair import load_pair
+    try:
+        from tandem.actors.offline import generate
+        from tandem.engine.pair import load_pair
+        from tandem.spec.adaedl import AdaEDLConfig
+    except ImportError as e:
+        return needs_server_extra("generating in-process (without --url)", e)
+    from tandem.params import SamplingParams, SpecParams
 
     sampling = SamplingParams(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed).validate()
     spec = SpecParams(args.mode, args.max_draft, args.adaedl, not args.one_hot_drafts).validate()

@@ -23,8 +23,8 @@ from typing import AsyncIterator, Iterator
 
 import grpc
 
-from protos import tandem_pb2 as pb
-from protos import tandem_pb2_grpc as pb_grpc
+from tandem.protos import tandem_pb2 as pb
+from tandem.protos import tandem_pb2_grpc as pb_grpc
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 

@@ -7,7 +7,7 @@ train on that, hold out a deterministic slice of files for evaluation, and save 
 in plain Hugging Face format (LlamaForCausalLM + a byte-level BPE tokenizer) so anything that
 speaks `from_pretrained` can load them offline.
 
-    python -m tandem.zoo --preset tiny --out models/tiny --device cuda --minutes 4
+    python -m tandem.zoo --preset tiny --out tandem/models/tiny --device cuda --minutes 4
     python -m tandem.zoo --preset tiny --out /tmp/zoo --device cpu --steps 30
 
 Pipeline: corpus -> tokenizer -> train target (next-token CE) -> distil draft (KL to the
@@ -96,7 +96,7 @@ def presets() -> types.MappingProxyType:
             target_lr=3e-3, draft_lr=3e-3, warmup_steps=2, corpus_mb=0.2, eval_windows=8,
             max_epochs=100.0, probe_every=0,
         ),
-        # Shipped in the repo (models/tiny): small enough for CPU tests, good enough to
+        # Shipped in the package (tandem/models/tiny): small enough for CPU tests, good enough to
         # produce Python-looking completions and a meaningful acceptance rate.
         "tiny": Preset(
             name="tiny",

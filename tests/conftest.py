@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from actors.llama import LlamaEngine
-from actors.load_control import LoadControlConfig, LoadController
-from actors.pair import ModelPair
+from tandem.engine.llama import LlamaEngine
+from tandem.engine.pair import ModelPair
+from tandem.models import SHIPPED
+from tandem.spec.load_control import LoadControlConfig, LoadController
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "models" / "tiny"
+TINY = SHIPPED / "tiny"
 
 
 def random_llama(seed: int, hidden=64, layers=2, vocab=300, tied=True, init=0.02, kv_heads=2, heads=4) -> LlamaForCausalLM:
@@ -49,7 +50,7 @@ def random_draft_model():
 
 @pytest.fixture(scope="session")
 def tiny_pair_paths():
-    assert (TINY / "target" / "config.json").is_file(), "the shipped tiny pair is missing (models/tiny)"
+    assert (TINY / "target" / "config.json").is_file(), "the shipped tiny pair is missing (tandem/models/tiny)"
     return TINY / "target", TINY / "draft"
 
 

@@ -3,12 +3,13 @@ import math
 import pytest
 from conftest import make_pair
 
-from actors.adaedl import AcceptanceTable, AdaEDLConfig, AdaEDLState
-from actors.drafter import Drafter
-from actors.llama import LlamaEngine
-from actors.messages import DraftItem, DraftRound, SamplingParams, SpecParams
-from actors.offline import generate
+from tandem.actors.drafter import LocalDrafter
+from tandem.actors.offline import generate
+from tandem.engine.llama import LlamaEngine
 from tandem.errors import TandemError
+from tandem.params import SamplingParams, SpecParams
+from tandem.spec.adaedl import AcceptanceTable, AdaEDLConfig, AdaEDLState
+from tandem.spec.messages import DraftItem, DraftRound
 
 
 def test_stop_rule_is_the_entropy_lower_bound():
@@ -131,14 +132,14 @@ def test_generate_teaches_the_pair_acceptance_by_entropy(target_model):
 
 
 def test_drafter_measures_the_cost_ratio(target_model):
-    d = Drafter(LlamaEngine(target_model, max_slots=2), AdaEDLConfig())
+    d = LocalDrafter(LlamaEngine(target_model, max_slots=2), AdaEDLConfig())
     assert d.cost_ratio is None
     slot = d.start("r", seed=0)
     chunk = d.propose([DraftItem("r", slot, [1, 2, 3], 4, SamplingParams(), adaedl=True)])[0]
     d.update([DraftRound("r", len(chunk.ids), 1, 4, chunk.entropies)], step_s=0.5)
     assert len(chunk.entropies) == len(chunk.ids) >= 1
     assert d.cost_ratio == pytest.approx(0.5 / d._position_s) and d.cost_ratio > 1
-    assert Drafter(d.engine, AdaEDLConfig(cost_ratio=7.0)).cost_ratio == 7.0
+    assert LocalDrafter(d.engine, AdaEDLConfig(cost_ratio=7.0)).cost_ratio == 7.0
 
 
 @pytest.mark.parametrize("kwargs, words", [({"cost_ratio": 0.0}, "cost ratio must be > 0"),

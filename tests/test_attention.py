@@ -25,8 +25,8 @@ if not ON_GPU and "triton.language" not in sys.modules:
 KERNELS_RUN_HERE = ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"
 
 # (imported after TRITON_INTERPRET is settled)
-from kernels import attention
-from kernels.attention import (
+from tandem.kernels import attention
+from tandem.kernels.attention import (
     slot_attention,
     slot_attention_reference,
     slot_attention_triton,
@@ -63,7 +63,7 @@ def attention_case(dtype, heads, kv_heads, dim, starts, q_len, span=None, slots_
 
 
 def engine_sdpa(q, k_cache, v_cache, slots, positions, span, q_len, scale=None):
-    """What actors/llama.py ran before this kernel: gather, bool mask, SDPA, transpose."""
+    """What tandem/engine/llama.py ran before this kernel: gather, bool mask, SDPA, transpose."""
     n, heads, dim = q.shape
     bsz = n // q_len
     slot_ids = slots.view(bsz, q_len)[:, 0]

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tandem.models import SHIPPED
+
 REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "models" / "tiny"
+TINY = SHIPPED / "tiny"
 SECTIONS = ("calibration", "latency_t0", "latency_t1", "concurrency", "natural_language")
 
 
@@ -123,9 +125,9 @@ def test_divergence_margins_score_the_first_difference():
     the two tokens are those (a fabricated token far down the ranking is not)."""
     from types import SimpleNamespace
 
-    from actors.messages import SamplingParams, SpecParams
-    from actors.offline import generate
-    from actors.pair import load_pair
+    from tandem.actors.offline import generate
+    from tandem.engine.pair import load_pair
+    from tandem.params import SamplingParams, SpecParams
 
     gpu_bench = load_script("gpu_bench")
     pair = load_pair(TINY / "target", TINY / "draft", max_slots=2)

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY
+
 from tandem.cli import main
 
 HELD_OUT = [

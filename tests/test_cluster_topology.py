@@ -11,7 +11,6 @@ import tempfile
 import threading
 
 import pytest
-
 from conftest import TINY
 from test_serving import SERVICER, free_port
 
@@ -24,7 +23,7 @@ def two_nodes():
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from cluster.app import build_app
+    from tandem.cluster.app import build_app
 
     temp = tempfile.mkdtemp(prefix="tdc", dir="/tmp")
     # Cluster() records the head's address in Ray's default folder whatever temp_dir says; on a
@@ -53,9 +52,9 @@ def two_nodes():
 
 @pytest.fixture(scope="module")
 def reference():
-    from actors.messages import SamplingParams, SpecParams
-    from actors.offline import generate
-    from actors.pair import load_pair
+    from tandem.actors.offline import generate
+    from tandem.engine.pair import load_pair
+    from tandem.params import SamplingParams, SpecParams
 
     pair = load_pair(TINY / "target", TINY / "draft", max_slots=2)
     prompts = [pair.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]

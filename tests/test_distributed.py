@@ -3,7 +3,7 @@
 Three processes (TP rank 0 = leader, TP rank 1, drafter) join one gloo world, exactly as the
 cluster's lane actors do; the leader's greedy output must equal the single-process result.
 A colocated drafter has no process of its own: the leader drafts (TP 1: one process in all).
-With two drafters each request drafts in one of them (actors/drafter_pool.py).
+With two drafters each request drafts in one of them (tandem/actors/drafter_pool.py).
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import socket
 
 import pytest
 import torch.multiprocessing as mp
-
-from actors.lane_roles import LaneSpec, run_drafter, run_follower, run_leader, stop_lane
-from actors.messages import SamplingParams, SpecParams
-from actors.offline import generate, run_batch
-from actors.pair import load_pair
 from conftest import TINY
+
+from tandem.actors.lane_roles import LaneSpec, leave, run_drafter, run_follower, run_leader
+from tandem.actors.offline import generate, run_batch
+from tandem.engine.pair import load_pair
+from tandem.params import SamplingParams, SpecParams
 
 PROMPTS = ["def _parse_header(line):\n", "import os\n", "class Queue:\n    def put(self, item):\n"]
 SPECS = [SpecParams("ar"), SpecParams("sd", 4, adaedl=False), SpecParams("pearl", 4, adaedl=True)]
@@ -41,7 +41,8 @@ def _role(rank: int, spec: LaneSpec, init: str, prompts, results) -> None:
     out = [run_batch(batch, prompts, sampling, s) for s in SPECS] + [run_batch(batch, prompts, *SAMPLED)]
     results.put([[d.token_ids for d in done] for done in out])
     results.put(batch.free_slots)
-    stop_lane(batch)
+    batch.close()
+    leave()
 
 
 def run_lane(tp: int, prompts, colocate: bool = False, drafters: int = 1) -> tuple[list, int]:
@@ -85,7 +86,7 @@ def test_remote_drafter_and_tensor_parallel_match_single_process(tp, colocate, d
 def _echo(rank: int, init: str, messages) -> None:
     import torch.distributed as dist
 
-    from actors.remote_drafter import Channel
+    from tandem.actors.remote_drafter import Channel
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     channel = Channel(1 - rank)
@@ -117,14 +118,14 @@ def test_channel_carries_small_and_large_messages():
 def test_drafter_pool_splits_requests_and_frees_every_slot(reference):
     """In one process: two drafters behind a DrafterPool give the target's greedy tokens, each
     request drafting on one of them, and every slot comes back."""
-    from actors.batch import SpecBatch
-    from actors.drafter import Drafter
-    from actors.drafter_pool import DrafterPool
-    from actors.pair import load_engine
+    from tandem.actors.drafter import LocalDrafter
+    from tandem.actors.drafter_pool import DrafterPool
+    from tandem.engine.pair import load_engine
+    from tandem.spec.batch import SpecBatch
 
     prompts, ar, _ = reference
     target = load_engine(TINY / "target", "cpu", "float32", "auto", 4, None)
-    pool = DrafterPool([Drafter(load_engine(TINY / "draft", "cpu", "float32", "auto", 2, None)) for _ in range(2)])
+    pool = DrafterPool([LocalDrafter(load_engine(TINY / "draft", "cpu", "float32", "auto", 2, None)) for _ in range(2)])
     batch = SpecBatch(target, pool, stop_ids={0})
     sampling = SamplingParams(max_tokens=24, ignore_eos=True)
     for spec in SPECS[1:]:
@@ -139,9 +140,9 @@ def test_drafter_pool_splits_requests_and_frees_every_slot(reference):
 def test_pool_future_puts_chunks_back_in_batch_order():
     """Each drafter's chunks land at its requests' rows; the slowest drafter's time counts, and
     the step overlapped if any drafter drafted beside the verify."""
-    from actors.drafter import DraftFuture
-    from actors.drafter_pool import PoolFuture
-    from actors.messages import DraftChunk
+    from tandem.actors.drafter_pool import PoolFuture
+    from tandem.spec.drafting import DraftFuture
+    from tandem.spec.messages import DraftChunk
 
     class Beside(DraftFuture):
         concurrent = True

@@ -1,4 +1,4 @@
-"""Whole draft windows in one device program (actors/draft_steps.py) against the drafter's
+"""Whole draft windows in one device program (tandem/engine/draft_steps.py) against the drafter's
 token-by-token loop, the reference: the same greedy tokens (AdaEDL stops included) over rounds
 with rollbacks and ragged batches, and sampled drafts that follow q.
 
@@ -12,23 +12,25 @@ import torch
 from conftest import random_llama
 from scipy.stats import chisquare
 
-from actors.adaedl import AdaEDLConfig
-from actors.drafter import LONG_PIECE, PIECE, Drafter
-from actors.llama import LlamaEngine
-from actors.messages import DraftItem, SamplingParams
+from tandem.actors.drafter import LocalDrafter
+from tandem.engine.draft_steps import LONG_PIECE, PIECE
+from tandem.engine.llama import LlamaEngine
+from tandem.params import SamplingParams
+from tandem.spec.adaedl import AdaEDLConfig
+from tandem.spec.messages import DraftItem
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 GREEDY = SamplingParams(max_tokens=64)
 
 
 def drafters(model, graphs: bool, adaedl: AdaEDLConfig, slots: int = 4):
-    fused = Drafter(LlamaEngine(model, max_slots=slots, cuda_graphs=graphs), adaedl)
-    stepwise = Drafter(LlamaEngine(model, max_slots=slots, cuda_graphs=False), adaedl, fused=False)
+    fused = LocalDrafter(LlamaEngine(model, max_slots=slots, cuda_graphs=graphs), adaedl)
+    stepwise = LocalDrafter(LlamaEngine(model, max_slots=slots, cuda_graphs=False), adaedl, fused=False)
     assert fused.fused and not stepwise.fused
     return fused, stepwise
 
 
-def start(drafter: Drafter, n: int) -> list[int]:
+def start(drafter: LocalDrafter, n: int) -> list[int]:
     return [drafter.start(f"r{i}", seed=i) for i in range(n)]
 
 
@@ -97,7 +99,7 @@ def test_fused_sampled_drafts_follow_q():
     torch.manual_seed(0)
     vocab, temperature, rows, rounds = 12, 0.8, 32, 40
     model = random_llama(4, hidden=32, layers=1, vocab=vocab, tied=False, init=0.3)
-    drafter = Drafter(LlamaEngine(model, max_slots=rows, cuda_graphs=True), AdaEDLConfig())
+    drafter = LocalDrafter(LlamaEngine(model, max_slots=rows, cuda_graphs=True), AdaEDLConfig())
     slots = start(drafter, rows)
     sampling = SamplingParams(max_tokens=8, temperature=temperature)
     prompt = [1, 2, 3]
@@ -124,7 +126,7 @@ def test_seeded_sampled_drafts_do_not_depend_on_the_batch():
     sampling = SamplingParams(max_tokens=8, temperature=1.0)
 
     def draft(n_requests):
-        d = Drafter(LlamaEngine(model, max_slots=4, cuda_graphs=True), AdaEDLConfig())
+        d = LocalDrafter(LlamaEngine(model, max_slots=4, cuda_graphs=True), AdaEDLConfig())
         slots = start(d, n_requests)
         items = [DraftItem(f"r{b}", slots[b], [1, 2, 3 + b], 5, sampling, False) for b in range(n_requests)]
         return d.propose(items)[0].ids
@@ -135,7 +137,7 @@ def test_seeded_sampled_drafts_do_not_depend_on_the_batch():
 def test_padding_a_draft_to_a_bigger_batch_changes_nothing():
     """min_batch (a drafter's later pieces keep the first piece's graph bucket): padding rows
     draft into the scratch slot; the real rows' tokens and entropies are those of the unpadded run."""
-    from actors.draft_steps import draft_window
+    from tandem.engine.draft_steps import draft_window
 
     model = random_llama(5, hidden=32, layers=1, vocab=60, tied=False, init=0.3)
 
@@ -176,8 +178,8 @@ def test_capture_at_start_covers_every_bucket_a_lane_can_ask_for():
     """lane.cuda_graphs_at_start: a verifier's runner holds every forward bucket; a drafter's also
     every window of 1..max(max_draft, LONG_PIECE) steps, greedy and sampled, for every batch
     bucket and first length (off CUDA the entries exist without a capture)."""
-    from actors.draft_steps import DraftShape
-    from actors.llama import Shape
+    from tandem.engine.draft_steps import DraftShape
+    from tandem.engine.layout import Shape
 
     model = random_llama(6, hidden=32, layers=1, vocab=40, tied=False, init=0.3)
     verifier = LlamaEngine(model, max_slots=4, max_context=200, cuda_graphs=True).graphs

@@ -1,10 +1,10 @@
 """Engines against transformers' own forward, and KV rollback."""
 import pytest
 import torch
-
-from actors.hf_engine import HFEngine
-from actors.llama import LlamaEngine
 from conftest import random_llama
+
+from tandem.engine.hf_engine import HFEngine
+from tandem.engine.llama import LlamaEngine
 
 ENGINES = [LlamaEngine, HFEngine]
 

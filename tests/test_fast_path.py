@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import TINY, make_pair, random_llama
 
-from actors.graphs import GraphRunner
-from actors.llama import LlamaEngine, Shape
-from actors.messages import SamplingParams, SpecParams
-from actors.offline import generate
+from tandem.actors.offline import generate
+from tandem.engine.graphs import GraphRunner
+from tandem.engine.layout import Shape
+from tandem.engine.llama import LlamaEngine
+from tandem.params import SamplingParams, SpecParams
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [42]]
@@ -65,11 +66,12 @@ def test_overlapping_drafter_is_lossless(spec, target_model):
 def test_threaded_drafter_drafts_on_its_thread_only_beside_a_verify():
     """SD steps (overlap=False) draft inline; PEARL steps on the thread; both give the plain
     drafter's chunks (the reference)."""
-    from actors.drafter import DraftFuture, Drafter, ThreadedDrafter, ThreadedDraftFuture
-    from actors.messages import DraftItem
+    from tandem.actors.drafter import LocalDrafter, ThreadedDrafter, ThreadedDraftFuture
+    from tandem.spec.drafting import DraftFuture
+    from tandem.spec.messages import DraftItem
 
     model = random_llama(7, layers=1)
-    plain, threaded = (cls(LlamaEngine(model, max_slots=2)) for cls in (Drafter, ThreadedDrafter))
+    plain, threaded = (cls(LlamaEngine(model, max_slots=2)) for cls in (LocalDrafter, ThreadedDrafter))
     try:
         for d in (plain, threaded):
             d.start("r", seed=0)
@@ -109,7 +111,7 @@ def test_graphs_match_transformers_forward_on_gpu(dtype):
 @gpu
 @pytest.mark.parametrize("overlap", [False, True])
 def test_tiny_pair_lossless_on_gpu_with_graphs(overlap):
-    from actors.pair import load_pair
+    from tandem.engine.pair import load_pair
 
     pair = load_pair(TINY / "target", TINY / "draft", device="cuda", dtype="float32", max_slots=4)
     assert pair.target.graphs is not None and pair.draft.graphs is not None
@@ -147,8 +149,8 @@ def test_sampled_judge_equals_the_reference_sampler():
     """judge's batching (one host copy; p concatenated where every request has all its rows,
     scattered into padding where not) gives the tokens rejection_sample_reference gives on
     inputs padded one request at a time, with the same per-request draws."""
-    from actors.step import judge
-    from kernels.rejection import draw_randoms, rejection_sample_reference
+    from tandem.kernels.rejection import draw_randoms, rejection_sample_reference
+    from tandem.spec.step import judge
 
     g = torch.Generator().manual_seed(0)
     vocab, paths = 11, set()
@@ -185,7 +187,7 @@ def test_sampled_judge_equals_the_reference_sampler():
 
 def test_greedy_judge_equals_rejection_sampling():
     """The temperature-0 host path gives the tokens the rejection sampler gives for one-hot p."""
-    from actors.step import judge, judge_greedy
+    from tandem.spec.step import judge, judge_greedy
 
     g = torch.Generator().manual_seed(0)
     vocab = 7

@@ -1,4 +1,4 @@
-"""The lane's step loop (actors/lane_core.py) and the lane's stream coalescing (cluster/lane.py),
+"""The lane's step loop (tandem/actors/lane_core.py) and the lane's stream coalescing (tandem/cluster/lane.py),
 without Ray: tokens delivered through the sinks equal offline AR, the loop reports where its time
 goes, and emissions that piled up go out as one, in order."""
 from __future__ import annotations
@@ -10,12 +10,13 @@ import time
 import pytest
 from conftest import make_pair, random_llama
 
-from actors.batch import SpecBatch
-from actors.drafter import Drafter
-from actors.lane_core import LaneCore
-from actors.load_control import LoadControlConfig, LoadController
-from actors.messages import Emission, RequestStats, SamplingParams, SpecParams
-from actors.offline import generate
+from tandem.actors.drafter import LocalDrafter
+from tandem.actors.lane_core import LaneCore
+from tandem.actors.offline import generate
+from tandem.params import SamplingParams, SpecParams
+from tandem.spec.batch import SpecBatch
+from tandem.spec.load_control import LoadControlConfig, LoadController
+from tandem.spec.messages import Emission, RequestStats
 
 PROMPTS = [[1, 2, 3, 4], [9, 8, 7]]
 
@@ -48,7 +49,7 @@ def test_sinks_get_offline_tokens_and_the_loop_times_its_gaps():
     pair = make_pair(random_llama(0), random_llama(0, layers=1))
     sampling = SamplingParams(max_tokens=12, ignore_eos=True)
     ref = [d.token_ids for d in generate(pair, PROMPTS, sampling, SpecParams("ar"))]
-    core = LaneCore(SpecBatch(pair.target, Drafter(pair.draft), set()), max_queued=4, max_batch_size=2)
+    core = LaneCore(SpecBatch(pair.target, LocalDrafter(pair.draft), set()), max_queued=4, max_batch_size=2)
     got, load = serve_all(core, PROMPTS, sampling, SpecParams("sd", 3, adaedl=False))
     timing = load["step_timing"]
     assert got == ref
@@ -63,7 +64,7 @@ def test_a_lane_with_load_control_reports_it():
     sampling = SamplingParams(max_tokens=16, ignore_eos=True)
     prompts = PROMPTS + [list(range(10, 40)), [42]]
     ref = [d.token_ids for d in generate(pair, prompts, sampling, SpecParams("ar"))]
-    batch = SpecBatch(pair.target, Drafter(pair.draft), set(), LoadController(LoadControlConfig(warmup_steps=2)))
+    batch = SpecBatch(pair.target, LocalDrafter(pair.draft), set(), LoadController(LoadControlConfig(warmup_steps=2)))
     got, load = serve_all(LaneCore(batch, max_queued=8, max_batch_size=4), prompts, sampling, SpecParams("sd", 4, adaedl=False))
     assert got == ref
     state = load["load_control"]
@@ -73,7 +74,7 @@ def test_a_lane_with_load_control_reports_it():
 
 def test_lane_stream_merges_what_piled_up():
     pytest.importorskip("ray")
-    from cluster.lane import Inbox, _merge
+    from tandem.cluster.lane import Inbox, _merge
 
     stats = RequestStats(steps=3)
 
@@ -95,7 +96,7 @@ def test_lane_inbox_wakes_for_a_first_emission_and_a_finish_only():
     """A step thread feeding the inbox: generate() wakes for the first emission after it waited
     and for the finish (which ends a hold early), not for the tokens in between."""
     pytest.importorskip("ray")
-    from cluster.lane import Inbox
+    from tandem.cluster.lane import Inbox
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -135,7 +136,7 @@ def test_lane_inbox_take_never_returns_empty_after_a_stale_wake():
     """put() racing take()'s first wait leaves a wake behind; the next take() must not return it
     with nothing (the reviewer's interleaving, replayed on the loop)."""
     pytest.importorskip("ray")
-    from cluster.lane import Inbox
+    from tandem.cluster.lane import Inbox
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -157,7 +158,7 @@ def test_lane_metrics_gauge_each_interval_and_start_over_on_a_reset(monkeypatch)
     pytest.importorskip("ray")
     import ray.util.metrics as rm
 
-    from cluster.metrics import PARTS, LaneMetrics
+    from tandem.cluster.metrics import PARTS, LaneMetrics
 
     class Recorded:  # stands in for Ray's metric objects, which need a running Ray
         def __init__(self, name, description="", tag_keys=(), boundaries=None):
@@ -194,7 +195,7 @@ def test_freeze_heap_keeps_collections_off_the_start_up_heap():
     import gc
     import weakref
 
-    from kernels.warmup import freeze_heap
+    from tandem.kernels.warmup import freeze_heap
 
     class Node:
         pass

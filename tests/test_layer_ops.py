@@ -19,8 +19,8 @@ if not ON_GPU and "triton.language" not in sys.modules:
 KERNELS_RUN_HERE = ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"
 pytest.importorskip("triton")
 
-from kernels import layer_ops
-from kernels.layer_ops import (
+from tandem.kernels import layer_ops
+from tandem.kernels.layer_ops import (
     rms_norm,
     rms_norm_reference,
     rope_and_cache,

@@ -1,4 +1,4 @@
-"""The load controller (actors/load_control.py): its cost fits, the cap it picks in memory- and
+"""The load controller (tandem/spec/load_control.py): its cost fits, the cap it picks in memory- and
 compute-bound lanes, and that any cap it sets leaves the output exactly the target's."""
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ import itertools
 import pytest
 from conftest import Scripted, make_pair, random_llama
 
-from actors.load_control import Candidate, LoadControlConfig, LoadController, Round, StepObservation, _Line
-from actors.messages import SamplingParams, SpecParams
-from actors.offline import generate
+from tandem.actors.offline import generate
+from tandem.params import SamplingParams, SpecParams
+from tandem.spec.load_control import (
+    Candidate,
+    LoadControlConfig,
+    LoadController,
+    Round,
+    StepObservation,
+    _Line,
+)
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [42]]
 

@@ -9,13 +9,13 @@ import copy
 
 import pytest
 import torch
+from conftest import Scripted, make_pair, random_llama
 from scipy.stats import chi2, ncx2
 
-from actors.hf_engine import HFEngine
-from actors.messages import SamplingParams, SpecParams
-from actors.offline import generate
-from conftest import Scripted, make_pair, random_llama
-from kernels.sampling import logits_to_probs
+from tandem.actors.offline import generate
+from tandem.engine.hf_engine import HFEngine
+from tandem.kernels.sampling import logits_to_probs
+from tandem.params import SamplingParams, SpecParams
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [42]]
 SPECS = [
@@ -185,8 +185,9 @@ TINY_PROMPTS = [
 
 
 def test_tiny_pair_all_modes_equal_transformers_generate(tiny_pair_paths):
-    from actors.pair import load_pair
     from transformers import AutoModelForCausalLM
+
+    from tandem.engine.pair import load_pair
 
     target_dir, draft_dir = tiny_pair_paths
     pair = load_pair(target_dir, draft_dir, max_slots=4)

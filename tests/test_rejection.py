@@ -1,10 +1,13 @@
 """The rejection sampler on hand-built cases, and its single-step distribution."""
+import pytest
 import torch
 from scipy.stats import chisquare
 
-import pytest
-
-from kernels.rejection import draw_randoms, rejection_sample, rejection_sample_reference
+from tandem.kernels.rejection import (
+    draw_randoms,
+    rejection_sample,
+    rejection_sample_reference,
+)
 
 V = 4
 

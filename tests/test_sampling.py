@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from kernels.sampling import entropy, logits_to_probs
+from tandem.kernels.sampling import entropy, logits_to_probs
 
 
 def _probs(logits, t=1.0, k=0, p=1.0):

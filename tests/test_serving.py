@@ -1,9 +1,9 @@
 """Serving end to end, as a user meets it: a real local Ray cluster on CPU, the tandem app built by
-cluster.app:build_app, real gRPC through the SDK and real HTTP through the `openai` client.
+tandem.cluster.app:build_app, real gRPC through the SDK and real HTTP through the `openai` client.
 
 Two applications share one module-scoped cluster: "tandem" (route /, room for several requests)
 and "one" (route /one, max_batch_size 1 and max_queued 0, to see RESOURCE_EXHAUSTED / 429).
-Greedy output is compared with offline `ar` generation of the same prompts (actors.offline).
+Greedy output is compared with offline `ar` generation of the same prompts (tandem.actors.offline).
 """
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-
 from conftest import REPO, TINY
+
 from tandem.client import InvalidArgument, ResourceExhausted, TandemClient
 from tandem.errors import TandemError
+from tandem.models import resolve
 
-SERVICER = "protos.tandem_pb2_grpc.add_TandemServicer_to_server"
+SERVICER = "tandem.protos.tandem_pb2_grpc.add_TandemServicer_to_server"
 # Runs until cancelled: 1000 `ar` steps (~10 s or more on CPU); assert_cut_short checks with the
 # lane's step count that a cancel ended it. "def main():\n" + 1000 tokens fits 1024 positions.
 LONG = dict(max_tokens=1000, ignore_eos=True, mode="ar")
@@ -94,7 +95,7 @@ def server():
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from cluster.app import build_app
+    from tandem.cluster.app import build_app
 
     temp = tempfile.mkdtemp(prefix="tdm", dir="/tmp")  # short: Ray's socket paths have a length limit
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
@@ -116,9 +117,9 @@ def server():
 @pytest.fixture(scope="module")
 def offline():
     """Offline greedy `ar` ids for any (prompt, max_tokens): the target alone, in-process."""
-    from actors.messages import SamplingParams, SpecParams
-    from actors.offline import generate
-    from actors.pair import load_pair
+    from tandem.actors.offline import generate
+    from tandem.engine.pair import load_pair
+    from tandem.params import SamplingParams, SpecParams
 
     pair = load_pair(TINY / "target", TINY / "draft", max_slots=8)
     cache: dict[tuple[str, int], list[int]] = {}
@@ -288,14 +289,14 @@ def test_health_and_list_models(server):
         models = c.list_models()
     assert (h.status, h.lanes, h.running, h.queued) == ("SERVING", 1, 0, 0)
     assert [m.id for m in models] == ["tandem-tiny"]
-    assert models[0].max_context == 1024 and models[0].target.endswith("models/tiny/target")
+    assert models[0].max_context == 1024 and (models[0].target, models[0].draft) == ("tandem:tiny/target", "tandem:tiny/draft")
 
 
 def test_request_id_from_metadata(server):
     import grpc
 
-    from protos import tandem_pb2 as pb
-    from protos import tandem_pb2_grpc as pb_grpc
+    from tandem.protos import tandem_pb2 as pb
+    from tandem.protos import tandem_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(server.grpc) as channel:
         chunks = list(pb_grpc.TandemStub(channel).Generate(
@@ -457,7 +458,7 @@ def test_full_lane_is_resource_exhausted_and_429(server, offline):
 
 # -- no cluster needed ---------------------------------------------------------------------------
 def test_text_stream_never_splits_a_character_or_leaks_a_stop_string(offline):
-    from cluster.router import TextStream
+    from tandem.cluster.frontend import TextStream
 
     tok = offline.tokenizer
     text = "héllo wörld 你好 -> done. 你好"
@@ -501,7 +502,7 @@ class FakeCore:
 
 def fake_lane(core: FakeCore, interval_ms: float):
     """A Lane without Ray or models: generate() over a FakeCore (cf. Ray Serve LLM's mock engines)."""
-    from cluster.lane import Lane
+    from tandem.cluster.lane import Lane
 
     lane = Lane.__new__(Lane)
     lane.core, lane.lane_id, lane.streamed = core, "fake", {"items": 0, "tokens": 0}
@@ -528,7 +529,7 @@ def stream(lane, rid: str = "r"):
     import asyncio
     from dataclasses import asdict
 
-    from actors.messages import SamplingParams, SpecParams
+    from tandem.params import SamplingParams, SpecParams
 
     async def run():
         loop, out = asyncio.get_running_loop(), []
@@ -540,7 +541,7 @@ def stream(lane, rid: str = "r"):
 
 
 def test_lane_stream_sends_the_first_token_at_once_then_batches_and_flushes_the_finish():
-    from actors.messages import Emission, RequestStats
+    from tandem.spec.messages import Emission, RequestStats
 
     # tokens 0..9 one per 10 ms, then the finish; interval 40 ms
     tokens = [(0.01 * i, Emission("r", [i])) for i in range(10)]
@@ -566,7 +567,7 @@ def test_lane_stream_sends_the_first_token_at_once_then_batches_and_flushes_the_
 
 
 def test_lane_stream_interval_zero_sends_every_step():
-    from actors.messages import Emission
+    from tandem.spec.messages import Emission
 
     # 50 ms apart: each emission is out before the next arrives, even on a busy machine
     core = FakeCore([(0.05 * i, Emission("r", [i], "length" if i == 5 else None)) for i in range(6)])
@@ -578,7 +579,8 @@ def test_lane_stream_cancelled_while_holding_frees_the_slot():
     import asyncio
     from dataclasses import asdict
 
-    from actors.messages import Emission, SamplingParams, SpecParams
+    from tandem.params import SamplingParams, SpecParams
+    from tandem.spec.messages import Emission
 
     core = FakeCore([(0.0, Emission("r", [1])), (0.01, Emission("r", [2]))])  # never finishes
     lane = fake_lane(core, 10_000)
@@ -604,22 +606,22 @@ def test_deploy_yaml_is_a_valid_serve_config_with_valid_args(path):
     """Serve's own schema, then AppConfig, then Serve's check that the replica fits bundle 0."""
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.app import build_app
+    from tandem.cluster.app import build_app
 
     config = yaml.safe_load(Path(path).read_text())
     schema = ServeDeploySchema.model_validate(config)
     assert schema.grpc_options.grpc_servicer_functions == [SERVICER]
     (app,) = schema.applications
-    assert app.import_path == "cluster.app:build_app" and app.route_prefix == "/"
+    assert app.import_path == "tandem.cluster.app:build_app" and app.route_prefix == "/"
     args = app.args
     for key in ("target", "draft"):  # example checkpoints of GPU clusters: stand in the tiny pair
-        if not (REPO / args["model"][key]).exists():
+        if not resolve(args["model"][key]).exists():
             args["model"][key] = str(TINY / key)
     build_app(args)
 
 
 def test_bad_args_name_the_field():
-    from cluster.app import build_app
+    from tandem.cluster.app import build_app
 
     with pytest.raises(TandemError, match=r"lane\.max_batch_size: Input should be greater than or equal to 1"):
         build_app({"lane": {"max_batch_size": 0}})
@@ -634,8 +636,8 @@ def test_bad_args_name_the_field():
 
 
 def test_lane_bundles_hold_the_verifier_ranks_then_the_drafters():
-    from cluster.config import AppConfig
-    from cluster.topology import lane_bundles, lane_spec
+    from tandem.cluster.config import AppConfig
+    from tandem.cluster.topology import lane_bundles, lane_spec
 
     gpu = {"tensor_parallel_size": 2, "verifier_gpus": 1, "drafter_gpus": 1, "num_drafters": 2,
            "drafter_resources": {"small_gpu": 1}}

@@ -17,12 +17,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.entropy import (
+from tandem.kernels.entropy import (
     softmax_entropy,
     softmax_entropy_reference,
     softmax_entropy_triton,
 )
-from kernels.rejection import (
+from tandem.kernels.rejection import (
     rejection_sample,
     rejection_sample_reference,
     rejection_sample_torch,
@@ -265,7 +265,7 @@ def test_rejection_large_on_gpu(batch, k, vocab, one_hot):
 
 
 def test_warm_kernels_launches_every_specialization_and_nothing_where_torch_runs():
-    from kernels.warmup import warm_kernels
+    from tandem.kernels.warmup import warm_kernels
 
     assert warm_kernels(64, "cpu", max_draft=3, use_triton=False) == 0
     assert warm_kernels(64, DEVICE, max_draft=3, use_triton=True) == 3 + 4 * 2  # entropy per dtype + k = 0..3, q or not

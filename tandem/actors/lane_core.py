@@ -1,0 +1,155 @@
+"""A lane's step loop: a thread that admits, steps and streams a SpecBatch.
+
+Requests arrive from any thread (the Serve replica's event loop); the loop admits them between
+steps while KV slots are free (continuous batching), runs one speculative step for everything
+running, and hands each request's verified tokens to its sink. Cancelled or finished requests
+leave the batch and free their slots at once.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tandem.errors import LaneFull, TandemError
+from tandem.params import SamplingParams, SpecParams
+from tandem.spec.batch import SpecBatch
+from tandem.spec.messages import Emission
+
+Sink = Callable[[Emission], None]
+
+
+@dataclass
+class _Pending:
+    rid: str
+    prompt: list[int]
+    sampling: SamplingParams
+    spec: SpecParams
+    sink: Sink
+    deadline: float
+
+
+class LaneCore:
+    def __init__(self, batch: SpecBatch, max_queued: int, max_batch_size: int, request_timeout_s: float = 300.0) -> None:
+        self.batch = batch  # owned: closed (its drafter and peer processes released) when the loop stops
+        self.max_queued = max_queued
+        self.max_batch_size = max_batch_size
+        self.request_timeout_s = request_timeout_s
+        self._lock = threading.Condition()
+        self._waiting: deque[_Pending] = deque()
+        self._sinks: dict[str, Sink] = {}
+        self._deadlines: dict[str, float] = {}
+        self._cancel: set[str] = set()
+        self._stopped = False
+        self.error: BaseException | None = None
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="lane-step-loop", daemon=True)
+        self._thread.start()
+
+    # -- called from other threads -------------------------------------------------------------
+    def submit(self, rid: str, prompt: list[int], sampling: SamplingParams, spec: SpecParams, sink: Sink) -> None:
+        """Queue a request; bad input and a full lane raise here, before anything is held."""
+        sampling.validate(), spec.validate()
+        if not prompt:
+            raise TandemError("prompt is empty: give at least one token")
+        if len(prompt) >= self.batch.max_context:
+            raise TandemError(f"prompt of {len(prompt)} tokens does not fit the context of {self.batch.max_context} tokens")
+        with self._lock:
+            if self.error is not None:
+                raise RuntimeError(f"lane step loop failed: {self.error!r}")
+            if rid in self._sinks:
+                raise TandemError(f"request id {rid!r} is already running")
+            if len(self._sinks) >= self.max_batch_size + self.max_queued:  # _sinks: running + queued
+                raise LaneFull(f"lane is full: {len(self._sinks) - len(self._waiting)} requests running "
+                               f"and {len(self._waiting)} queued")
+            self._sinks[rid] = sink
+            self._waiting.append(_Pending(rid, prompt, sampling, spec, sink, time.monotonic() + self.request_timeout_s))
+            self._lock.notify()
+
+    def cancel(self, rid: str) -> bool:
+        with self._lock:
+            if rid not in self._sinks:
+                return False
+            self._cancel.add(rid)
+            self._lock.notify()
+            return True
+
+    def load(self) -> dict:
+        with self._lock:
+            return {"running": len(self.batch), "queued": len(self._waiting), "steps": self.steps,
+                    "free_slots": self.batch.free_slots, "healthy": self.error is None,
+                    "step_timing": self.batch.timing.as_dict(),
+                    "load_control": self.batch.controller.state() if self.batch.controller is not None else None}
+
+    def reset_timing(self) -> None:
+        from tandem.spec.batch import TimingStats
+
+        self.batch.timing = TimingStats()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+        self._thread.join(timeout=10)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            last = None  # end of the previous step while requests were running
+            while self._admit_and_cancel():
+                start = time.perf_counter()
+                if last is not None and len(self.batch):
+                    # Time the loop spent outside steps with work to do: admission, delivery,
+                    # and waiting for the interpreter (the replica's event loop shares it).
+                    self.batch.timing.gap += start - last
+                emissions = self.batch.step()
+                self.steps += 1
+                for e in emissions:
+                    self._deliver(e)
+                last = time.perf_counter() if len(self.batch) else None
+            self.batch.close()
+        except BaseException as e:  # a fault in the engines: fail every request, mark unhealthy
+            self.error = e
+            self._fail_all(e)
+            raise
+
+    def _admit_and_cancel(self) -> bool:
+        """Between steps: apply cancels and timeouts, admit waiting requests. False: stop."""
+        with self._lock:
+            while not self._stopped and not len(self.batch) and not self._waiting and not self._cancel:
+                self._lock.wait(timeout=1.0)
+            if self._stopped:
+                return False
+            cancels, self._cancel = self._cancel, set()
+            now = time.monotonic()
+            cancels |= {rid for rid, t in self._deadlines.items() if t < now}
+            for p in [p for p in self._waiting if p.rid in cancels]:
+                self._waiting.remove(p)
+                self._deliver(Emission(p.rid, [], "cancelled"))
+            for rid in cancels:
+                e = self.batch.cancel(rid)
+                if e is not None:
+                    self._deliver(e)
+            while self._waiting and self.batch.free_slots and len(self.batch) < self.max_batch_size:
+                p = self._waiting.popleft()
+                self.batch.add(p.rid, p.prompt, p.sampling, p.spec)
+                self._deadlines[p.rid] = p.deadline
+            return True
+
+    def _deliver(self, e: Emission) -> None:
+        with self._lock:  # re-entrant: also called with the lock held
+            sink = self._sinks.get(e.rid)
+            if e.finish_reason:
+                self._sinks.pop(e.rid, None)
+                self._deadlines.pop(e.rid, None)
+        if sink is not None:
+            sink(e)
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._lock:
+            for rid, sink in list(self._sinks.items()):
+                sink(Emission(rid, [], "error"))
+            self._sinks.clear()
+            self._waiting.clear()

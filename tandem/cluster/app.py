@@ -1,0 +1,88 @@
+"""The Serve application builder named by deploy/*.yaml: `import_path: tandem.cluster.app:build_app`.
+
+`serve deploy` / `serve run` pass the yaml's `args:` mapping here. It is validated with
+AppConfig first, so a wrong field fails the deploy with a message naming it, before any replica
+or placement group is asked for.
+
+    Router (ingress: gRPC + HTTP, 0.1 CPU) ──handle──► Lane × num_lanes (one placement group each)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+from ray import serve
+
+from tandem import models
+from tandem.cluster.config import AppConfig
+from tandem.cluster.lane import LaneDeployment
+from tandem.cluster.router import RouterDeployment
+from tandem.cluster.topology import lane_bundles
+from tandem.errors import TandemError
+
+# Requests that may reach a full lane on top of its capacity, to be refused there (LaneFull →
+# RESOURCE_EXHAUSTED / 429) instead of waiting silently in Serve's handle queue, which is what
+# happens to a request when every replica is at max_ongoing_requests.
+LANE_OVERFLOW = 4
+
+ROUTER_OPTIONS = dict(
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0.1},  # async I/O and tokenizing: a sliver of a CPU is enough
+    max_ongoing_requests=1000,  # streams are mostly waiting on lanes; Serve's default of 5 would queue them
+)
+
+
+def build_app(args: dict) -> serve.Application:
+    """Router → Lanes, from the yaml's `args:` (see tandem/cluster/config.py for every field)."""
+    cfg = parse_config(args)
+    lane = LaneDeployment.options(**lane_options(cfg)).bind(cfg.model_dump())
+    return RouterDeployment.options(**ROUTER_OPTIONS).bind(cfg.model_dump(), lane)
+
+
+def parse_config(args: dict | None) -> AppConfig:
+    """AppConfig from `args`, or one TandemError listing each bad field as `path: problem`."""
+    try:
+        return AppConfig(**_resolve_model_paths(dict(args or {})))
+    except ValidationError as e:
+        problems = [f"{'.'.join(map(str, err['loc'])) or 'args'}: {err['msg']}" for err in e.errors()]
+        raise TandemError("invalid tandem config (args of tandem.cluster.app:build_app): " + "; ".join(problems)) from None
+
+
+def _resolve_model_paths(args: dict) -> dict:
+    """Relative checkpoint paths made absolute against the directory the app is built in.
+
+    Serve builds the app in a Ray worker whose working directory is wherever `ray start` (or
+    `serve run`) ran; the lane replicas may run elsewhere, so they get absolute paths.
+    `tandem:<name>` (a checkpoint shipped in the package) is left as it is.
+    """
+    model = args.get("model")
+    if not isinstance(model, dict):
+        return args
+    model = dict(model)
+    for key in ("target", "draft"):
+        path = model.get(key)
+        if isinstance(path, str) and not path.startswith(models.PREFIX) and not Path(path).is_absolute():
+            model[key] = str(Path(path).resolve())
+    return {**args, "model": model}
+
+
+def lane_options(cfg: AppConfig) -> dict:
+    """Serve options of the Lane deployment: its placement group, replica count and capacity.
+
+    The replica runs in bundle 0 (the verifier's rank 0), so its own request is exactly that
+    bundle's CPUs and GPUs: Serve checks it fits, Ray then sets CUDA_VISIBLE_DEVICES and
+    OMP_NUM_THREADS for the replica from it (num_gpus 0 would hide the GPU from rank 0).
+    """
+    lane = cfg.lane
+    bundle0 = lane_bundles(cfg)[0]
+    opts = dict(
+        placement_group_bundles=lane_bundles(cfg),
+        placement_group_strategy=lane.placement_strategy,
+        ray_actor_options={"num_cpus": bundle0.get("CPU", 0), "num_gpus": bundle0.get("GPU", 0)},
+        max_ongoing_requests=lane.max_batch_size + lane.max_queued + LANE_OVERFLOW,
+    )
+    if cfg.autoscaling:
+        opts["autoscaling_config"] = dict(cfg.autoscaling)
+    else:
+        opts["num_replicas"] = cfg.num_lanes
+    return opts

@@ -1,0 +1,327 @@
+"""The request path both front ends share (gRPC and OpenAI-style HTTP).
+
+validate → tokenize with the target's tokenizer → stream from a Lane through a DeploymentHandle
+→ detokenize incrementally → stop strings. One validation at the edge, one table from errors to
+gRPC and HTTP statuses, one health summary, one table of in-flight requests for Cancel. The
+protocol modules (tandem/cluster/grpc_api.py, tandem/cluster/openai_api.py) only translate
+their wire format to `GenerateParams` and `Delta`s back.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import grpc
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RequestCancelledError,
+)
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from tandem import models
+from tandem.cluster.config import AppConfig
+from tandem.engine.pair import load_tokenizer
+from tandem.errors import LaneFull, TandemError
+from tandem.params import SamplingParams, SpecParams
+
+logger = logging.getLogger(__name__)
+
+# A lane that says LaneFull is retried on another lane (Serve's router picks it), at most this
+# many times in all: a full lane answers at once, so retrying is cheap.
+MAX_LANE_ATTEMPTS = 4
+
+
+@dataclass
+class GenerateParams:
+    """One request as either front end states it; None means "the server's default"."""
+
+    prompt: str
+    max_tokens: int = 0  # 0: AppConfig.default_max_tokens
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    mode: str | None = None
+    max_draft: int | None = None
+    adaedl: bool | None = None
+    ignore_eos: bool = False
+    model: str = ""
+    request_id: str = ""
+
+
+@dataclass
+class Admitted:
+    """A validated, tokenized request, ready for a lane."""
+
+    rid: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    spec: SpecParams
+    stop: list[str]
+    received_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Delta:
+    """What one lane emission becomes at the front: new tokens and the text they add."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    stats: dict | None = None  # on the last delta
+
+
+# -- errors -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Status:
+    """How a refusal reads on each wire: gRPC status, HTTP status and OpenAI error type."""
+
+    grpc: grpc.StatusCode
+    http: int
+    kind: str
+
+
+INVALID = Status(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error")
+FULL = Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_exceeded")
+UNAVAILABLE = Status(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable")
+
+
+def status_of(e: BaseException) -> Status | None:
+    """The status for an error the client caused or can retry; None: a server fault (INTERNAL / 500)."""
+    if isinstance(e, (LaneFull, BackPressureError)):
+        return FULL
+    if isinstance(e, TandemError):
+        return INVALID
+    if isinstance(e, DeploymentUnavailableError):
+        return UNAVAILABLE
+    return None
+
+
+def user_message(e: BaseException) -> str:
+    """The message a person can act on: a lane's TandemError arrives wrapped in a RayTaskError."""
+    cause = getattr(e, "cause", None)
+    return str(cause if isinstance(cause, Exception) else e)
+
+
+# -- text ---------------------------------------------------------------------------------------
+class TextStream:
+    """Token ids in, text deltas out, correct for byte-level BPE and stop strings.
+
+    Byte-level BPE splits one UTF-8 character over several tokens, so decoding token by token
+    yields U+FFFD halves. Decoding the whole output and emitting only the new suffix does not,
+    as long as an incomplete character at the end is held back. Text that could still be the
+    start of a stop string is held back too (at most the longest stop string minus one chars),
+    so a stop string never reaches the client even in part.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max(map(len, self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def push(self, ids: list[int], final: bool) -> tuple[list[int], str]:
+        """Add the lane's new tokens; return the tokens to report and the text to emit."""
+        start = len(self.ids)
+        self.ids += ids
+        text = self._decode(self.ids)
+        cut = self._find_stop(text)
+        if cut is not None:
+            self.stopped = True
+            ids, text = self._ids_through_stop(start), text[:cut]
+        elif not final:
+            text = text.rstrip("\ufffd")  # an incomplete UTF-8 tail: wait for its other bytes
+            text = text[: max(len(self.sent), len(text) - self.hold)]
+        if not text.startswith(self.sent):  # decoding is prefix-stable here; never re-send
+            return ids, ""
+        delta, self.sent = text[len(self.sent):], text
+        return ids, delta
+
+    def _decode(self, ids: list[int]) -> str:
+        # clean_up_tokenization_spaces rewrites " ." after the fact, which would break the
+        # "earlier text never changes" property the suffix emission needs.
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _find_stop(self, text: str) -> int | None:
+        """Where the first stop string starts, searching only text not yet checked."""
+        begin = max(0, len(self.sent) - self.hold)
+        hits = [i for i in (text.find(s, begin) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _ids_through_stop(self, start: int) -> list[int]:
+        """The new tokens up to the one that completes the stop string (later ones are dropped)."""
+        for k in range(start + 1, len(self.ids) + 1):
+            if self._find_stop(self._decode(self.ids[:k])) is not None:
+                break
+        new, self.ids = self.ids[start:k], self.ids[:k]
+        return new
+
+
+# -- the shared path ----------------------------------------------------------------------------
+class Frontend:
+    """Admits requests, streams them from the lanes, and answers Cancel / health / model card."""
+
+    def __init__(self, cfg: AppConfig, lane: DeploymentHandle) -> None:
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model.target)
+        self.lane = lane
+        self.inflight: dict[str, DeploymentResponseGenerator] = {}
+        self._lane_cancels: set[asyncio.Task] = set()  # held until done (the loop keeps only weak refs)
+        auto = cfg.autoscaling or {}
+        self.lane_attempts = min(MAX_LANE_ATTEMPTS, int(auto.get("max_replicas", cfg.num_lanes)))
+
+    def admit(self, p: GenerateParams) -> Admitted:
+        """Validate and tokenize, so bad input is refused here with a message naming the field."""
+        cfg = self.cfg
+        if p.model and p.model != cfg.model.id:
+            raise TandemError(f"unknown model {p.model!r}: this server serves {cfg.model.id!r}")
+        if not p.prompt:
+            raise TandemError("prompt is empty: give at least one character")
+        max_tokens = p.max_tokens or cfg.default_max_tokens
+        if not 0 < max_tokens <= cfg.max_tokens_limit:
+            raise TandemError(f"max_tokens must be in [1, {cfg.max_tokens_limit}] (0 = default "
+                              f"{cfg.default_max_tokens}), got {p.max_tokens}")
+        sampling = SamplingParams(
+            max_tokens, _default(p.temperature, 0.0), _default(p.top_k, 0), _default(p.top_p, 1.0),
+            p.seed, p.ignore_eos).validate()
+        s = cfg.speculation
+        spec = SpecParams(_default(p.mode, s.mode), _default(p.max_draft, s.max_draft),
+                          _default(p.adaedl, s.adaedl), s.send_draft_probs).validate()
+        rid = p.request_id or uuid.uuid4().hex
+        if rid in self.inflight:
+            raise TandemError(f"request id {rid!r} is already running: use a new one")
+        prompt_ids = self.tokenizer.encode(p.prompt, add_special_tokens=False)
+        return Admitted(rid, prompt_ids, sampling, spec, list(p.stop))
+
+    async def open_stream(self, p: GenerateParams) -> tuple[Admitted, AsyncIterator[Delta]]:
+        """Admit a request and wait for its lane's first answer.
+
+        Bad input and a full lane raise here, before a gRPC stream or an HTTP 200 has started,
+        so the client gets a status code and not a broken stream.
+        """
+        req = self.admit(p)
+        gen, first = await self._submit(req)
+        return req, self._deltas(req, gen, first)
+
+    async def _submit(self, req: Admitted) -> tuple[DeploymentResponseGenerator, dict]:
+        """Start the request on a lane; on LaneFull try another (Serve picks the lane)."""
+        for attempt in range(self.lane_attempts):
+            gen = self.lane.options(stream=True).generate.remote(
+                req.rid, req.prompt_ids, asdict(req.sampling), asdict(req.spec))
+            self.inflight[req.rid] = gen  # from now on Cancel can reach it
+            try:
+                return gen, await _next_output(gen)
+            except LaneFull:
+                self.inflight.pop(req.rid, None)
+                if attempt == self.lane_attempts - 1:
+                    raise
+            except BaseException:  # e.g. the client went away before the first token
+                self.inflight.pop(req.rid, None)
+                self._end_on_lane(req.rid, gen)
+                raise
+        raise AssertionError("unreachable")
+
+    async def _deltas(self, req: Admitted, gen: DeploymentResponseGenerator, out: dict) -> AsyncIterator[Delta]:
+        """Turn lane outputs into deltas; whatever ends the stream early also ends the lane's work."""
+        text = TextStream(self.tokenizer, req.stop)
+        first_token_at = None
+        lane_done = False
+        try:
+            while True:
+                lane_done = out["finish_reason"] is not None
+                ids, chunk = text.push(out["token_ids"], final=lane_done)
+                if ids and first_token_at is None:
+                    first_token_at = time.perf_counter() - req.received_at
+                reason = "stop" if text.stopped else out["finish_reason"]
+                stats = self._stats(req, text, out.get("stats"), first_token_at) if reason else None
+                yield Delta(ids, chunk, reason, stats)
+                if reason:
+                    return
+                out = await _next_output(gen)
+        finally:  # a stop string, Cancel or a client that went away: free the lane slot now
+            if self.inflight.pop(req.rid, None) is not None and not lane_done:
+                self._end_on_lane(req.rid, gen)
+
+    def _stats(self, req: Admitted, text: TextStream, lane_stats: dict | None, ttft: float | None) -> dict:
+        """The lane's stats (absent when the router ended the request) plus what the router measured."""
+        stats = dict(lane_stats or {"generated": len(text.ids)})
+        stats["prompt_tokens"] = len(req.prompt_ids)
+        stats["time_to_first_token_s"] = ttft or 0.0
+        return stats
+
+    async def cancel(self, rid: str) -> bool:
+        """Cancel a request here, or (another router replica's) on whichever lane holds it."""
+        gen = self.inflight.pop(rid, None)
+        if gen is not None:
+            self._end_on_lane(rid, gen)
+            return True
+        results = await self.lane.broadcast("cancel", rid).results_async(timeout_s=10, return_exceptions=True)
+        return any(r is True for r in results)
+
+    def _end_on_lane(self, rid: str, gen: DeploymentResponseGenerator) -> None:
+        """Stop a request's work on its lane, two ways: cancel the streaming call (the lane's
+        generate sees the cancellation and frees the slot), and tell the lanes directly. The
+        first alone was lost about once in four test runs on 2 cores (the lane ran the request
+        to its end); a lane that no longer holds the request answers False."""
+        gen.cancel()
+        task = asyncio.get_running_loop().create_task(
+            self.lane.broadcast("cancel", rid).results_async(timeout_s=10, return_exceptions=True))
+        self._lane_cancels.add(task)
+        task.add_done_callback(self._lane_cancels.discard)
+
+    async def lane_loads(self) -> list[dict]:
+        """load() of every lane replica; broadcast() bypasses max_ongoing_requests, so a full lane answers too."""
+        try:
+            results = await self.lane.broadcast("load").results_async(timeout_s=10, return_exceptions=True)
+        except (DeploymentUnavailableError, TimeoutError):
+            return []
+        return [r for r in results if isinstance(r, dict)]
+
+    async def health(self) -> dict:
+        """SERVING while a lane is healthy; lanes, running and queued summed over all of them."""
+        loads = await self.lane_loads()
+        healthy = any(x.get("healthy") for x in loads)
+        return {"status": "SERVING" if healthy else "NOT_SERVING", "lanes": len(loads),
+                "running": sum(x["running"] for x in loads), "queued": sum(x["queued"] for x in loads)}
+
+    def model_card(self) -> dict:
+        """What a client may know of the served model: names, not where the checkpoints lie."""
+        m = self.cfg.model
+        max_context = m.max_context or int(m.target_config().get("max_position_embeddings", 0))
+        return {"id": m.id, "target": _checkpoint_name(m.target), "draft": _checkpoint_name(m.draft),
+                "max_context": max_context}
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The tokenizer's chat template, or a plain role-prefixed transcript when it has none."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+        return "\n".join(lines) + "\nAssistant:"
+
+
+def _checkpoint_name(path: str) -> str:
+    """`tandem:tiny/target` as it is; a folder by its name (e.g. Llama-3.1-8B-Instruct)."""
+    return path if path.startswith(models.PREFIX) else Path(path).name
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+async def _next_output(gen: DeploymentResponseGenerator) -> dict:
+    """The lane's next output; a cancelled call reads as the lane's own "cancelled" ending."""
+    try:
+        return await gen.__anext__()
+    except RequestCancelledError:
+        return {"token_ids": [], "finish_reason": "cancelled", "stats": None}
+    except StopAsyncIteration:  # the lane always ends with a finish_reason; this is a fault
+        return {"token_ids": [], "finish_reason": "error", "stats": None}

@@ -1,0 +1,153 @@
+"""The Lane deployment: one Serve replica = one verifier group and its drafter (DESIGN §2).
+
+The replica is verifier rank 0 and runs the lane's step loop (tandem/actors/lane_core.py) in a thread;
+`generate` streams each request's verified tokens back to the router: the first at once, later
+ones at most once per `lane.stream_batching_interval_ms` (as Ray Serve LLM does), because every
+streamed item costs this interpreter, which the step loop shares, and the router time.
+The placement group Serve reserves for the replica holds the other verifier ranks and the
+drafter (tandem/cluster/topology.py builds both the bundles and the workers).
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import deque
+from typing import AsyncIterator
+
+import torch
+from ray import serve
+
+from tandem.actors.lane_core import LaneCore
+from tandem.cluster.config import AppConfig
+from tandem.cluster.metrics import LaneMetrics
+from tandem.cluster.topology import build_lane_batch
+from tandem.params import SamplingParams, SpecParams
+from tandem.spec.messages import Emission
+
+
+class Lane:
+    def __init__(self, config: dict) -> None:
+        self.config = AppConfig(**config)
+        self.lane_id = uuid.uuid4().hex[:8]
+        batch, self.workers = build_lane_batch(self.config)
+        lane = self.config.lane
+        self.core = LaneCore(batch, lane.max_queued, lane.max_batch_size, self.config.request_timeout_s)
+        self.batching_interval_s = lane.stream_batching_interval_ms / 1000
+        self.streamed = {"items": 0, "tokens": 0}  # since reset_timing(); tokens / items = batching
+        self.metrics = LaneMetrics(self.lane_id, self.core.load)  # the Ray dashboard's tandem_* series
+
+    async def generate(self, rid: str, prompt: list[int], sampling: dict, spec: dict) -> AsyncIterator[dict]:
+        """Stream {token_ids, finish_reason, stats} dicts; the last one has finish_reason set."""
+        loop = asyncio.get_running_loop()
+        inbox = Inbox(loop)
+        spec = SpecParams(**spec)
+        self.core.submit(rid, prompt, SamplingParams(**sampling), spec, inbox.put)
+        finished = False
+        hold_until = 0.0  # loop time before which tokens wait for company; 0: the first goes out at once
+        try:
+            while not finished:
+                e = _merge(await inbox.take(hold_until))
+                hold_until = loop.time() + self.batching_interval_s
+                finished = e.finish_reason is not None
+                self.streamed["items"] += 1
+                self.streamed["tokens"] += len(e.token_ids)
+                if finished:
+                    self.metrics.request_finished(spec.mode, e.finish_reason, e.stats)
+                yield {"token_ids": e.token_ids, "finish_reason": e.finish_reason,
+                       "stats": e.stats.as_dict() if finished else None, "lane": self.lane_id}
+        finally:
+            if not finished:  # the caller went away (disconnect, Cancel): free the slot now
+                self.core.cancel(rid)
+                self.metrics.request_finished(spec.mode, "cancelled", None)
+
+    async def cancel(self, rid: str) -> bool:
+        return self.core.cancel(rid)
+
+    async def load(self) -> dict:
+        return {"lane": self.lane_id, **self.core.load(), "streamed": dict(self.streamed),
+                "torch_threads": torch.get_num_threads()}
+
+    async def topology(self) -> dict:
+        """Node of this replica (verifier rank 0) and of each worker (ranks 1..T-1, then the drafters)."""
+        import ray
+
+        actors = [w for w in self.workers if isinstance(w, ray.actor.ActorHandle)]
+        nodes = await asyncio.gather(*[a.node_id.remote() for a in actors])
+        return {"leader": ray.get_runtime_context().get_node_id(), "workers": list(nodes)}
+
+    async def reset_timing(self) -> None:
+        """Start a new step-timing window (benchmarks read it back through load())."""
+        self.core.reset_timing()
+        self.streamed = {"items": 0, "tokens": 0}
+
+    def check_health(self) -> None:
+        if self.core.error is not None:
+            raise RuntimeError(f"lane {self.lane_id} step loop failed: {self.core.error!r}")
+
+    def __del__(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.stop()
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.stop()
+
+
+class Inbox:
+    """One request's emissions, from the step thread to its generate() on the replica's event loop.
+
+    The step thread appends and wakes the loop only when generate() waits for a first emission or
+    when the request finishes, not at every step: each wake-up is Python work in this interpreter,
+    which the step loop shares (an asyncio.Queue fed by call_soon_threadsafe woke the loop and the
+    request's task once per step per stream). While generate() holds tokens to batch them, what
+    the steps verify piles up here unseen until the hold ends; a finish ends a hold at once.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: deque[Emission] = deque()
+        self.wake = asyncio.Event()
+        self.waiting = False  # generate() sleeps until the next emission
+
+    def put(self, e: Emission) -> None:  # the step thread's sink (thread-safe: deque append, one flag)
+        self.items.append(e)
+        if self.waiting or e.finish_reason is not None:
+            self.waiting = False
+            self.loop.call_soon_threadsafe(self.wake.set)
+
+    async def take(self, hold_until: float = 0.0) -> list[Emission]:
+        """The next emission, and every one that arrives behind it until `hold_until` (loop time);
+        a finished request is never held."""
+        while not self.items:  # a wake scheduled by an earlier put() can find nothing new: wait again
+            self.wake.clear()
+            self.waiting = True
+            if not self.items:  # put() may have run before `waiting` was set
+                await self.wake.wait()
+            self.waiting = False
+        delay = hold_until - self.loop.time()
+        if delay > 0 and not self._finished():
+            self.wake.clear()  # a wake scheduled before now runs after this: a finish is never missed
+            if not self._finished():
+                try:
+                    await asyncio.wait_for(self.wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        taken = []
+        while self.items:
+            taken.append(self.items.popleft())
+        assert taken, "Inbox.take returned nothing"  # the loop above waits until there is something
+        return taken
+
+    def _finished(self) -> bool:
+        return bool(self.items) and self.items[-1].finish_reason is not None
+
+
+def _merge(items: list[Emission]) -> Emission:
+    """Consecutive emissions of one request as one (the last one carries finish_reason and stats)."""
+    last = items[-1]
+    if len(items) == 1:
+        return last
+    return Emission(last.rid, [t for e in items for t in e.token_ids], last.finish_reason, last.stats)
+
+
+LaneDeployment = serve.deployment(Lane, name="Lane")

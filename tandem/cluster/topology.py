@@ -1,0 +1,50 @@
+"""What a lane is made of: its placement-group bundles and the processes built inside them.
+
+Bundle 0 holds the lane replica itself, which is verifier rank 0 and runs the step loop.
+Bundles 1..T-1 hold the other verifier ranks, bundles T.. the drafters (DESIGN §2); all of them meet
+in one torch.distributed world (tandem/actors/lane_roles.py). A colocated drafter lives in bundle 0.
+"""
+from __future__ import annotations
+
+from tandem.actors.lane_roles import LaneSpec, run_leader
+from tandem.actors.workers import rendezvous_address, start_workers
+from tandem.cluster.config import AppConfig
+from tandem.engine.pair import load_tokenizer
+from tandem.spec.batch import SpecBatch
+
+
+def lane_bundles(cfg: AppConfig) -> list[dict[str, float]]:
+    """Resources of each bundle: T verifier ranks, then the drafters (none when colocated)."""
+    lane = cfg.lane
+    verifier = {"CPU": lane.verifier_cpus, **lane.verifier_resources}
+    if lane.verifier_gpus:
+        verifier["GPU"] = lane.verifier_gpus
+    drafter = {"CPU": lane.drafter_cpus, **lane.drafter_resources}
+    if lane.drafter_gpus:
+        drafter["GPU"] = lane.drafter_gpus
+    drafters = 0 if lane.colocate_drafter else lane.num_drafters
+    return [dict(verifier) for _ in range(lane.tensor_parallel_size)] + [dict(drafter) for _ in range(drafters)]
+
+
+def stop_ids(cfg: AppConfig) -> set[int]:
+    eos = load_tokenizer(cfg.model.target).eos_token_id
+    return set() if eos is None else {int(eos)}
+
+
+def lane_spec(cfg: AppConfig) -> LaneSpec:
+    m, lane, s = cfg.model, cfg.lane, cfg.speculation
+    return LaneSpec(
+        target=m.target, draft=m.draft, tp=lane.tensor_parallel_size, device=lane.device, dtype=m.dtype,
+        engine=m.engine, max_slots=lane.max_batch_size, max_context=m.max_context,
+        adaedl_lambda0=s.adaedl_lambda0, adaedl_stop=s.adaedl_stop, adaedl_cost_ratio=s.adaedl_cost_ratio,
+        colocate_drafter=lane.colocate_drafter, num_drafters=lane.num_drafters,
+        graphs_at_start=lane.cuda_graphs_at_start, max_draft=s.max_draft, load_control=s.load_control)
+
+
+def build_lane_batch(cfg: AppConfig) -> tuple[SpecBatch, list]:
+    """Start the lane's workers, join them as rank 0; the SpecBatch and the workers to keep."""
+    spec = lane_spec(cfg)
+    init_method = rendezvous_address()
+    actors, runs = start_workers(spec, lane_bundles(cfg), init_method)
+    batch = run_leader(spec, init_method, stop_ids(cfg))
+    return batch, actors + runs

@@ -1,0 +1,117 @@
+"""The model engine interface the step logic drives, and its KV bookkeeping.
+
+An engine holds a KV cache slot per request. The step logic never manages cache lengths by
+hand: it passes each request's full token sequence, and the engine feeds only what its slot
+has not seen yet, after rolling the slot back to the longest prefix it shares with the new
+sequence. Rejected drafts are therefore rolled back by simply not being in the next sequence.
+
+Implementations (tandem/engine/llama.py for Llama-family checkpoints with a batched slot cache,
+tandem/engine/hf_engine.py for any other transformers causal LM) only implement `_forward` and
+`_truncate`; a CUDA-graph or tensor-parallel engine slots in the same way.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from tandem.errors import TandemError
+
+
+class Engine(ABC):
+    """A causal LM with per-request KV slots."""
+
+    vocab_size: int
+    max_context: int  # longest sequence a slot can hold
+    device: torch.device
+    # Drafts a whole window in one device program (tandem/engine/draft_steps.py); else a drafter
+    # feeds one token per forward.
+    drafts_windows: bool = False
+
+    def __init__(self, max_slots: int) -> None:
+        self.max_slots = max_slots
+        self._fed: dict[int, list[int]] = {}  # slot -> tokens whose KV the slot holds
+        self._free = list(range(max_slots - 1, -1, -1))
+
+    # -- slots -------------------------------------------------------------------------------
+    def allocate(self) -> int:
+        if not self._free:
+            raise TandemError(f"all {self.max_slots} KV slots are in use")
+        return self.allocate_slot(self._free[-1])
+
+    def allocate_slot(self, slot: int) -> int:
+        """Take a given free slot (a remote peer mirrors the owner's choice)."""
+        assert slot in self._free, f"slot {slot} is not free"
+        self._free.remove(slot)
+        self._fed[slot] = []
+        return slot
+
+    def release(self, slot: int) -> None:
+        assert slot in self._fed, f"slot {slot} is not allocated"
+        del self._fed[slot]
+        self._truncate(slot, 0)
+        self._free.append(slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def cached_length(self, slot: int) -> int:
+        return len(self._fed[slot])
+
+    def close(self) -> None:
+        """Release what the engine holds beyond its memory (TPLeader: the other ranks)."""
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(
+        self, slots: list[int], seqs: list[list[int]], num_logits: list[int]
+    ) -> torch.Tensor:  # [sum(num_logits), V] float, request b's rows are contiguous
+        """Logits predicting the token after each of the last num_logits[b] tokens of seqs[b]."""
+        starts = [self.feed(slot, seq, n) for slot, seq, n in zip(slots, seqs, num_logits)]
+        new_tokens = [seq[start:] for seq, start in zip(seqs, starts)]
+        return self._forward(slots, starts, new_tokens, num_logits)
+
+    def feed(self, slot: int, seq: list[int], num_logits: int = 1) -> int:
+        """Roll the slot back to what it shares with seq; return where seq's unfed tokens start.
+
+        At least num_logits tokens are fed (their logits are asked for), even if the slot has
+        their KV already. The slot is then recorded as holding all of seq.
+        """
+        keep = self.fed_start(slot, seq, num_logits)
+        if keep < len(self._fed[slot]):
+            self._truncate(slot, keep)
+        self._fed[slot] = list(seq)
+        return keep
+
+    def fed_start(self, slot: int, seq: list[int], num_logits: int = 1) -> int:
+        """Where `feed` would start feeding seq (changes nothing)."""
+        assert 1 <= num_logits <= len(seq), f"num_logits {num_logits} for a sequence of {len(seq)}"
+        if len(seq) > self.max_context:
+            raise TandemError(f"sequence of {len(seq)} tokens exceeds the context of {self.max_context}")
+        return min(_common_prefix(self._fed[slot], seq), len(seq) - num_logits)
+
+    def record_fed(self, slot: int, seq: list[int]) -> None:
+        """The slot's KV now holds seq (a caller that fed more than `feed` saw, e.g. drafted tokens)."""
+        self._fed[slot] = list(seq)
+
+    @abstractmethod
+    def _forward(
+        self, slots: list[int], starts: list[int], tokens: list[list[int]], num_logits: list[int]
+    ) -> torch.Tensor:
+        """Feed tokens[b] at positions starts[b].. into slot b; logits of the last num_logits[b]."""
+
+    @abstractmethod
+    def _truncate(self, slot: int, length: int) -> None:
+        """Drop the slot's KV after `length` tokens."""
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix (fast path: a is a prefix of b)."""
+    if len(a) <= len(b) and a == b[: len(a)]:
+        return len(a)
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,202 @@
+"""CUDA graphs for the native engine's decode, verify and draft shapes (DESIGN §7).
+
+At batch 1 a 1B-parameter target's step is about a millisecond of weight reads but a few
+hundred kernel launches; replaying a captured graph removes the launch gaps. Shapes are
+bucketed: batch size and query length (1 for decode, k+1 for verify) round up to the next
+bucket, and the attention span up to the next power of two. Padding rows write to the
+engine's scratch slot / column and are never read. A graph is captured the first time its
+bucket is used (`warmup` captures ahead of time); shapes past the largest bucket (prefill of a
+long prompt) run eagerly.
+
+Two kinds of program are captured: a forward (`run`: logits of the rows asked for) and a
+multi-step draft (`draft`: tandem/engine/draft_steps.py, a whole draft window in one replay).
+All of an engine's graphs share one memory pool; each keeps its own input and output tensors,
+and the caller copies what it needs out of the outputs before the next replay.
+
+Two engines' graphs may replay at the same time (PEARL in one process: the draft on the
+drafter's stream while the target verifies), so nothing they write may be shared. cuBLAS keys
+its workspace by (handle, stream) and a graph bakes in the workspace of the stream it was
+captured on: were both engines captured on one stream, their split-K GEMMs would write the same
+workspace concurrently (seen on an H200: wrong target logits, outputs that left AR's). Each
+runner therefore warms up and captures on a stream of its own. Captures themselves are
+serialized process-wide: PyTorch cannot capture two graphs at once (its allocator and RNG
+bookkeeping are global).
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+
+from tandem.engine.draft_steps import (
+    LONG_PIECE,
+    MAX_FIRST,
+    DraftBatch,
+    DraftShape,
+    draft_program,
+)
+from tandem.engine.layout import HostBatch, Shape
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+QUERY_BUCKETS = (1, 2, 4, 8, 16, 32)
+MIN_SPAN = 128
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (see the module docstring)
+
+
+class _Graph:
+    """One bucket's static inputs and outputs. Off CUDA `graph` is None and replay reruns fn."""
+
+    def __init__(self, graph, inputs: tuple, outputs, fn: Callable) -> None:
+        self.graph, self.inputs, self.outputs, self._fn = graph, inputs, outputs, fn
+
+    def replay(self):
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.outputs = self._fn(*self.inputs)
+        return self.outputs
+
+
+class GraphRunner:
+    def __init__(self, engine, max_batch: int) -> None:
+        self.engine = engine
+        self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [min(max_batch, BATCH_BUCKETS[-1])]
+        self.query_buckets = QUERY_BUCKETS
+        self.graphs: dict[Shape | DraftShape, _Graph] = {}
+        self.capture = engine.device.type == "cuda"  # elsewhere the same padded path runs eagerly (tests)
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        # This runner's own capture stream, hence its own cuBLAS workspace (module docstring).
+        self.stream = torch.cuda.Stream(device=engine.device) if self.capture else None
+
+    def bucket(self, shape: Shape) -> Shape | None:
+        """The graph shape that covers this forward, or None (run it eagerly)."""
+        batch = next((b for b in self.batch_buckets if b >= shape.batch), None)
+        query = next((q for q in self.query_buckets if q >= shape.query), None)
+        if batch is None or query is None:
+            return None
+        span = max(MIN_SPAN, 1 << (shape.span - 1).bit_length())
+        return Shape(batch, query, min(span, self.engine.max_context))
+
+    def _device(self):
+        return torch.cuda.device(self.engine.device) if self.capture else nullcontext()
+
+    def run(self, bucket: Shape, batch: HostBatch) -> torch.Tensor:  # [rows, V]
+        with self._device():
+            g = self.graphs.get(bucket) or self._capture_forward(bucket)
+            n = batch.data.numel()
+            data = g.inputs[0]
+            data[:n].copy_(batch.data, non_blocking=True)
+            logits = g.replay()
+            return logits.index_select(0, data[n - batch.num_rows : n])
+
+    def draft(self, bucket: DraftShape, data: torch.Tensor, temperature: torch.Tensor, fill_noise):
+        """Replay a multi-step draft: data (host int64, draft_steps.DraftBatch layout) and
+        temperature [B] go into the static inputs, fill_noise(noise [B, steps, V]) writes the
+        sampled rows' noise in place. Returns the graph's (tokens, entropy, q or None)."""
+        with self._device():
+            g = self.graphs.get(bucket) or self._capture_draft(bucket)
+            static_data, static_temp, noise = g.inputs
+            static_data[: data.numel()].copy_(data, non_blocking=True)
+            static_temp.copy_(temperature, non_blocking=True)
+            if noise is not None:
+                fill_noise(noise)
+            return g.replay()
+
+    def warmup(self, batch_sizes=None, query_lens=None, spans=None) -> int:
+        """Capture the forward graphs of these buckets now (default: every bucket); returns how many."""
+        for s in self._spans(spans):
+            for b in batch_sizes or self.batch_buckets:
+                for q in query_lens or self.query_buckets:
+                    bucket = self.bucket(Shape(b, q, s))
+                    if bucket is not None and bucket not in self.graphs:
+                        with self._device():
+                            self._capture_forward(bucket)
+        return len(self.graphs)
+
+    def warmup_drafts(self, batch_sizes, steps, first_lens=None, sampled=(False,), spans=None) -> int:
+        """Capture multi-step draft graphs ahead of time; returns how many graphs there are now.
+        first_lens: the first forward's query lengths (default: every bucket up to MAX_FIRST)."""
+        first_lens = first_lens or [q for q in self.query_buckets if q <= MAX_FIRST]
+        for s in self._spans(spans):
+            for b in batch_sizes:
+                for q in first_lens:
+                    first = self.bucket(Shape(b, q, s))
+                    for n in steps:
+                        for smp in sampled:
+                            key = DraftShape(first, n, smp) if first is not None else None
+                            if key is not None and key not in self.graphs:
+                                with self._device():
+                                    self._capture_draft(key)
+        return len(self.graphs)
+
+    def capture_at_start(self, max_draft: int, draft: bool) -> int:
+        """Every graph a lane can ask for up to windows of max_draft, captured now (as vLLM does at
+        start-up) instead of inside the step that first needs it: forwards of every bucket
+        (decode, verify, short prefills) and, for a drafter, its multi-step windows of
+        1..max(max_draft, LONG_PIECE) steps, greedy and sampled. Returns how many graphs the
+        engine holds."""
+        self.warmup()
+        if draft:
+            self.warmup_drafts(self.batch_buckets, list(range(1, max(max_draft, LONG_PIECE) + 1)), sampled=(False, True))
+        return len(self.graphs)
+
+    def _spans(self, spans) -> list[int]:
+        spans = spans or [s for s in (MIN_SPAN << i for i in range(16)) if s < self.engine.max_context]
+        return list(spans) + [self.engine.max_context]
+
+    # -- capture -----------------------------------------------------------------------------
+    def _capture_forward(self, bucket: Shape) -> _Graph:
+        eng = self.engine
+        rows = bucket.batch * bucket.query  # room for every row index
+        data = _static_ints(bucket, eng.scratch, rows, eng.device)
+        split = HostBatch(bucket, data, rows).split
+
+        def forward(data):
+            ids, positions, writes, slots, _ = split(data)
+            return eng.run(ids, positions, writes, slots, bucket.span)
+
+        return self._capture(bucket, (data,), forward)
+
+    def _capture_draft(self, key: DraftShape) -> _Graph:
+        eng, first = self.engine, key.first
+        data = _static_ints(first, eng.scratch, 3 * first.batch, eng.device)  # + last, steps, sample
+        temperature = torch.zeros(first.batch, device=eng.device)
+        noise = torch.ones(first.batch, key.steps, eng.vocab_size, device=eng.device) if key.sampled else None
+        split = DraftBatch.splitter(first)
+
+        def draft(data, temperature, noise):
+            return draft_program(eng, *split(data), temperature, noise, key.steps, first.span)
+
+        return self._capture(key, (data, temperature, noise), draft)
+
+    @torch.inference_mode()
+    def _capture(self, key, inputs: tuple, fn: Callable) -> _Graph:
+        if not self.capture:
+            g = _Graph(None, inputs, None, fn)
+            self.graphs[key] = g
+            return g
+        with _CAPTURE_LOCK:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):  # warm up: allocator, cuBLAS workspace, lazy kernels
+                for _ in range(2):
+                    fn(*inputs)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                outputs = fn(*inputs)
+            torch.cuda.current_stream().wait_stream(self.stream)
+        g = _Graph(graph, inputs, outputs, fn)
+        self.graphs[key] = g
+        return g
+
+
+def _static_ints(shape: Shape, scratch: tuple[int, int], extra: int, device) -> torch.Tensor:
+    """A static int64 input laid out as HostBatch.data (ids, positions, writes, slots) + extra,
+    with padding already pointing at the scratch slot and column."""
+    scratch_slot, scratch_col = scratch
+    n = shape.batch * shape.query
+    data = torch.zeros(3 * n + shape.batch + extra, dtype=torch.long)
+    data[2 * n : 3 * n] = scratch_col
+    data[3 * n : 3 * n + shape.batch] = scratch_slot
+    return data.to(device)

@@ -1,0 +1,215 @@
+"""Batched engine for Llama-family checkpoints (Llama, Mistral, Qwen2/3) with a slot KV cache.
+
+One forward serves a ragged batch: request b feeds q_b new tokens at positions
+start_b .. start_b+q_b-1 of its own slot. The batch is padded to Q = max q_b; padded rows
+write their K/V into a scratch column past the end of every slot and are masked out.
+
+The layer is written for speed on GPUs (DESIGN §7): q/k/v and gate/up are each one fused
+matrix, and the elementwise work is three fused kernels (tandem/kernels/layer_ops.py: residual add +
+RMSNorm, RoPE + KV-cache write, SiLU·mul) and attention reads K/V straight from the slots
+(tandem/kernels/attention.py; on CPU: a gather and SDPA). On CUDA, decode and verify shapes (batch and query
+length bucketed, attention span bucketed) replay CUDA graphs (tandem/engine/graphs.py); prefill and
+other large shapes run eagerly. Rotary embeddings are transformers' own module, so any RoPE
+scaling the checkpoint uses is computed by transformers.
+Checked against transformers' own forward and generate in tests/test_engines.py.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tandem.engine.base import Engine
+from tandem.engine.layout import HostBatch, Shape
+from tandem.kernels._triton import pick_triton
+from tandem.kernels.attention import slot_attention
+from tandem.kernels.layer_ops import rms_norm, rope_and_cache, silu_mul
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class LlamaEngine(Engine):
+    drafts_windows = True
+
+    def __init__(
+        self, hf_model, max_slots: int, max_context: int | None = None, tp_group=None, cuda_graphs: bool | None = None
+    ) -> None:
+        super().__init__(max_slots)
+        self.tp_group = tp_group  # set: the model is sharded (tandem/engine/tensor_parallel.py)
+        tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        cfg = hf_model.config
+        assert cfg.model_type in SUPPORTED_MODEL_TYPES, f"model_type {cfg.model_type!r}"
+        self.model = hf_model.eval()
+        self.vocab_size = cfg.vocab_size
+        self.device = next(hf_model.parameters()).device
+        limit = cfg.max_position_embeddings
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            limit = min(limit, cfg.sliding_window)  # no sliding-window attention here: cap instead
+        self.max_context = min(limit, max_context or limit)
+        self.num_heads = cfg.num_attention_heads // tp
+        self.num_kv_heads = cfg.num_key_value_heads // tp
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.layers = [_FusedLayer.of(layer) for layer in hf_model.model.layers]
+        dtype = next(hf_model.parameters()).dtype
+        # [layers, slots + 1 scratch slot, positions + 1 scratch column, kv_heads, head_dim]
+        shape = (cfg.num_hidden_layers, max_slots + 1, self.max_context + 1, self.num_kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.fp32_logits = _has_fp32_output_mm(self.device, dtype) and self.model.lm_head.bias is None
+        # TANDEM_TRITON_ATTENTION=0: gather + SDPA instead of the slot-attention kernel (to rule it
+        # out when an output looks wrong); read here, once, not per forward.
+        self.triton_attention = os.environ.get("TANDEM_TRITON_ATTENTION", "1") != "0"
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and tp_group is None
+        # cuda_graphs=True off CUDA runs the same bucketed, padded path without capture (tests).
+        self.graphs = None
+        if cuda_graphs:
+            from tandem.engine.graphs import GraphRunner
+
+            self.graphs = GraphRunner(self, max_slots)
+
+    def _truncate(self, slot: int, length: int) -> None:
+        pass  # positions past a slot's length are never read: the mask stops at the length
+
+    @torch.inference_mode()
+    def _forward(self, slots, starts, tokens, num_logits) -> torch.Tensor:
+        shape = Shape.of(starts, tokens)
+        if self.graphs is not None:
+            bucket = self.graphs.bucket(shape)
+            if bucket is not None:
+                batch = HostBatch.build(slots, starts, tokens, num_logits, bucket, self.scratch)
+                return self.graphs.run(bucket, batch)
+        batch = HostBatch.build(slots, starts, tokens, num_logits, shape, self.scratch)
+        ids, positions, write_positions, slot_ids, rows = batch.to(self.device)
+        return self.run(ids, positions, write_positions, slot_ids, shape.span, rows)
+
+    @property
+    def scratch(self) -> tuple[int, int]:
+        """(slot, column) that padding writes to and nothing reads."""
+        return self.max_slots, self.max_context
+
+    def run(self, ids, positions, write_positions, slot_ids, span: int, rows=None) -> torch.Tensor:
+        """The model on a padded batch, all on the device (so a CUDA graph can capture it).
+
+        ids / positions / write_positions [B, Q] int64, slot_ids [B]; keys 0..span-1 are
+        attended (span >= every end). Returns logits [len(rows), V], or [B*Q, V] if rows is None.
+        """
+        inner = self.model.model
+        q_len = ids.shape[1]
+        x = inner.embed_tokens(ids)  # [B, Q, hidden]
+        cos, sin = inner.rotary_emb(x, positions)  # [B, Q, head_dim]
+        cos, sin = cos.flatten(0, 1), sin.flatten(0, 1)  # [N, D], N = B*Q
+        token_slots = slot_ids.repeat_interleave(q_len)  # [N] (a real copy: kernels index it)
+        write_positions = write_positions.flatten()
+        if pick_triton(ids, None) and self.triton_attention:
+            # one kernel reads K/V straight from the slots
+            flat_positions = positions.flatten()
+            attend = functools.partial(
+                slot_attention, slots=token_slots, positions=flat_positions, span=span, query_len=q_len)
+        else:  # gather each request's keys, then SDPA with a causal mask by position
+            keys = torch.arange(span, device=ids.device)
+            mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, Q, span]
+            attend = functools.partial(self._sdpa, slot_ids=slot_ids, span=span, mask=mask)
+        x = x.flatten(0, 1)  # [N, hidden]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            h, residual = rms_norm(x, layer.input_norm, self.eps, residual)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [N, (H + 2 kvH) D]
+            if layer.q_norm is not None:  # Qwen3 normalises q and k per head before RoPE
+                qkv = self._qk_norm(layer, qkv)
+            q = rope_and_cache(
+                qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
+                self.k_cache[i], self.v_cache[i], token_slots, write_positions,
+            )  # [N, H, D]
+            out = attend(q, self.k_cache[i], self.v_cache[i])  # [N, H*D]
+            x = self._reduce(F.linear(out, layer.o_proj))
+            h, residual = rms_norm(x, layer.post_norm, self.eps, residual)
+            x = self._reduce(F.linear(silu_mul(F.linear(h, layer.gate_up)), layer.down))
+        if rows is not None:
+            x, residual = x[rows], residual[rows]
+        h, _ = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon, residual)
+        if self.fp32_logits:  # bf16 logits tie often (0.0625 apart near 10): keep the argmax stable
+            return torch.mm(h, self.model.lm_head.weight.t(), out_dtype=torch.float32)
+        return self.model.lm_head(h)
+
+    def _sdpa(self, q, k_cache, v_cache, slot_ids, span: int, mask) -> torch.Tensor:  # [N, H*D]
+        bsz, q_len = mask.shape[0], mask.shape[2]
+        k_all = k_cache[slot_ids, :span].transpose(1, 2)  # [B, kvH, span, D]
+        v_all = v_cache[slot_ids, :span].transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2), k_all, v_all,
+            attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # [B, H, Q, D]
+        return out.transpose(1, 2).reshape(bsz * q_len, -1)
+
+    def _qk_norm(self, layer: _FusedLayer, qkv: torch.Tensor) -> torch.Tensor:
+        n, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        q = layer.q_norm(q.view(n, -1, d)).flatten(1)
+        k = layer.k_norm(k.view(n, -1, d)).flatten(1)
+        return torch.cat([q, k, v], dim=-1)
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Row-parallel blocks leave partial sums on each rank: one all-reduce per block."""
+        if self.tp_group is not None:
+            dist.all_reduce(partial, group=self.tp_group)
+        return partial
+
+
+def _has_fp32_output_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """16-bit weights, fp32 logits straight from the matmul (CUDA's mm out_dtype)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+@dataclass
+class _FusedLayer:
+    """One decoder layer's weights, q/k/v and gate/up each fused into one matrix.
+
+    The transformers modules' own weights become views into the fused ones, so nothing is
+    stored twice and the HF model still runs as before.
+    """
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: torch.Tensor  # [(H + 2 kvH) D, hidden]
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    gate_up: torch.Tensor  # [2 I, hidden]
+    down: torch.Tensor
+    q_norm: torch.nn.Module | None  # Qwen3's per-head norms of q and k (None elsewhere)
+    k_norm: torch.nn.Module | None
+
+    @staticmethod
+    def of(layer) -> _FusedLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "weight")
+        bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], "bias") if attn.q_proj.bias is not None else None
+        gate_up = _fuse([mlp.gate_proj, mlp.up_proj], "weight")
+        assert attn.o_proj.bias is None and mlp.down_proj.bias is None, "biased o_proj / down_proj"
+        return _FusedLayer(
+            layer.input_layernorm.weight, layer.post_attention_layernorm.weight, qkv, bias,
+            attn.o_proj.weight, gate_up, mlp.down_proj.weight, getattr(attn, "q_norm", None), getattr(attn, "k_norm", None),
+        )
+
+
+def _fuse(linears, name: str) -> torch.Tensor:
+    """Concatenate the modules' weights (or biases) by output feature; point each module at its slice."""
+    fused = torch.cat([getattr(m, name).data for m in linears], dim=0)
+    offset = 0
+    for m in linears:
+        param = getattr(m, name)
+        n = param.shape[0]
+        param.data = fused[offset : offset + n]
+        offset += n
+    return fused

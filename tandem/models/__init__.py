@@ -1,0 +1,23 @@
+"""Checkpoints that ship inside the package, and how a model path names one.
+
+A model path is a local folder (config.json, safetensors, tokenizer), or `tandem:<name>` for a
+folder shipped here: `tandem:tiny/target` and `tandem:tiny/draft` are the tiny pair the project
+trained itself (tiny/README.md says how), the embedded default of the CLI and the deploy configs.
+Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+SHIPPED = Path(__file__).resolve().parent
+PREFIX = "tandem:"
+TINY_TARGET = f"{PREFIX}tiny/target"
+TINY_DRAFT = f"{PREFIX}tiny/draft"
+
+
+def resolve(path: str | Path) -> Path:
+    """The folder a model path names (`tandem:<name>`: inside this package; else as given)."""
+    text = str(path)
+    if text.startswith(PREFIX):
+        return SHIPPED / text[len(PREFIX):]
+    return Path(text)

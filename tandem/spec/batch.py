@@ -1,0 +1,177 @@
+"""A lane's running batch: admit requests, step them together, emit verified tokens.
+
+Continuous batching: requests join and leave between steps, each with its own mode, window,
+AdaEDL state, sampling parameters and seed. The offline CLI and the cluster's lane both drive
+this class; only where the drafter lives differs.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from tandem.engine.base import Engine
+from tandem.errors import TandemError
+from tandem.params import SamplingParams, SpecParams
+from tandem.spec.drafting import Drafter
+from tandem.spec.load_control import Candidate, LoadController, Round, StepObservation
+from tandem.spec.messages import Emission
+from tandem.spec.request import RequestState
+from tandem.spec.step import StepTiming, speculative_step
+from tandem.spec.verifier import Verifier
+
+
+class SpecBatch:
+    def __init__(self, target: Engine, drafter: Drafter, stop_ids: set[int],
+                 controller: LoadController | None = None) -> None:
+        self.verifier = Verifier(target)
+        self.drafter = drafter
+        self.stop_ids = frozenset(stop_ids)
+        self.max_context = min(target.max_context, drafter.max_context)
+        self.requests: dict[str, RequestState] = {}
+        self.timing = TimingStats()
+        self.controller = controller  # caps draft lengths by load (tandem/spec/load_control.py); None: never
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def free_slots(self) -> int:
+        return min(self.verifier.engine.free_slots, self.drafter.free_slots)
+
+    def add(self, rid: str, prompt: list[int], sampling: SamplingParams, spec: SpecParams) -> None:
+        """Admit a request; it joins at the next step."""
+        sampling.validate(), spec.validate()
+        if rid in self.requests:
+            raise TandemError(f"request id {rid!r} is already running")
+        if not prompt:
+            raise TandemError("prompt is empty: give at least one token")
+        if len(prompt) >= self.max_context:
+            raise TandemError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context} tokens")
+        if self.free_slots == 0:
+            raise TandemError(f"lane is full: {len(self.requests)} requests running")
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
+        generator = torch.Generator(device=self.verifier.engine.device)
+        generator.manual_seed(seed)
+        target_slot = self.verifier.engine.allocate()
+        draft_slot = self.drafter.start(rid, seed)
+        stops = frozenset() if sampling.ignore_eos else self.stop_ids
+        self.requests[rid] = RequestState(
+            rid, list(prompt), sampling, spec, stops, target_slot, draft_slot, generator, started_at=time.perf_counter()
+        )
+
+    def step(self) -> list[Emission]:
+        """One step for every running request; finished requests leave the batch."""
+        reqs = list(self.requests.values())
+        if not reqs:
+            return []
+        rooms = [self._room(r) for r in reqs]
+        if self.controller is None:
+            gained, timing = speculative_step(reqs, self.drafter, self.verifier, rooms)
+        else:
+            gained, timing = self._controlled_step(reqs, rooms)
+        self.timing.add(timing, len(reqs))
+        return [self._emit(r, tokens) for r, tokens in zip(reqs, gained)]
+
+    def _controlled_step(self, reqs: list[RequestState], rooms: list[int]):
+        """The step under the load controller's cap, then what it measured fed back to it."""
+        ctl = self.controller
+        cap = ctl.decide([Candidate(r.rid, min(r.spec.max_draft, room) if r.spec.mode != "ar" else 0, r.spec.adaedl,
+                                    r.spec.mode == "pearl") for r, room in zip(reqs, rooms)])
+        before = []
+        for r in reqs:
+            r.draft_cap = cap if r.spec.mode != "ar" else None
+            before.append((r.stats.drafted, r.stats.checked, r.stats.accepted, r.window < r.spec.max_draft, len(r.pending)))
+        gained, t = speculative_step(reqs, self.drafter, self.verifier, rooms)
+        rounds = [Round(r.rid, r.stats.checked - checked, r.stats.accepted - accepted, r.stats.drafted - drafted,
+                        capped, r.spec.adaedl)
+                  for r, (drafted, checked, accepted, capped, _) in zip(reqs, before)]
+        # Rows the verify scored: SD its chunk + 1, PEARL its pending tokens + 1, AR 1.
+        rows = sum(x.judged + 1 if r.spec.mode == "sd" else pending + 1
+                   for x, r, (*_, pending) in zip(rounds, reqs, before))
+        concurrent = t.total < t.draft + t.verify  # drafting ran beside the verify
+        ctl.observe(StepObservation(
+            batch=len(reqs), verified_tokens=rows, drafting=sum(x.drafted > 0 for x in rounds),
+            positions=max(x.drafted for x in rounds), draft_s=t.draft,
+            rest_s=t.total - (t.wait if concurrent else t.draft),
+            concurrent=concurrent, emitted=sum(len(g) for g in gained), step_s=t.total), rounds)
+        return gained, t
+
+    def cancel(self, rid: str) -> Emission | None:
+        r = self.requests.get(rid)
+        if r is None:
+            return None
+        self._finish(r, "cancelled")
+        return Emission(rid, [], "cancelled", r.stats)
+
+    def close(self) -> None:
+        """Release the drafter and the target's peers (threads, other processes)."""
+        self.drafter.close()
+        self.verifier.engine.close()
+
+    def _room(self, r: RequestState) -> int:
+        """Most draft tokens worth proposing: the token budget and the context both bound it."""
+        budget = r.sampling.max_tokens - len(r.verified) - 1
+        context = self.max_context - len(r.seq) - 1
+        return max(0, min(budget, context))
+
+    def _emit(self, r: RequestState, tokens: list[int]) -> Emission:
+        """Trim at a stop token / the budget / the context and finish the request if done."""
+        before = len(r.verified) - len(tokens)
+        new = r.verified[before:]
+        reason = None
+        for i, t in enumerate(new):
+            if t in r.stop_ids:
+                new, reason = new[: i + 1], "stop"
+                break
+        limit = min(r.sampling.max_tokens, self.max_context - len(r.prompt))
+        if before + len(new) >= limit:
+            new, reason = new[: limit - before], reason or "length"
+        r.verified[before:] = new
+        now = time.perf_counter()
+        if new and r.stats.time_to_first_token_s is None:
+            r.stats.time_to_first_token_s = now - r.started_at
+        r.stats.generated = len(r.verified)
+        r.stats.elapsed_s = now - r.started_at
+        if reason:
+            self._finish(r, reason)
+        return Emission(r.rid, new, reason, r.stats)
+
+    def _finish(self, r: RequestState, reason: str) -> None:
+        r.finish_reason = reason
+        r.clear_pending()
+        self.verifier.engine.release(r.target_slot)
+        self.drafter.finish(r.rid, r.draft_slot)
+        if self.controller is not None:
+            self.controller.finish(r.rid)
+        del self.requests[r.rid]
+
+
+class TimingStats:
+    """Running sums of step timings, reported as mean milliseconds per step."""
+
+    def __init__(self) -> None:
+        self.steps, self.requests = 0, 0
+        self.sums = StepTiming()
+        self.gap = 0.0  # seconds between the end of one step and the start of the next (lane loop)
+        # The slowest step, its index and batch: a mean hides whether a cost is every step's or
+        # one stall's (a graph capture, a compile, a collector pause).
+        self.slowest, self.slowest_at, self.slowest_batch = StepTiming(), -1, 0
+        self.started = time.time()  # names this window (a reader of the means can tell a reset)
+
+    def add(self, t: StepTiming, batch_size: int) -> None:
+        if t.total > self.slowest.total:
+            self.slowest, self.slowest_at, self.slowest_batch = t, self.steps, batch_size
+        self.steps += 1
+        self.requests += batch_size
+        for k, v in t.__dict__.items():
+            setattr(self.sums, k, getattr(self.sums, k) + v)
+
+    def as_dict(self) -> dict:
+        n = max(self.steps, 1)
+        out = {f"{k}_ms": 1000 * v / n for k, v in self.sums.__dict__.items()}
+        slowest = {"step": self.slowest_at, "batch": self.slowest_batch,
+                   **{f"{k}_ms": 1000 * v for k, v in self.slowest.__dict__.items()}}
+        return {"steps": self.steps, "mean_batch": self.requests / n, **out, "gap_ms": 1000 * self.gap / n,
+                "slowest": slowest, "started": self.started}

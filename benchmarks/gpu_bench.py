@@ -1,4 +1,4 @@
-"""Every decoding mode on one pair in one process, against Hugging Face generate (DESIGN §4, §5).
+"""Every decoding mode on one pair in one process, against Hugging Face generate (docs/design.md §4, §5).
 
     python benchmarks/gpu_bench.py --target /tmp/bench/target --draft /tmp/bench/draft \\
         --device cuda --dtype bfloat16 --deadline-s 300
@@ -529,13 +529,13 @@ def concurrency(b: Bench) -> None:
     pearl = best(b, "pearl", Row(f"pearl+adaedl (cap {cap})", SpecParams("pearl", cap, adaedl=True), overlap=True))
     rows = [Row(AR, SpecParams("ar")), sd, Row("sd+adaedl (cap 16)", SpecParams("sd", 16, adaedl=True)), pearl,
             Row("sd+adaedl (cap 16) + load control", SpecParams("sd", 16, adaedl=True), load_control=True)]
-    # Every window length these rows ask for, the shorter tails at a request's end included (the
-    # first lease's n=4 rows paid for captures of the tails inside the timed run).
+    # Every window length these rows ask for, the shorter tails at a request's end included (else
+    # the timed rows pay for capturing the tails).
     steps = range(1, max(16, sd.spec.max_draft, pearl.spec.max_draft) + 1)
     temperatures = [float(t) for t in b.args.concurrency_temperatures.split(",")]
     # Every batch bucket up to the largest n: requests of one batch finish at different steps, so
-    # a batch of 64 runs at 32, 16, ... rows at its end (the fourth lease's timed rows captured
-    # those buckets: `captured_in_timed_run`).
+    # a batch of 64 runs at 32, 16, ... rows at its end (a capture inside a timed row is recorded
+    # in `captured_in_timed_run`).
     from tandem.engine.graphs import BATCH_BUCKETS
 
     runner = graphs_of(b.pair.target)
@@ -700,7 +700,7 @@ def row_line(r: dict) -> str:
 
 def stall_note(r: dict) -> str:
     """Names a step that took over a tenth of the row's step time by itself: a one-off stall
-    (the sixth lease's SD + AdaEDL at n=64 spent ~290 ms outside drafting and verifying)."""
+    (e.g. a garbage collection or a graph capture: hundreds of ms outside drafting and verifying)."""
     st = r.get("step_ms") or {}
     slow = st.get("slowest")
     if not slow or slow["total_ms"] <= 0.1 * st["steps"] * st["total_ms"]:

@@ -3,12 +3,11 @@
     python benchmarks/step_profile.py --target /tmp/bench/target --draft /tmp/bench/draft   # GPU, bf16
     python benchmarks/step_profile.py --device cpu --dtype float32 --max-tokens 8           # smoke run
 
-The sixth H200 lease measured tandem AR at T=1, batch 1, at 2.35 ms per step in gpu_bench and in
-the cluster lane, but 1.76 ms per token in cluster_gpu's in-process run on the same prompts; the
-fourth and fifth leases had gpu_bench at 1.81-1.95 ms. What the slower runs did first and the
-fast one did not: Triton's kernels compiled for every specialization (tandem/kernels/warmup.py) and
-hundreds to thousands of CUDA graphs captured up front; they also held 64 KV slots, not 8. This script times the same rows in one
-process after each of those in turn (cumulative phases), so the step that changes names itself:
+A process that serves does several things before its first step: it compiles Triton's kernels
+for every specialization (tandem/kernels/warmup.py), captures hundreds to thousands of CUDA
+graphs, holds more KV slots and freezes its start-up heap. Any of them can change what a step
+costs afterwards. This script times the same rows in one process after each of those in turn
+(cumulative phases), so the step that changes them names itself:
 
   few_slots    the pair loaded with --few-slots KV slots (cluster_gpu's in-process run had 8),
                one untimed run of each row (lazy graphs, lazy Triton); then it is dropped

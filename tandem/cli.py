@@ -64,7 +64,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         "entropy learned online); paper: AdaEDL's threshold λ")
     p.add_argument("--adaedl-cost-ratio", type=float, default=None, metavar="C",
                    help="step time / draft-token time for the cost stop (default: measured as it runs)")
-    p.add_argument("--one-hot-drafts", action="store_true", help="send greedy drafts without q (DESIGN §3)")
+    p.add_argument("--one-hot-drafts", action="store_true", help="send greedy drafts without q (docs/design.md §3)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--engine", default="auto", choices=["auto", "native", "hf"])

@@ -44,7 +44,7 @@ class SpecParams:
     mode: Mode = "pearl"
     max_draft: int = 8  # SD: draft length k (AdaEDL may stop earlier); PEARL: window γ
     adaedl: bool = True
-    send_draft_probs: bool = True  # False: one-hot (greedy) drafts, cheaper to send (DESIGN §3)
+    send_draft_probs: bool = True  # False: one-hot (greedy) drafts, cheaper to send (docs/design.md §3)
 
     def validate(self) -> SpecParams:
         if self.mode not in MODES:

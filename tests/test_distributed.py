@@ -13,7 +13,13 @@ import pytest
 import torch.multiprocessing as mp
 from conftest import TINY
 
-from tandem.actors.lane_roles import LaneSpec, leave, run_drafter, run_follower, run_leader
+from tandem.actors.lane_roles import (
+    LaneSpec,
+    leave,
+    run_drafter,
+    run_follower,
+    run_leader,
+)
 from tandem.actors.offline import generate, run_batch
 from tandem.engine.pair import load_pair
 from tandem.params import SamplingParams, SpecParams

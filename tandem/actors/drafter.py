@@ -191,7 +191,7 @@ class LocalDrafter:
             return softmax_entropy(logits, temp)  # fused on CUDA
         temp, top_k, top_p = sampling_tensors(params, logits.device)
         q = logits_to_probs(logits, temp, top_k, top_p, sampling_flags(params))
-        # Greedy requests: entropy of the plain softmax, not of the one-hot q (DESIGN §5).
+        # Greedy requests: entropy of the plain softmax, not of the one-hot q (docs/design.md §5).
         plain = torch.softmax(logits.float(), dim=-1)
         h = entropy(torch.where((temp <= 0).unsqueeze(-1), plain, q))
         return q, h, logits.argmax(-1)
@@ -238,7 +238,7 @@ class ThreadedDrafter(LocalDrafter):
     """A drafter that drafts in a background thread, on its own CUDA stream (or its own GPU).
 
     In-process PEARL: `submit` returns at once, the verifier's forward runs on the caller's
-    thread meanwhile, and the two overlap on the device (DESIGN §4). Vanilla SD gains nothing
+    thread meanwhile, and the two overlap on the device (docs/design.md §4). Vanilla SD gains nothing
     from it (its verify waits for the draft), so a step that does not overlap drafts inline, on
     the caller's thread. On CPU it is correct but the GIL limits overlap.
     """

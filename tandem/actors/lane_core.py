@@ -7,6 +7,7 @@ leave the batch and free their slots at once.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from tandem.spec.batch import SpecBatch
 from tandem.spec.messages import Emission
 
 Sink = Callable[[Emission], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class LaneCore:
                 last = time.perf_counter() if len(self.batch) else None
             self.batch.close()
         except BaseException as e:  # a fault in the engines: fail every request, mark unhealthy
+            logger.exception("lane step loop failed after %d steps; failing %d requests", self.steps, len(self._sinks))
             self.error = e
             self._fail_all(e)
             raise
@@ -124,7 +127,11 @@ class LaneCore:
                 return False
             cancels, self._cancel = self._cancel, set()
             now = time.monotonic()
-            cancels |= {rid for rid, t in self._deadlines.items() if t < now}
+            expired = {rid for rid, t in self._deadlines.items() if t < now}
+            if expired:
+                logger.warning("cancelling %d requests past request_timeout_s=%s: %s", len(expired),
+                               self.request_timeout_s, sorted(expired))
+            cancels |= expired
             for p in [p for p in self._waiting if p.rid in cancels]:
                 self._waiting.remove(p)
                 self._deliver(Emission(p.rid, [], "cancelled"))

@@ -1,4 +1,4 @@
-"""The processes of one lane and how they meet (DESIGN §2).
+"""The processes of one lane and how they meet (docs/design.md §2).
 
 Global ranks: 0..T-1 are the verifier's tensor-parallel ranks (rank 0 is the leader, which runs
 the step loop), ranks T..T+D-1 the D drafters (each request drafts on one of them,

@@ -1,4 +1,4 @@
-"""A drafter in another process, reached over torch.distributed (DESIGN §2: per-step traffic
+"""A drafter in another process, reached over torch.distributed (docs/design.md §2: per-step traffic
 goes over a process group, never through Ray calls). The messages are small pickled structs, so
 the exchange group is gloo even on GPUs (tandem/actors/lane_roles.py says why).
 

@@ -1,12 +1,13 @@
 """Ray actors for a lane's other processes: verifier TP ranks 1..T-1 and the drafter.
 
 Each actor's one long call (`run`) joins the lane's torch.distributed world and serves the
-leader until it says stop; per-step traffic never goes through Ray (DESIGN §2). Ray places the
+leader until it says stop; per-step traffic never goes through Ray (docs/design.md §2). Ray places the
 actors in the lane's placement-group bundles, so a drafter can sit on a small GPU of another
 node while the verifier ranks share a node with large GPUs.
 """
 from __future__ import annotations
 
+import logging
 import socket
 
 import ray
@@ -15,16 +16,25 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tandem.actors.lane_roles import LaneSpec, run_drafter, run_follower
 
+logger = logging.getLogger(__name__)
+
 
 @ray.remote(max_concurrency=2)  # run() blocks for the lane's life; node_id() must still answer
 class LaneWorker:
     """One non-leader process of a lane (a verifier shard or the drafter)."""
 
     def run(self, spec: LaneSpec, rank: int, init_method: str) -> None:
-        if rank in spec.drafter_ranks:
-            run_drafter(spec, rank, init_method)
-        else:
-            run_follower(spec, rank, init_method)
+        role = "drafter" if rank in spec.drafter_ranks else "verifier shard"
+        logger.info("lane rank %d (%s) joining %s", rank, role, init_method)
+        try:
+            if rank in spec.drafter_ranks:
+                run_drafter(spec, rank, init_method)
+            else:
+                run_follower(spec, rank, init_method)
+        except BaseException:
+            logger.exception("lane rank %d (%s) failed", rank, role)
+            raise
+        logger.info("lane rank %d (%s) released", rank, role)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

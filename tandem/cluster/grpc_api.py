@@ -6,12 +6,15 @@ the same name, server streaming is an async generator of protobufs, and a status
 """
 from __future__ import annotations
 
+import logging
 from typing import NoReturn
 
 from ray.serve.grpc_util import RayServegRPCContext
 
 from tandem.cluster.frontend import GenerateParams, status_of, user_message
 from tandem.protos import tandem_pb2 as pb
+
+logger = logging.getLogger(__name__)
 
 
 def params_from_proto(r: pb.GenerateRequest, ctx: RayServegRPCContext | None) -> GenerateParams:
@@ -43,4 +46,6 @@ def raise_grpc(ctx: RayServegRPCContext, e: Exception) -> NoReturn:
     if status is not None:
         ctx.set_code(status.grpc)
         ctx.set_details(user_message(e))
+    else:
+        logger.error("Generate failed: %r", e)
     raise e

@@ -1,4 +1,4 @@
-"""The Lane deployment: one Serve replica = one verifier group and its drafter (DESIGN §2).
+"""The Lane deployment: one Serve replica = one verifier group and its drafter (docs/design.md §2).
 
 The replica is verifier rank 0 and runs the lane's step loop (tandem/actors/lane_core.py) in a thread;
 `generate` streams each request's verified tokens back to the router: the first at once, later
@@ -10,6 +10,7 @@ drafter (tandem/cluster/topology.py builds both the bundles and the workers).
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import deque
 from typing import AsyncIterator
@@ -24,17 +25,23 @@ from tandem.cluster.topology import build_lane_batch
 from tandem.params import SamplingParams, SpecParams
 from tandem.spec.messages import Emission
 
+logger = logging.getLogger(__name__)
+
 
 class Lane:
     def __init__(self, config: dict) -> None:
         self.config = AppConfig(**config)
         self.lane_id = uuid.uuid4().hex[:8]
-        batch, self.workers = build_lane_batch(self.config)
         lane = self.config.lane
+        logger.info("lane %s starting: %s on %s, tensor parallel %d, %s drafter(s)", self.lane_id,
+                    self.config.model.target, lane.device, lane.tensor_parallel_size,
+                    "colocated" if lane.colocate_drafter else lane.num_drafters)
+        batch, self.workers = build_lane_batch(self.config)
         self.core = LaneCore(batch, lane.max_queued, lane.max_batch_size, self.config.request_timeout_s)
         self.batching_interval_s = lane.stream_batching_interval_ms / 1000
         self.streamed = {"items": 0, "tokens": 0}  # since reset_timing(); tokens / items = batching
         self.metrics = LaneMetrics(self.lane_id, self.core.load)  # the Ray dashboard's tandem_* series
+        logger.info("lane %s serving: %d KV slots, %d queued at most", self.lane_id, lane.max_batch_size, lane.max_queued)
 
     async def generate(self, rid: str, prompt: list[int], sampling: dict, spec: dict) -> AsyncIterator[dict]:
         """Stream {token_ids, finish_reason, stats} dicts; the last one has finish_reason set."""
@@ -57,6 +64,7 @@ class Lane:
                        "stats": e.stats.as_dict() if finished else None, "lane": self.lane_id}
         finally:
             if not finished:  # the caller went away (disconnect, Cancel): free the slot now
+                logger.info("lane %s: request %s ended by its caller", self.lane_id, rid)
                 self.core.cancel(rid)
                 self.metrics.request_finished(spec.mode, "cancelled", None)
 

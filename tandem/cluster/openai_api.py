@@ -10,6 +10,7 @@ ignore_eos) go in the JSON body, e.g. through the openai client's `extra_body`.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Literal
@@ -29,6 +30,8 @@ from tandem.cluster.frontend import (
 )
 from tandem.errors import TandemError
 from tandem.params import Mode
+
+logger = logging.getLogger(__name__)
 
 
 # -- request bodies -------------------------------------------------------------------------------
@@ -141,6 +144,7 @@ def http_error(e: Exception) -> JSONResponse:
     """Map what the front end raises to an HTTP status; anything else is a server fault (re-raised)."""
     status = status_of(e)
     if status is None:
+        logger.error("HTTP request failed: %r", e)
         raise e
     return error_response(status.http, user_message(e), status.kind)
 

@@ -1,7 +1,7 @@
 """What a lane is made of: its placement-group bundles and the processes built inside them.
 
 Bundle 0 holds the lane replica itself, which is verifier rank 0 and runs the step loop.
-Bundles 1..T-1 hold the other verifier ranks, bundles T.. the drafters (DESIGN §2); all of them meet
+Bundles 1..T-1 hold the other verifier ranks, bundles T.. the drafters (docs/design.md §2); all of them meet
 in one torch.distributed world (tandem/actors/lane_roles.py). A colocated drafter lives in bundle 0.
 """
 from __future__ import annotations

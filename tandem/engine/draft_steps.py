@@ -1,4 +1,4 @@
-"""A whole draft window in one device program (DESIGN §5, §7).
+"""A whole draft window in one device program (docs/design.md §5, §7).
 
 Drafting token by token costs, per token, a forward, a softmax-entropy and a host sync while
 Python decides whether to go on; on a GPU a small draft's step is mostly launches, and each

@@ -1,4 +1,4 @@
-"""CUDA graphs for the native engine's decode, verify and draft shapes (DESIGN §7).
+"""CUDA graphs for the native engine's decode, verify and draft shapes (docs/design.md §7).
 
 At batch 1 a 1B-parameter target's step is about a millisecond of weight reads but a few
 hundred kernel launches; replaying a captured graph removes the launch gaps. Shapes are

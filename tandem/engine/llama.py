@@ -4,7 +4,7 @@ One forward serves a ragged batch: request b feeds q_b new tokens at positions
 start_b .. start_b+q_b-1 of its own slot. The batch is padded to Q = max q_b; padded rows
 write their K/V into a scratch column past the end of every slot and are masked out.
 
-The layer is written for speed on GPUs (DESIGN §7): q/k/v and gate/up are each one fused
+The layer is written for speed on GPUs (docs/design.md §7): q/k/v and gate/up are each one fused
 matrix, and the elementwise work is three fused kernels (tandem/kernels/layer_ops.py: residual add +
 RMSNorm, RoPE + KV-cache write, SiLU·mul) and attention reads K/V straight from the slots
 (tandem/kernels/attention.py; on CPU: a gather and SDPA). On CUDA, decode and verify shapes (batch and query

@@ -1,4 +1,4 @@
-"""Tensor parallelism for the native Llama engine (Megatron-style, DESIGN §7).
+"""Tensor parallelism for the native Llama engine (Megatron-style, docs/design.md §7).
 
 Each rank keeps a slice of every attention and MLP block: q/k/v and gate/up are split by output
 features (column parallel, whole heads per rank), o_proj and down_proj by input features (row

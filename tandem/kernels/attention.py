@@ -1,4 +1,4 @@
-"""Attention over the engine's slot KV cache, read in place (DESIGN §7).
+"""Attention over the engine's slot KV cache, read in place (docs/design.md §7).
 
 Each query row n attends keys 0..positions[n] of its own cache slot. The torch path gathers
 every row's slot (`k_cache[slots, :span]`), masks and calls softmax; on a GPU that gather is a

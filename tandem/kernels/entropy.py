@@ -1,4 +1,4 @@
-"""The drafter's next-token distribution and its entropy in one kernel (DESIGN §5).
+"""The drafter's next-token distribution and its entropy in one kernel (docs/design.md §5).
 
 AdaEDL looks at the entropy H of the draft distribution after every drafted token; with torch
 that is a softmax, a one-hot for greedy rows, a second softmax and an entropy, each a few

@@ -1,4 +1,4 @@
-"""Lossless verification of draft tokens: batched rejection sampling (DESIGN §3).
+"""Lossless verification of draft tokens: batched rejection sampling (docs/design.md §3).
 
 For a draft token d drafted from q, checked against the target's p at the same position:
     accept with probability min(1, p(d) / q(d));

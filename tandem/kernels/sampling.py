@@ -1,7 +1,7 @@
 """Turning logits into the distributions both sides of speculative decoding sample from.
 
 The draft distribution q and the target distribution p must go through exactly the same
-transform (temperature, top-k, top-p) or rejection sampling stops being lossless (DESIGN §3).
+transform (temperature, top-k, top-p) or rejection sampling stops being lossless (docs/design.md §3).
 Temperature 0 is greedy: the distribution is one-hot on the argmax, which turns rejection
 sampling into "accept while the argmaxes match".
 
@@ -82,7 +82,7 @@ def to_device(host: torch.Tensor, device) -> torch.Tensor:
     """A small host tensor on the device without waiting for the device's queue to drain.
 
     torch.tensor(..., device="cuda") and .to("cuda") wait for the stream after the copy (a
-    cudaStreamSynchronize each: the seventh H200 lease profiled nine per AR step at T=1). From pageable
+    cudaStreamSynchronize each; a sampled step makes several such copies). From pageable
     memory CUDA stages the bytes before cudaMemcpyAsync returns, so the host tensor may go at once.
     """
     return host.to(device, non_blocking=True)

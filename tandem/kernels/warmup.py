@@ -3,9 +3,8 @@
 Triton compiles a kernel the first time it meets a new specialization: the rejection sampler
 has one per power-of-two draft length (BLOCK_K), with and without q, and a few more for
 integer arguments equal to 1 or divisible by 16. Each compile takes a fraction of a second to
-a second, inside whichever step asks first: a fresh H200 run of the batch-1 T=1 rows showed
-steps of 10-26 ms instead of 3-4 (no CUDA graph was captured there; the only T=1 work before
-them was the 16-token warm-up, which met none of the short tails). Triton keeps compiled
+a second, inside whichever step asks first (a 3 ms step becomes a 10-26 ms one on a GPU), so a
+lane compiles them all before it serves. Triton keeps compiled
 kernels on disk (~/.triton/cache), so a later process on the same machine pays nothing.
 """
 from __future__ import annotations
@@ -53,8 +52,7 @@ def freeze_heap() -> int:
 
     A full collection walks every tracked object, and a process that has loaded a pair holds
     ~0.4 M of them (torch, transformers, the engines, the graphs' Python side): one collection
-    took 238 ms on the CI machine's CPU, and the seventh H200 lease's batch-1 rows showed single
-    steps of 243-342 ms with neither draft nor verify running. Nothing made at start becomes
+    takes ~240 ms, a stall of a whole step's worth of tokens for every running request. Nothing made at start becomes
     garbage while serving, so freezing it leaves later collections only what serving makes (vLLM
     freezes after capturing its graphs). Returns how many objects are frozen."""
     gc.collect()

@@ -3,7 +3,7 @@
 The acceptance probability of a drafted token is bounded below by roughly 1 - sqrt(γ_e · H),
 with H the entropy (nats) of the draft distribution at that position. The drafter stops a
 chunk as soon as that bound falls under a per-request threshold λ, and λ follows the observed
-acceptance rate online (DESIGN §5):
+acceptance rate online (docs/design.md §5):
 
     AR ← β1·AR + (1−β1)·n_acc/n_drafted
     λ' = λ+ε if AR < α;  λ−ε elif n_acc ≠ L;  else λ

@@ -1,10 +1,10 @@
-"""Load control (DESIGN §6): a lane-wide cap on draft length, chosen for the batch's goodput.
+"""Load control (docs/design.md §6): a lane-wide cap on draft length, chosen for the batch's goodput.
 
 Speculation pays while the verifier is memory-bound: verifying k+1 tokens of a request costs
 about what decoding one does. As the batch grows the verify forward turns compute-bound and
-every drafted token costs verify time whether it is accepted or not; the sixth H200 lease
-measured SD + AdaEDL (cap 16) at 0.49x AR with 64 requests, SD k=8 at 1.01x, where the same
-modes gave 2.1-2.3x at batch 1. The controller picks, every few steps, the cap K that maximizes
+every drafted token costs verify time whether it is accepted or not: on one H200 with 64
+requests, modes that run 2x AR at batch 1 fall to AR's speed or below (BENCHMARKS.md). The
+controller picks, every few steps, the cap K that maximizes
 
     goodput(K) = sum_r E_r(w_r) / T(K),    w_r = min(K, L_r),    E_r(w) = (1 - a_r^(w+1)) / (1 - a_r)
 

@@ -1,7 +1,7 @@
 """Small typed structs passed between the request front, the drafter and the verifier.
 
 No logic beyond validation. Each has `make_dummy()` for tests. In the cluster these cross
-process boundaries (token ids as int tensors over torch.distributed, DESIGN §2).
+process boundaries (token ids as int tensors over torch.distributed, docs/design.md §2).
 """
 from __future__ import annotations
 

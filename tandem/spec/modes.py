@@ -1,4 +1,4 @@
-"""The decoding modes, each a small class the step drives (DESIGN §4).
+"""The decoding modes, each a small class the step drives (docs/design.md §4).
 
 Each mode answers four questions about one request for one step:
   draft_item  -- what should the drafter draft (after which sequence, how many tokens)?

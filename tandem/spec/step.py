@@ -3,7 +3,7 @@
 The same function serves AR, vanilla SD and PEARL requests side by side; what differs per
 request is its mode object (tandem/spec/modes.py). In-process the drafter runs first; with PEARL
 requests the verifier's work does not depend on this step's drafts, which is what lets the
-cluster run both at once (DESIGN §4).
+cluster run both at once (docs/design.md §4).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from tandem.spec.verifier import Verifier
 
 @dataclass
 class StepTiming:
-    """Where one step's time went, in seconds (DESIGN §4's draft / verify / exchange)."""
+    """Where one step's time went, in seconds (docs/design.md §4's draft / verify / exchange)."""
 
     total: float = 0.0
     draft: float = 0.0  # the drafter's own compute

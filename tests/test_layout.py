@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "tandem"
 # Imports flow from the API down (docs/design.md): a module may import its own layer and those below.
 LAYERS = {"cluster": 4, "actors": 3, "spec": 2, "engine": 1, "kernels": 0}
-LIGHT = ("tandem", "tandem.client", "tandem.cli", "tandem.params", "tandem.errors", "tandem.models", "tandem.protos")
+LIGHT = ("tandem", "tandem.client", "tandem.cli", "tandem.params", "tandem.errors", "tandem.models", "tandem.protos", "tandem.logs")
 HEAVY = ("torch", "ray", "pydantic", "transformers", "numpy", "fastapi")
 
 

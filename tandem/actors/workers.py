@@ -14,6 +14,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from tandem import logs
 from tandem.actors.lane_roles import LaneSpec, run_drafter, run_follower
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class LaneWorker:
     """One non-leader process of a lane (a verifier shard or the drafter)."""
 
     def run(self, spec: LaneSpec, rank: int, init_method: str) -> None:
+        logs.to_stderr()
         role = "drafter" if rank in spec.drafter_ranks else "verifier shard"
         logger.info("lane rank %d (%s) joining %s", rank, role, init_method)
         try:

@@ -18,6 +18,7 @@ from typing import AsyncIterator
 import torch
 from ray import serve
 
+from tandem import logs
 from tandem.actors.lane_core import LaneCore
 from tandem.cluster.config import AppConfig
 from tandem.cluster.metrics import LaneMetrics
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 class Lane:
     def __init__(self, config: dict) -> None:
+        logs.to_serve_log()
         self.config = AppConfig(**config)
         self.lane_id = uuid.uuid4().hex[:8]
         lane = self.config.lane

@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
+from tandem import logs
 from tandem.cluster import openai_api
 from tandem.cluster.config import AppConfig
 from tandem.cluster.frontend import Frontend
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 class Router:
     def __init__(self, config: dict, lane: DeploymentHandle) -> None:
+        logs.to_serve_log()
         self.cfg = AppConfig(**config)
         self.frontend = Frontend(self.cfg, lane)
         logger.info("router up: model %s, %d lane(s)", self.cfg.model.id, self.cfg.num_lanes)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,13 @@ from tandem.spec.load_control import LoadControlConfig, LoadController
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = SHIPPED / "tiny"
+SERVICER = "tandem.protos.tandem_pb2_grpc.add_TandemServicer_to_server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def random_llama(seed: int, hidden=64, layers=2, vocab=300, tied=True, init=0.02, kv_heads=2, heads=4) -> LlamaForCausalLM:

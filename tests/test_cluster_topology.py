@@ -11,8 +11,7 @@ import tempfile
 import threading
 
 import pytest
-from conftest import TINY
-from test_serving import SERVICER, free_port
+from conftest import SERVICER, TINY, free_port
 
 PROMPTS = ["def _parse_header(line):\n", "import os\n\n\ndef walk(root):\n"]
 

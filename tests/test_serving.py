@@ -11,7 +11,6 @@ import glob
 import http.client
 import json
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -20,16 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import openai
 import pytest
 import yaml
-from conftest import REPO, TINY
+from conftest import REPO, SERVICER, TINY, free_port
 
 from tandem.client import InvalidArgument, ResourceExhausted, TandemClient
 from tandem.errors import TandemError
 from tandem.models import resolve
 
-SERVICER = "tandem.protos.tandem_pb2_grpc.add_TandemServicer_to_server"
+openai = pytest.importorskip("openai")  # the test extra; not on every GPU machine
+
 # Runs until cancelled: 1000 `ar` steps (~10 s or more on CPU); assert_cut_short checks with the
 # lane's step count that a cancel ended it. "def main():\n" + 1000 tokens fits 1024 positions.
 LONG = dict(max_tokens=1000, ignore_eos=True, mode="ar")
@@ -61,12 +60,6 @@ def post(base: str, path: str, body: dict) -> tuple[int, dict]:
         return r.status, json.loads(r.read())
     finally:
         conn.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:

@@ -177,8 +177,7 @@ def main() -> None:
     ref, local = in_process(args)
     grpc_port = free_port()
     ray.init(num_cpus=12, num_gpus=torch.cuda.device_count() or 2, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": ["tandem.protos.tandem_pb2_grpc.add_TandemServicer_to_server"]})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     from tandem.client import TandemClient
     from tandem.cluster.app import build_app
 
@@ -191,7 +190,7 @@ def main() -> None:
         lane_cfg["stream_batching_interval_ms"] = args.stream_batching_interval_ms
     t0 = time.perf_counter()
     serve.run(build_app({"model": {"target": args.target, "draft": args.draft, "dtype": args.dtype}, "lane": lane_cfg,
-                        "speculation": {"max_draft": args.max_draft}}),
+                        "speculation": {"max_draft": args.max_draft}, "grpc": {"port": grpc_port}}),
               name="tandem", route_prefix="/")
     print(f"cluster up in {time.perf_counter() - t0:.1f} s", flush=True)
     lane = serve.get_deployment_handle("Lane", app_name="tandem")

@@ -16,6 +16,7 @@ ResourceExhausted, Unavailable, ...) carrying the server's message. Breaking out
 """
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -93,15 +94,34 @@ def _metadata(request_id: str, extra: dict[str, str] | None) -> list[tuple[str, 
     return [("x-request-id", request_id), *((extra or {}).items())]
 
 
+def _call_metadata(metadata: dict[str, str] | None, api_key: str | None) -> dict[str, str]:
+    """The caller's metadata, with `authorization: Bearer <key>` when there is a key (the
+    argument, else the TANDEM_API_KEY environment variable)."""
+    key = api_key if api_key is not None else os.environ.get("TANDEM_API_KEY")
+    return {**(metadata or {}), **({"authorization": f"Bearer {key}"} if key else {})}
+
+
+def _channel(target: str, tls: bool, root_certificates: bytes | None, aio: bool):
+    """A plaintext channel, or TLS (root_certificates: PEM of the CA to trust; None: the system's)."""
+    grpc_mod = grpc.aio if aio else grpc
+    if not tls and root_certificates is None:
+        return grpc_mod.insecure_channel(target)
+    return grpc_mod.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+
+
 class TandemClient:
-    """Blocking client. `timeout` is each call's deadline in seconds (None: no deadline)."""
+    """Blocking client. `timeout` is each call's deadline in seconds (None: no deadline);
+    `api_key` is sent as `authorization: Bearer <key>` (default: $TANDEM_API_KEY); `tls` or
+    `root_certificates` (PEM bytes of the server's CA) connect over TLS."""
 
     def __init__(self, target: str = "127.0.0.1:9000", timeout: float | None = 120.0, retries: int = 3,
                  backoff_s: float = 0.5, metadata: dict[str, str] | None = None,
-                 channel: grpc.Channel | None = None) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+                 channel: grpc.Channel | None = None, api_key: str | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None) -> None:
+        self._channel = channel or _channel(target, tls, root_certificates, aio=False)
         self._stub = pb_grpc.TandemStub(self._channel)
-        self.timeout, self.retries, self.backoff_s, self.metadata = timeout, retries, backoff_s, metadata
+        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        self.metadata = _call_metadata(metadata, api_key)
 
     def __enter__(self) -> "TandemClient":
         return self
@@ -174,10 +194,12 @@ class AsyncTandemClient:
     """asyncio client with the same calls as TandemClient."""
 
     def __init__(self, target: str = "127.0.0.1:9000", timeout: float | None = 120.0, retries: int = 3,
-                 backoff_s: float = 0.5, metadata: dict[str, str] | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+                 backoff_s: float = 0.5, metadata: dict[str, str] | None = None, api_key: str | None = None,
+                 tls: bool = False, root_certificates: bytes | None = None) -> None:
+        self._channel = _channel(target, tls, root_certificates, aio=True)
         self._stub = pb_grpc.TandemStub(self._channel)
-        self.timeout, self.retries, self.backoff_s, self.metadata = timeout, retries, backoff_s, metadata
+        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        self.metadata = _call_metadata(metadata, api_key)
 
     async def __aenter__(self) -> "AsyncTandemClient":
         return self

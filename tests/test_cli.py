@@ -96,8 +96,8 @@ def broken_checkpoints(tmp_path_factory):
     "args,message",
     [
         (["--target", "/nonexistent/model"], "is not a folder"),
-        (["--max-tokens", "0"], "max_tokens must be > 0"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--max-tokens", "0"], "max_tokens must be >= 1"),
+        (["--temperature", "-1"], "temperature must be in [0, 100]"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
         (["--prompt", "x = 1\n" * 2000], "does not fit the context"),

@@ -11,7 +11,7 @@ import tempfile
 import threading
 
 import pytest
-from conftest import SERVICER, TINY, free_port
+from conftest import TINY, free_port
 
 PROMPTS = ["def _parse_header(line):\n", "import os\n\n\ndef walk(root):\n"]
 
@@ -38,9 +38,8 @@ def two_nodes():
             "drafter_gpus": 1, "verifier_resources": {"verifier": 1}, "drafter_resources": {"drafter": 1},
             "max_batch_size": 4, "num_drafters": 2}
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
-                    grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
-        serve.run(build_app({"lane": lane}), name="tandem", route_prefix="/")
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        serve.run(build_app({"lane": lane, "grpc": {"port": grpc_port}}), name="tandem", route_prefix="/")
         yield f"127.0.0.1:{grpc_port}", serve.get_deployment_handle("Lane", app_name="tandem")
     finally:
         serve.shutdown()

@@ -71,13 +71,14 @@ def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:
 
 @dataclass
 class Server:
-    grpc: str  # host:port
+    grpc: str  # host:port of the main app's gRPC server
     http: str  # base URL, no trailing slash
     metrics: str  # the node's Prometheus endpoint (what the Ray dashboard reads)
+    grpc_one: str = ""  # host:port of the one-slot app's gRPC server
 
     def client(self, app: str = "tandem", **kw) -> TandemClient:
-        """An SDK client; with two applications the gRPC proxy routes on metadata "application"."""
-        return TandemClient(self.grpc, timeout=120, retries=0, metadata={"application": app}, **kw)
+        """An SDK client of one application (each serves gRPC on its own port)."""
+        return TandemClient(self.grpc if app == "tandem" else self.grpc_one, timeout=120, retries=0, **kw)
 
     def openai(self, prefix: str = "") -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.http}{prefix}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -91,16 +92,18 @@ def server():
     from tandem.cluster.app import build_app
 
     temp = tempfile.mkdtemp(prefix="tdm", dir="/tmp")  # short: Ray's socket paths have a length limit
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    http_port, grpc_port, grpc_one, metrics_port = free_port(), free_port(), free_port(), free_port()
     ray.init(num_cpus=4, num_gpus=0, _temp_dir=temp, object_store_memory=200 * 1024**2,
              include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 500})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                    grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
-        serve.run_many([serve.RunTarget(build_app(MAIN_ARGS), name="tandem", route_prefix="/"),
-                        serve.RunTarget(build_app(ONE_ARGS), name="one", route_prefix="/one")])
-        yield Server(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics")
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.run_many([serve.RunTarget(build_app({**MAIN_ARGS, "grpc": {"port": grpc_port}}), name="tandem",
+                                        route_prefix="/"),
+                        serve.RunTarget(build_app({**ONE_ARGS, "grpc": {"port": grpc_one}}), name="one",
+                                        route_prefix="/one")])
+        yield Server(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics",
+                     f"127.0.0.1:{grpc_one}")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -206,16 +209,9 @@ def test_colocated_drafter_lane_equals_offline_ar_in_every_mode(server, offline)
     assert running(server, "one") == 0
 
 
-def test_cli_generate_url_prints_the_offline_json_shape(server, offline, monkeypatch, capsys):
-    import functools
-
-    import tandem.client
+def test_cli_generate_url_prints_the_offline_json_shape(server, offline, capsys):
     from tandem.cli import main
 
-    # two applications share the gRPC port here: route this client to "tandem" (a deploy of
-    # deploy/cluster.yaml has one application and needs no metadata)
-    monkeypatch.setattr(tandem.client, "TandemClient",
-                        functools.partial(tandem.client.TandemClient, metadata={"application": "tandem"}))
     assert main(["generate", "--url", server.grpc, "--prompt", PROMPTS[1], "--max-tokens", "10", "--mode", "pearl",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -294,7 +290,7 @@ def test_request_id_from_metadata(server):
     with grpc.insecure_channel(server.grpc) as channel:
         chunks = list(pb_grpc.TandemStub(channel).Generate(
             pb.GenerateRequest(prompt="def f():", max_tokens=3), timeout=120,
-            metadata=[("x-request-id", "rid-meta-1"), ("application", "tandem")]))
+            metadata=[("x-request-id", "rid-meta-1")]))
     assert {c.request_id for c in chunks} == {"rid-meta-1"} and chunks[-1].finish_reason
 
 
@@ -495,10 +491,11 @@ class FakeCore:
 
 def fake_lane(core: FakeCore, interval_ms: float):
     """A Lane without Ray or models: generate() over a FakeCore (cf. Ray Serve LLM's mock engines)."""
-    from tandem.cluster.lane import Lane
+    from tandem.cluster.lane import CallerWatch, Lane
 
     lane = Lane.__new__(Lane)
     lane.core, lane.lane_id, lane.streamed = core, "fake", {"items": 0, "tokens": 0}
+    lane.callers = CallerWatch(core.cancel)
     lane.batching_interval_s = interval_ms / 1000
     lane.metrics = CountedEnds()
     return lane
@@ -603,7 +600,7 @@ def test_deploy_yaml_is_a_valid_serve_config_with_valid_args(path):
 
     config = yaml.safe_load(Path(path).read_text())
     schema = ServeDeploySchema.model_validate(config)
-    assert schema.grpc_options.grpc_servicer_functions == [SERVICER]
+    assert not schema.grpc_options.grpc_servicer_functions  # tandem serves gRPC itself (args.grpc)
     (app,) = schema.applications
     assert app.import_path == "tandem.cluster.app:build_app" and app.route_prefix == "/"
     args = app.args

@@ -14,13 +14,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tandem.errors import LaneFull, TandemError
+from tandem.errors import LaneFull, LaneUnavailable, TandemError
 from tandem.params import SamplingParams, SpecParams
 from tandem.spec.batch import SpecBatch
 from tandem.spec.messages import Emission
 
 Sink = Callable[[Emission], None]
 logger = logging.getLogger(__name__)
+MAX_FAILED_STEPS = 3  # steps in a row that fail every request: the lane, not a request, is broken
 
 
 @dataclass
@@ -53,19 +54,19 @@ class LaneCore:
     # -- called from other threads -------------------------------------------------------------
     def submit(self, rid: str, prompt: list[int], sampling: SamplingParams, spec: SpecParams, sink: Sink) -> None:
         """Queue a request; bad input and a full lane raise here, before anything is held."""
-        sampling.validate(), spec.validate()
+        sampling, spec = sampling.validate(self.batch.vocab_size), spec.validate()
         if not prompt:
             raise TandemError("prompt is empty: give at least one token")
         if len(prompt) >= self.batch.max_context:
             raise TandemError(f"prompt of {len(prompt)} tokens does not fit the context of {self.batch.max_context} tokens")
         with self._lock:
             if self.error is not None:
-                raise RuntimeError(f"lane step loop failed: {self.error!r}")
+                raise LaneUnavailable(f"this lane failed ({type(self.error).__name__}) and is being replaced")
             if rid in self._sinks:
                 raise TandemError(f"request id {rid!r} is already running")
             if len(self._sinks) >= self.max_batch_size + self.max_queued:  # _sinks: running + queued
-                raise LaneFull(f"lane is full: {len(self._sinks) - len(self._waiting)} requests running "
-                               f"and {len(self._waiting)} queued")
+                raise LaneFull(f"lane is full: it holds {len(self._sinks)} requests, its limit (max_batch_size "
+                               f"{self.max_batch_size} running + max_queued {self.max_queued} waiting); retry later")
             self._sinks[rid] = sink
             self._waiting.append(_Pending(rid, prompt, sampling, spec, sink, time.monotonic() + self.request_timeout_s))
             self._lock.notify()
@@ -100,19 +101,28 @@ class LaneCore:
     def _run(self) -> None:
         try:
             last = None  # end of the previous step while requests were running
+            failed_steps = 0  # in a row
             while self._admit_and_cancel():
                 start = time.perf_counter()
                 if last is not None and len(self.batch):
                     # Time the loop spent outside steps with work to do: admission, delivery,
                     # and waiting for the interpreter (the replica's event loop shares it).
                     self.batch.timing.gap += start - last
-                emissions = self.batch.step()
+                try:
+                    emissions = self.batch.step()
+                    failed_steps = 0
+                except Exception as e:  # every request failed even alone: end them, keep the lane
+                    failed_steps += 1
+                    if failed_steps >= MAX_FAILED_STEPS:
+                        raise
+                    logger.exception("a step failed for all %d requests; ending them", len(self.batch))
+                    emissions = [self.batch.abort(rid, f"step failed: {type(e).__name__}") for rid in list(self.batch.requests)]
                 self.steps += 1
                 for e in emissions:
                     self._deliver(e)
                 last = time.perf_counter() if len(self.batch) else None
             self.batch.close()
-        except BaseException as e:  # a fault in the engines: fail every request, mark unhealthy
+        except BaseException as e:  # the engines are broken: fail every request, mark unhealthy
             logger.exception("lane step loop failed after %d steps; failing %d requests", self.steps, len(self._sinks))
             self.error = e
             self._fail_all(e)
@@ -141,7 +151,12 @@ class LaneCore:
                     self._deliver(e)
             while self._waiting and self.batch.free_slots and len(self.batch) < self.max_batch_size:
                 p = self._waiting.popleft()
-                self.batch.add(p.rid, p.prompt, p.sampling, p.spec)
+                try:
+                    self.batch.add(p.rid, p.prompt, p.sampling, p.spec)
+                except Exception as e:  # this request alone cannot start
+                    logger.warning("request %s refused at admission: %r", p.rid, e)
+                    self._deliver(Emission(p.rid, [], "error", error=f"admission failed: {type(e).__name__}: {e}"))
+                    continue
                 self._deadlines[p.rid] = p.deadline
             return True
 
@@ -157,6 +172,6 @@ class LaneCore:
     def _fail_all(self, err: BaseException) -> None:
         with self._lock:
             for rid, sink in list(self._sinks.items()):
-                sink(Emission(rid, [], "error"))
+                sink(Emission(rid, [], "error", error=f"lane failed: {type(err).__name__}", lane_failed=True))
             self._sinks.clear()
             self._waiting.clear()

@@ -27,7 +27,9 @@ LANE_OVERFLOW = 4
 
 ROUTER_OPTIONS = dict(
     num_replicas=1,
-    ray_actor_options={"num_cpus": 0.1},  # async I/O and tokenizing: a sliver of a CPU is enough
+    # Async I/O and tokenizing: a sliver of a CPU is enough. On the head node, where Serve's HTTP
+    # proxy is too: the gRPC server it runs (args.grpc) is then at the head's address.
+    ray_actor_options={"num_cpus": 0.1, "resources": {"node:__internal_head__": 0.001}},
     max_ongoing_requests=1000,  # streams are mostly waiting on lanes; Serve's default of 5 would queue them
 )
 

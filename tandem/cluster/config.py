@@ -7,6 +7,7 @@ which validates it here before anything starts.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -89,10 +90,40 @@ class SpeculationConfig(_Strict):
                                "tandem/spec/load_control.py). A request's max_draft stays its ceiling")
 
 
+class GrpcConfig(_Strict):
+    """tandem's own gRPC server (tandem.v1.Tandem), run by the Router replica; Serve's gRPC proxy is
+    not used (it listens on every interface, without TLS, and accepts 2 GB messages)."""
+
+    enabled: bool = Field(True, description="serve gRPC at all (HTTP goes through Serve's proxy, http_options)")
+    host: str = Field("127.0.0.1", description="address to listen on: 127.0.0.1 (this machine only) or 0.0.0.0 / [::] "
+                      "(every interface; set TANDEM_API_KEYS and TLS then)")
+    port: int = Field(9000, ge=1, le=65535, description="port to listen on")
+    tls_cert_file: str | None = Field(None, description="PEM certificate chain: with tls_key_file, gRPC is served over TLS")
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
+    reflection: bool = Field(False, description="answer the gRPC reflection service (lets tools list the API)")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "GrpcConfig":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("grpc.tls_cert_file and grpc.tls_key_file go together: give both or neither")
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"grpc TLS file {path!r} does not exist")
+        return self
+
+
+class LimitsConfig(_Strict):
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="largest gRPC message / HTTP body accepted, checked "
+                                   "before it is decoded (RESOURCE_EXHAUSTED / 413 beyond)")
+    max_prompt_chars: int = Field(200_000, ge=1, description="longest prompt in characters, checked before tokenizing")
+
+
 class AppConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lane: LaneConfig = Field(default_factory=LaneConfig)
     speculation: SpeculationConfig = Field(default_factory=SpeculationConfig)
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     num_lanes: int = Field(1, ge=1, description="lane replicas (ignored when autoscaling is set)")
     autoscaling: dict[str, int | float] | None = Field(None, description="Serve autoscaling_config for lanes, e.g. {min_replicas: 1, max_replicas: 4}")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request leaves it 0")

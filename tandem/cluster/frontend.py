@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -27,7 +29,13 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from tandem import models
 from tandem.cluster.config import AppConfig
 from tandem.engine.pair import load_tokenizer
-from tandem.errors import LaneFull, TandemError
+from tandem.errors import (
+    LaneFull,
+    LaneUnavailable,
+    RequestFailed,
+    TandemError,
+    Unauthenticated,
+)
 from tandem.params import SamplingParams, SpecParams
 
 logger = logging.getLogger(__name__)
@@ -35,6 +43,8 @@ logger = logging.getLogger(__name__)
 # A lane that says LaneFull is retried on another lane (Serve's router picks it), at most this
 # many times in all: a full lane answers at once, so retrying is cheap.
 MAX_LANE_ATTEMPTS = 4
+MAX_STOPS, MAX_STOP_CHARS = 8, 256
+MAX_REQUEST_ID = 128
 
 
 @dataclass
@@ -60,7 +70,8 @@ class GenerateParams:
 class Admitted:
     """A validated, tokenized request, ready for a lane."""
 
-    rid: str
+    rid: str  # the client's id for it (its own, or one made here)
+    key: str  # its id on the lanes: "<owner>/<rid>", so a request id is scoped by the API key that made it
     prompt_ids: list[int]
     sampling: SamplingParams
     spec: SpecParams
@@ -93,21 +104,37 @@ FULL = Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_exceeded")
 UNAVAILABLE = Status(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable")
 
 
-def status_of(e: BaseException) -> Status | None:
-    """The status for an error the client caused or can retry; None: a server fault (INTERNAL / 500)."""
+INTERNAL = Status(grpc.StatusCode.INTERNAL, 500, "server_error")
+UNAUTHENTICATED = Status(grpc.StatusCode.UNAUTHENTICATED, 401, "invalid_api_key")
+# A lane's process gone, or no lane up: the request may be retried (the SDK does, before a first chunk).
+LANE_GONE = (LaneUnavailable, DeploymentUnavailableError, RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def status_of(e: BaseException) -> Status:
+    """The one table from what the front end raises to each wire's status."""
     if isinstance(e, (LaneFull, BackPressureError)):
         return FULL
     if isinstance(e, TandemError):
         return INVALID
-    if isinstance(e, DeploymentUnavailableError):
+    if isinstance(e, LANE_GONE):
         return UNAVAILABLE
-    return None
+    if isinstance(e, Unauthenticated):
+        return UNAUTHENTICATED
+    return INTERNAL
 
 
-def user_message(e: BaseException) -> str:
-    """The message a person can act on: a lane's TandemError arrives wrapped in a RayTaskError."""
+def user_message(e: BaseException, rid: str = "") -> str:
+    """What the client is told: the problem for its own errors; for the server's, one line naming
+    the request (the details go to the server log, never to the client)."""
     cause = getattr(e, "cause", None)
-    return str(cause if isinstance(cause, Exception) else e)
+    if isinstance(cause, Exception):  # a lane's error arrives wrapped in a RayTaskError
+        e = cause
+    status = status_of(e)
+    if status is INVALID or status is FULL or status is UNAUTHENTICATED or isinstance(e, (LaneUnavailable, RequestFailed)):
+        return str(e)
+    if status is UNAVAILABLE:
+        return f"request {rid}: no lane is available (it failed or is starting); retry" if rid else "no lane is available; retry"
+    return f"request {rid}: internal server error" if rid else "internal server error"
 
 
 # -- text ---------------------------------------------------------------------------------------
@@ -176,57 +203,70 @@ class Frontend:
         self.lane = lane
         self.inflight: dict[str, DeploymentResponseGenerator] = {}
         self._lane_cancels: set[asyncio.Task] = set()  # held until done (the loop keeps only weak refs)
+        target = cfg.model.target_config()
+        self.vocab_size = int(target["vocab_size"])
+        self.max_context = cfg.model.max_context or int(target.get("max_position_embeddings", 2048))
+        # Lanes watch this replica and cancel its requests if it dies (tandem/cluster/lane.py).
+        self.router_id = ray.get_runtime_context().get_actor_id() or ""
         auto = cfg.autoscaling or {}
         self.lane_attempts = min(MAX_LANE_ATTEMPTS, int(auto.get("max_replicas", cfg.num_lanes)))
 
-    def admit(self, p: GenerateParams) -> Admitted:
-        """Validate and tokenize, so bad input is refused here with a message naming the field."""
+    async def admit(self, p: GenerateParams, owner: str = "") -> Admitted:
+        """Validate and tokenize (in a thread: a long prompt must not hold up the event loop, which
+        serves every other stream), so bad input is refused here with a message naming the field."""
         cfg = self.cfg
         if p.model and p.model != cfg.model.id:
             raise TandemError(f"unknown model {p.model!r}: this server serves {cfg.model.id!r}")
+        check_text("prompt", p.prompt, cfg.limits.max_prompt_chars)
         if not p.prompt:
             raise TandemError("prompt is empty: give at least one character")
+        check_stops(p.stop)
         max_tokens = p.max_tokens or cfg.default_max_tokens
         if not 0 < max_tokens <= cfg.max_tokens_limit:
             raise TandemError(f"max_tokens must be in [1, {cfg.max_tokens_limit}] (0 = default "
                               f"{cfg.default_max_tokens}), got {p.max_tokens}")
         sampling = SamplingParams(
             max_tokens, _default(p.temperature, 0.0), _default(p.top_k, 0), _default(p.top_p, 1.0),
-            p.seed, p.ignore_eos).validate()
+            p.seed, p.ignore_eos).validate(self.vocab_size)
         s = cfg.speculation
         spec = SpecParams(_default(p.mode, s.mode), _default(p.max_draft, s.max_draft),
                           _default(p.adaedl, s.adaedl), s.send_draft_probs).validate()
-        rid = p.request_id or uuid.uuid4().hex
-        if rid in self.inflight:
+        rid = check_request_id(p.request_id) or uuid.uuid4().hex  # 128 random bits when the server makes it
+        key = f"{owner}/{rid}"
+        if key in self.inflight:
             raise TandemError(f"request id {rid!r} is already running: use a new one")
-        prompt_ids = self.tokenizer.encode(p.prompt, add_special_tokens=False)
-        return Admitted(rid, prompt_ids, sampling, spec, list(p.stop))
+        prompt_ids = await asyncio.to_thread(self.tokenizer.encode, p.prompt, add_special_tokens=False)
+        if len(prompt_ids) >= self.max_context:
+            raise TandemError(f"prompt of {len(prompt_ids)} tokens does not fit the context of "
+                              f"{self.max_context} tokens")
+        return Admitted(rid, key, prompt_ids, sampling, spec, list(p.stop))
 
-    async def open_stream(self, p: GenerateParams) -> tuple[Admitted, AsyncIterator[Delta]]:
+    async def open_stream(self, p: GenerateParams, owner: str = "") -> tuple[Admitted, AsyncIterator[Delta]]:
         """Admit a request and wait for its lane's first answer.
 
         Bad input and a full lane raise here, before a gRPC stream or an HTTP 200 has started,
         so the client gets a status code and not a broken stream.
         """
-        req = self.admit(p)
+        req = await self.admit(p, owner)
         gen, first = await self._submit(req)
         return req, self._deltas(req, gen, first)
 
     async def _submit(self, req: Admitted) -> tuple[DeploymentResponseGenerator, dict]:
-        """Start the request on a lane; on LaneFull try another (Serve picks the lane)."""
+        """Start the request on a lane; a full or failed lane before the first token: try another
+        (Serve picks the lane)."""
         for attempt in range(self.lane_attempts):
             gen = self.lane.options(stream=True).generate.remote(
-                req.rid, req.prompt_ids, asdict(req.sampling), asdict(req.spec))
-            self.inflight[req.rid] = gen  # from now on Cancel can reach it
+                req.key, req.prompt_ids, asdict(req.sampling), asdict(req.spec), self.router_id)
+            self.inflight[req.key] = gen  # from now on Cancel can reach it
             try:
                 return gen, await _next_output(gen)
-            except LaneFull:
-                self.inflight.pop(req.rid, None)
+            except (LaneFull, *LANE_GONE):
+                self.inflight.pop(req.key, None)
                 if attempt == self.lane_attempts - 1:
                     raise
             except BaseException:  # e.g. the client went away before the first token
-                self.inflight.pop(req.rid, None)
-                self._end_on_lane(req.rid, gen)
+                self.inflight.pop(req.key, None)
+                self._end_on_lane(req.key, gen)
                 raise
         raise AssertionError("unreachable")
 
@@ -238,6 +278,8 @@ class Frontend:
         try:
             while True:
                 lane_done = out["finish_reason"] is not None
+                if out["finish_reason"] == "error":
+                    raise _lane_failure(req.rid, out)
                 ids, chunk = text.push(out["token_ids"], final=lane_done)
                 if ids and first_token_at is None:
                     first_token_at = time.perf_counter() - req.received_at
@@ -248,8 +290,8 @@ class Frontend:
                     return
                 out = await _next_output(gen)
         finally:  # a stop string, Cancel or a client that went away: free the lane slot now
-            if self.inflight.pop(req.rid, None) is not None and not lane_done:
-                self._end_on_lane(req.rid, gen)
+            if self.inflight.pop(req.key, None) is not None and not lane_done:
+                self._end_on_lane(req.key, gen)
 
     def _stats(self, req: Admitted, text: TextStream, lane_stats: dict | None, ttft: float | None) -> dict:
         """The lane's stats (absent when the router ended the request) plus what the router measured."""
@@ -258,13 +300,15 @@ class Frontend:
         stats["time_to_first_token_s"] = ttft or 0.0
         return stats
 
-    async def cancel(self, rid: str) -> bool:
-        """Cancel a request here, or (another router replica's) on whichever lane holds it."""
-        gen = self.inflight.pop(rid, None)
+    async def cancel(self, rid: str, owner: str = "") -> bool:
+        """Cancel a request of this owner's here, or (another router replica's) on whichever lane
+        holds it. Another key's requests are invisible: the same id names a different request."""
+        key = f"{owner}/{rid}"
+        gen = self.inflight.pop(key, None)
         if gen is not None:
-            self._end_on_lane(rid, gen)
+            self._end_on_lane(key, gen)
             return True
-        results = await self.lane.broadcast("cancel", rid).results_async(timeout_s=10, return_exceptions=True)
+        results = await self.lane.broadcast("cancel", key).results_async(timeout_s=10, return_exceptions=True)
         return any(r is True for r in results)
 
     def _end_on_lane(self, rid: str, gen: DeploymentResponseGenerator) -> None:
@@ -308,9 +352,43 @@ class Frontend:
         return "\n".join(lines) + "\nAssistant:"
 
 
+def check_text(name: str, text: str, max_chars: int) -> None:
+    """A string the tokenizer can take: not too long, and valid Unicode (no lone surrogates)."""
+    if len(text) > max_chars:
+        raise TandemError(f"{name} is {len(text)} characters; at most {max_chars} are accepted")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TandemError(f"{name} is not valid Unicode: {e.reason} at character {e.start}") from None
+
+
+def check_stops(stop: list[str]) -> None:
+    if len(stop) > MAX_STOPS:
+        raise TandemError(f"stop: at most {MAX_STOPS} strings, got {len(stop)}")
+    for s in stop:
+        check_text("a stop string", s, MAX_STOP_CHARS)
+
+
+def check_request_id(rid: str) -> str:
+    """A client's request id: up to 128 printable ASCII characters, no spaces (or "")."""
+    if len(rid) > MAX_REQUEST_ID or not all(33 <= ord(c) < 127 for c in rid):
+        raise TandemError(f"request_id must be at most {MAX_REQUEST_ID} printable ASCII characters without "
+                          f"spaces, got {rid[:40]!r}{'...' if len(rid) > 40 else ''}")
+    return rid
+
+
 def _checkpoint_name(path: str) -> str:
     """`tandem:tiny/target` as it is; a folder by its name (e.g. Llama-3.1-8B-Instruct)."""
     return path if path.startswith(models.PREFIX) else Path(path).name
+
+
+def _lane_failure(rid: str, out: dict) -> Exception:
+    """A lane's "error" ending as what the client sees: the lane failed (UNAVAILABLE, retry
+    elsewhere) or this request did (INTERNAL); the lane's reason goes to the server log."""
+    logger.error("request %s failed on its lane: %s", rid, out.get("error"))
+    if out.get("lane_failed"):
+        return LaneUnavailable(f"request {rid}: its lane failed; retry")
+    return RequestFailed(f"request {rid} failed on the server")
 
 
 def _default(value, default):
@@ -324,4 +402,4 @@ async def _next_output(gen: DeploymentResponseGenerator) -> dict:
     except RequestCancelledError:
         return {"token_ids": [], "finish_reason": "cancelled", "stats": None}
     except StopAsyncIteration:  # the lane always ends with a finish_reason; this is a fault
-        return {"token_ids": [], "finish_reason": "error", "stats": None}
+        return {"token_ids": [], "finish_reason": "error", "stats": None, "error": "the lane's stream ended early"}

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 from ray import serve
@@ -43,14 +43,18 @@ class Lane:
         self.batching_interval_s = lane.stream_batching_interval_ms / 1000
         self.streamed = {"items": 0, "tokens": 0}  # since reset_timing(); tokens / items = batching
         self.metrics = LaneMetrics(self.lane_id, self.core.load)  # the Ray dashboard's tandem_* series
+        self.callers = CallerWatch(self.core.cancel)
         logger.info("lane %s serving: %d KV slots, %d queued at most", self.lane_id, lane.max_batch_size, lane.max_queued)
 
-    async def generate(self, rid: str, prompt: list[int], sampling: dict, spec: dict) -> AsyncIterator[dict]:
-        """Stream {token_ids, finish_reason, stats} dicts; the last one has finish_reason set."""
+    async def generate(self, rid: str, prompt: list[int], sampling: dict, spec: dict,
+                       caller: str = "") -> AsyncIterator[dict]:
+        """Stream {token_ids, finish_reason, stats} dicts; the last one has finish_reason set.
+        caller: the Router replica's actor id; if that process dies, the request is cancelled."""
         loop = asyncio.get_running_loop()
         inbox = Inbox(loop)
         spec = SpecParams(**spec)
         self.core.submit(rid, prompt, SamplingParams(**sampling), spec, inbox.put)
+        self.callers.watch(caller, rid)
         finished = False
         hold_until = 0.0  # loop time before which tokens wait for company; 0: the first goes out at once
         try:
@@ -62,9 +66,13 @@ class Lane:
                 self.streamed["tokens"] += len(e.token_ids)
                 if finished:
                     self.metrics.request_finished(spec.mode, e.finish_reason, e.stats)
+                if e.error is not None:
+                    logger.error("lane %s: request %s ended with an error: %s", self.lane_id, rid, e.error)
                 yield {"token_ids": e.token_ids, "finish_reason": e.finish_reason,
+                       "error": e.error, "lane_failed": e.lane_failed,
                        "stats": e.stats.as_dict() if finished else None, "lane": self.lane_id}
         finally:
+            self.callers.forget(caller, rid)
             if not finished:  # the caller went away (disconnect, Cancel): free the slot now
                 logger.info("lane %s: request %s ended by its caller", self.lane_id, rid)
                 self.core.cancel(rid)
@@ -101,6 +109,58 @@ class Lane:
         core = getattr(self, "core", None)
         if core is not None:
             core.stop()
+
+
+class CallerWatch:
+    """Cancels the requests of a Router replica whose process died.
+
+    A dead caller's streaming calls reach the lane only after Ray notices the lost owner (tens of
+    seconds), while the lane would go on generating for nobody. Every `period_s` while requests
+    run, the lane asks the cluster (GCS) whether each calling router's actor is still alive
+    (~0.3 ms a question), and cancels the requests of one that is not.
+    """
+
+    def __init__(self, cancel: Callable[[str], bool], period_s: float = 0.5) -> None:
+        self.cancel, self.period_s = cancel, period_s
+        self.rids: dict[str, set[str]] = {}  # caller actor id -> its running requests
+        self._task: asyncio.Task | None = None
+
+    def watch(self, caller: str, rid: str) -> None:
+        if not caller:
+            return
+        self.rids.setdefault(caller, set()).add(rid)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def forget(self, caller: str, rid: str) -> None:
+        rids = self.rids.get(caller)
+        if rids is not None:
+            rids.discard(rid)
+            if not rids:
+                del self.rids[caller]
+
+    async def _run(self) -> None:
+        while self.rids:
+            await asyncio.sleep(self.period_s)
+            for caller in list(self.rids):
+                if not await asyncio.to_thread(_actor_alive, caller):
+                    rids = self.rids.pop(caller, set())
+                    logger.warning("router %s is gone: cancelling its %d requests", caller[:12], len(rids))
+                    for rid in rids:
+                        self.cancel(rid)
+
+
+def _actor_alive(actor_id: str) -> bool:
+    """Whether the cluster still has the actor alive; True when it cannot tell."""
+    try:
+        from ray._private.state import (
+            state,  # the GCS's actor table (no public API without the dashboard)
+        )
+
+        info = state.actor_table(actor_id)
+    except Exception:
+        return True
+    return not info or info.get("State") not in ("DEAD", "RESTARTING")
 
 
 class Inbox:
@@ -157,7 +217,8 @@ def _merge(items: list[Emission]) -> Emission:
     last = items[-1]
     if len(items) == 1:
         return last
-    return Emission(last.rid, [t for e in items for t in e.token_ids], last.finish_reason, last.stats)
+    return Emission(last.rid, [t for e in items for t in e.token_ids], last.finish_reason, last.stats,
+                    last.error, last.lane_failed)
 
 
 LaneDeployment = serve.deployment(Lane, name="Lane")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request
@@ -20,7 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tandem.cluster.auth import ApiKeys
 from tandem.cluster.frontend import (
     Delta,
     Frontend,
@@ -140,13 +141,64 @@ async def _bad_body(request: Request, exc: RequestValidationError) -> JSONRespon
     return error_response(400, "; ".join(problems))
 
 
-def http_error(e: Exception) -> JSONResponse:
-    """Map what the front end raises to an HTTP status; anything else is a server fault (re-raised)."""
+def http_error(e: Exception, rid: str = "") -> JSONResponse:
+    """What the front end raised, as an HTTP status in OpenAI's error shape (one table:
+    tandem/cluster/frontend.py); a server fault is logged with its traceback, never sent."""
     status = status_of(e)
-    if status is None:
-        logger.error("HTTP request failed: %r", e)
-        raise e
-    return error_response(status.http, user_message(e), status.kind)
+    if status.http >= 500:
+        logger.error("HTTP request %s failed", rid or "(no id)", exc_info=e)
+    return error_response(status.http, user_message(e, rid), status.kind)
+
+
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (a body that is not UTF-8 JSON, an unknown route) in OpenAI's shape."""
+    return error_response(exc.status_code, str(exc.detail))
+
+
+async def _server_fault(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal server error", "server_error")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over the limit is refused with 413 before it is parsed
+    (by its Content-Length, or while it streams in). The limit is read from the Router replica's
+    config (limits.max_request_bytes)."""
+
+    def __init__(self, app, limit: Callable[[], int]) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit()
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _too_large(send, limit)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _too_large(send, limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send, limit: int) -> None:
+    response = error_response(413, f"the request body is larger than {limit} bytes (limits.max_request_bytes)")
+    await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
 
 
 # -- response shapes ------------------------------------------------------------------------------
@@ -176,6 +228,7 @@ class _Shape:
 
 class CompletionShape(_Shape):
     object_name = chunk_name = "text_completion"
+    id_prefix = "cmpl"
 
     def choice_delta(self, text: str, finish: str | None, first: bool) -> dict:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
@@ -186,6 +239,7 @@ class CompletionShape(_Shape):
 
 class ChatShape(_Shape):
     object_name, chunk_name = "chat.completion", "chat.completion.chunk"
+    id_prefix = "chatcmpl"
 
     def choice_delta(self, text: str, finish: str | None, first: bool) -> dict:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
@@ -206,46 +260,65 @@ def openai_finish(reason: str | None) -> str | None:
 
 
 # -- routes ---------------------------------------------------------------------------------------
-async def models(frontend: Frontend) -> dict:
+# Each handler checks the caller's API key first (tandem/cluster/auth.py): 401 without a valid one.
+async def models(frontend: Frontend, keys: ApiKeys, request: Request) -> Response:
+    try:
+        keys.owner(request.headers.get("authorization"))
+    except Exception as e:
+        return http_error(e)
     card = frontend.model_card()
-    return {"object": "list", "data": [{"id": card["id"], "object": "model", "created": 0, "owned_by": "tandem",
-                                        "root": card["target"], "max_model_len": card["max_context"]}]}
+    return JSONResponse({"object": "list", "data": [{"id": card["id"], "object": "model", "created": 0,
+                                                      "owned_by": "tandem", "root": card["target"],
+                                                      "max_model_len": card["max_context"]}]})
 
 
-async def health(frontend: Frontend) -> JSONResponse:
+async def health(frontend: Frontend, keys: ApiKeys, request: Request) -> JSONResponse:
     """200 while a lane is healthy, 503 otherwise (for load balancers and probes)."""
+    try:
+        keys.owner(request.headers.get("authorization"))
+    except Exception as e:
+        return http_error(e)
     body = await frontend.health()
     return JSONResponse(body, status_code=200 if body["status"] == "SERVING" else 503)
 
 
-async def completions(frontend: Frontend, body: CompletionRequest, request: Request) -> Response:
+async def completions(frontend: Frontend, keys: ApiKeys, body: CompletionRequest, request: Request) -> Response:
     try:
-        params = body.params(body.prompt_text(), _request_id(request, "cmpl"), body.max_tokens)
-    except TandemError as e:
-        return http_error(e)
-    return await _answer(frontend, params, body, CompletionShape)
-
-
-async def chat(frontend: Frontend, body: ChatCompletionRequest, request: Request) -> Response:
-    prompt = frontend.chat_prompt([m.as_dict() for m in body.messages])
-    params = body.params(prompt, _request_id(request, "chatcmpl"), body.max_completion_tokens or body.max_tokens)
-    return await _answer(frontend, params, body, ChatShape)
-
-
-async def _answer(frontend: Frontend, params: GenerateParams, body: _SamplingBody, shape_cls: type[_Shape]) -> Response:
-    """Open the lane stream first, so refusals are plain 400/429 responses, then stream or collect."""
-    try:
-        req, deltas = await frontend.open_stream(params)
+        owner = keys.owner(request.headers.get("authorization"))
+        params = body.params(body.prompt_text(), _request_id(request), body.max_tokens)
     except Exception as e:
         return http_error(e)
-    shape = shape_cls(req.rid, frontend.cfg.model.id)
+    return await _answer(frontend, owner, params, body, CompletionShape)
+
+
+async def chat(frontend: Frontend, keys: ApiKeys, body: ChatCompletionRequest, request: Request) -> Response:
+    try:
+        owner = keys.owner(request.headers.get("authorization"))
+        prompt = frontend.chat_prompt([m.as_dict() for m in body.messages])
+        params = body.params(prompt, _request_id(request), body.max_completion_tokens or body.max_tokens)
+    except Exception as e:
+        return http_error(e)
+    return await _answer(frontend, owner, params, body, ChatShape)
+
+
+async def _answer(frontend: Frontend, owner: str, params: GenerateParams, body: _SamplingBody,
+                  shape_cls: type[_Shape]) -> Response:
+    """Open the lane stream first, so refusals are plain 400/429 responses, then stream or collect."""
+    try:
+        req, deltas = await frontend.open_stream(params, owner)
+    except Exception as e:
+        return http_error(e, params.request_id)
+    shape = shape_cls(_openai_id(req.rid, shape_cls), frontend.cfg.model.id)
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_events(deltas, shape, len(req.prompt_ids), include),
+        return StreamingResponse(_events(deltas, shape, len(req.prompt_ids), include, req.rid),
                                  media_type="text/event-stream")
     text, n, finish = "", 0, None
-    async for d in deltas:
-        text, n, finish = text + d.text, n + len(d.token_ids), d.finish_reason or finish
+    try:
+        async for d in deltas:
+            text, n, finish = text + d.text, n + len(d.token_ids), d.finish_reason or finish
+    except Exception as e:  # nothing sent yet: a plain error response
+        return http_error(e, req.rid)
     return JSONResponse(shape.whole(text, openai_finish(finish), usage(len(req.prompt_ids), n)))
 
 
@@ -258,11 +331,14 @@ ROUTES: dict[str, Callable[[FastAPI], Callable]] = {
 }
 
 
-def ingress(cls: type) -> type:
+def ingress(cls: type, request_limit: Callable[[], int]) -> type:
     """`cls` with the ROUTES mounted on a new FastAPI app, as a Serve ingress (routes to methods of
-    a subclass, so `cls` itself is left as it is)."""
+    a subclass, so `cls` itself is left as it is); request bodies over request_limit() bytes are refused."""
     app = FastAPI(title="tandem", description="OpenAI-compatible routes of the tandem router")
     app.add_exception_handler(RequestValidationError, _bad_body)
+    app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(Exception, _server_fault)
+    app.add_middleware(BodyLimit, limit=request_limit)
     routed = type(cls.__name__, (cls,), {"__qualname__": cls.__qualname__, "__module__": cls.__module__})
     for name, route in ROUTES.items():
         setattr(routed, name, route(app)(getattr(cls, name)))
@@ -270,8 +346,10 @@ def ingress(cls: type) -> type:
 
 
 async def _events(deltas: AsyncIterator[Delta], shape: _Shape, prompt_tokens: int,
-                  include_usage: bool) -> AsyncIterator[str]:
-    """SSE: one `data:` line per text delta, the finish chunk, optional usage, then [DONE]."""
+                  include_usage: bool, rid: str) -> AsyncIterator[str]:
+    """SSE: one `data:` line per text delta, the finish chunk, optional usage, then [DONE]. A
+    failure after the headers went out is an error event (the openai client raises APIError on
+    it) with no finish chunk and no [DONE]."""
     n, first = 0, True
     try:
         async for d in deltas:
@@ -280,7 +358,12 @@ async def _events(deltas: AsyncIterator[Delta], shape: _Shape, prompt_tokens: in
                 yield _sse(shape.chunk(d.text, openai_finish(d.finish_reason), first))
                 first = False
     except Exception as e:  # headers are sent: report in-band, as OpenAI-style servers do
-        yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        status = status_of(e)
+        if status.http >= 500:
+            logger.error("HTTP stream %s failed", rid, exc_info=e)
+        yield _sse({"error": {"message": user_message(e, rid), "type": status.kind, "param": None,
+                              "code": status.http}})
+        return
     finally:  # a client that went away closes us at a yield: close the lane stream now, not at GC
         await deltas.aclose()
     if include_usage:
@@ -288,6 +371,10 @@ async def _events(deltas: AsyncIterator[Delta], shape: _Shape, prompt_tokens: in
     yield "data: [DONE]\n\n"
 
 
-def _request_id(request: Request, prefix: str) -> str:
-    """The caller's x-request-id header, else a fresh OpenAI-style id."""
-    return request.headers.get("x-request-id") or f"{prefix}-{uuid.uuid4().hex}"
+def _request_id(request: Request) -> str:
+    """The caller's x-request-id header, else "" (the front end makes an unguessable one)."""
+    return request.headers.get("x-request-id", "")
+
+
+def _openai_id(rid: str, shape_cls: type[_Shape]) -> str:
+    return rid if "-" in rid else f"{shape_cls.id_prefix}-{rid}"

@@ -69,7 +69,19 @@ class Engine(ABC):
         """Logits predicting the token after each of the last num_logits[b] tokens of seqs[b]."""
         starts = [self.feed(slot, seq, n) for slot, seq, n in zip(slots, seqs, num_logits)]
         new_tokens = [seq[start:] for seq, start in zip(seqs, starts)]
-        return self._forward(slots, starts, new_tokens, num_logits)
+        try:
+            return self._forward(slots, starts, new_tokens, num_logits)
+        except BaseException:
+            self.forget(slots)
+            raise
+
+    def forget(self, slots: list[int]) -> None:
+        """The slots' KV is unknown (a forward failed part way): the next forward feeds each
+        sequence from the start."""
+        for slot in slots:
+            if slot in self._fed:
+                self._fed[slot] = []
+                self._truncate(slot, 0)
 
     def feed(self, slot: int, seq: list[int], num_logits: int = 1) -> int:
         """Roll the slot back to what it shares with seq; return where seq's unfed tokens start.

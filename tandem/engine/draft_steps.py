@@ -117,6 +117,14 @@ def draft_window(
     Returns the tokens and their entropies (host lists, steps[b] each) and q [B, max steps, V]
     when some row samples (else None). The slots then hold seq + all but the last token.
     """
+    try:
+        return _draft_window(eng, slots, seqs, steps, temperature, sample, generators, min_batch)
+    except BaseException:
+        eng.forget(slots)  # what the slots hold is unknown: the next draft feeds from the start
+        raise
+
+
+def _draft_window(eng, slots, seqs, steps, temperature, sample, generators, min_batch):
     backlog = [b for b, (slot, seq) in enumerate(zip(slots, seqs)) if len(seq) - eng.fed_start(slot, seq) > MAX_FIRST]
     if backlog:  # a prompt: one prefill forward for all of it but the last token
         eng.forward([slots[b] for b in backlog], [seqs[b][:-1] for b in backlog], [1] * len(backlog))

@@ -6,13 +6,14 @@ this class; only where the drafter lives differs.
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 
 import torch
 
 from tandem.engine.base import Engine
-from tandem.errors import TandemError
+from tandem.errors import LaneFull, TandemError
 from tandem.params import SamplingParams, SpecParams
 from tandem.spec.drafting import Drafter
 from tandem.spec.load_control import Candidate, LoadController, Round, StepObservation
@@ -20,6 +21,8 @@ from tandem.spec.messages import Emission
 from tandem.spec.request import RequestState
 from tandem.spec.step import StepTiming, speculative_step
 from tandem.spec.verifier import Verifier
+
+logger = logging.getLogger(__name__)
 
 
 class SpecBatch:
@@ -29,6 +32,7 @@ class SpecBatch:
         self.drafter = drafter
         self.stop_ids = frozenset(stop_ids)
         self.max_context = min(target.max_context, drafter.max_context)
+        self.vocab_size = target.vocab_size
         self.requests: dict[str, RequestState] = {}
         self.timing = TimingStats()
         self.controller = controller  # caps draft lengths by load (tandem/spec/load_control.py); None: never
@@ -42,7 +46,7 @@ class SpecBatch:
 
     def add(self, rid: str, prompt: list[int], sampling: SamplingParams, spec: SpecParams) -> None:
         """Admit a request; it joins at the next step."""
-        sampling.validate(), spec.validate()
+        sampling, spec = sampling.validate(self.vocab_size), spec.validate()
         if rid in self.requests:
             raise TandemError(f"request id {rid!r} is already running")
         if not prompt:
@@ -50,22 +54,47 @@ class SpecBatch:
         if len(prompt) >= self.max_context:
             raise TandemError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context} tokens")
         if self.free_slots == 0:
-            raise TandemError(f"lane is full: {len(self.requests)} requests running")
+            raise LaneFull(f"lane is full: {len(self.requests)} requests running")
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
         generator = torch.Generator(device=self.verifier.engine.device)
         generator.manual_seed(seed)
         target_slot = self.verifier.engine.allocate()
-        draft_slot = self.drafter.start(rid, seed)
+        try:
+            draft_slot = self.drafter.start(rid, seed)
+        except BaseException:  # nothing held when admission fails
+            self.verifier.engine.release(target_slot)
+            raise
         stops = frozenset() if sampling.ignore_eos else self.stop_ids
         self.requests[rid] = RequestState(
             rid, list(prompt), sampling, spec, stops, target_slot, draft_slot, generator, started_at=time.perf_counter()
         )
 
     def step(self) -> list[Emission]:
-        """One step for every running request; finished requests leave the batch."""
+        """One step for every running request; finished requests leave the batch.
+
+        A step that raises is retried once per request, each alone: a request whose own step
+        fails leaves with finish_reason "error"; the others go on. Only when every request fails
+        alone does the error propagate (the engines, not a request, are at fault).
+        """
         reqs = list(self.requests.values())
         if not reqs:
             return []
+        try:
+            return self._step(reqs)
+        except Exception as e:
+            logger.warning("a step of %d requests failed (%r); retrying each alone", len(reqs), e)
+        out, failed = [], []
+        for r in reqs:
+            try:
+                out += self._step([r])
+            except Exception as e:
+                logger.error("request %s failed its own step: %r", r.rid, e)
+                failed.append((r, e))
+        if len(failed) == len(reqs):
+            raise failed[-1][1]
+        return out + [self.abort(r.rid, "internal error during a step") for r, _ in failed]
+
+    def _step(self, reqs: list[RequestState]) -> list[Emission]:
         rooms = [self._room(r) for r in reqs]
         if self.controller is None:
             gained, timing = speculative_step(reqs, self.drafter, self.verifier, rooms)
@@ -73,6 +102,15 @@ class SpecBatch:
             gained, timing = self._controlled_step(reqs, rooms)
         self.timing.add(timing, len(reqs))
         return [self._emit(r, tokens) for r, tokens in zip(reqs, gained)]
+
+    def abort(self, rid: str, message: str) -> Emission:
+        """End a request that cannot go on: its slots are freed, it finishes with "error"."""
+        r = self.requests[rid]
+        try:
+            self._finish(r, "error")
+        finally:
+            self.requests.pop(rid, None)
+        return Emission(rid, [], "error", r.stats, error=message)
 
     def _controlled_step(self, reqs: list[RequestState], rooms: list[int]):
         """The step under the load controller's cap, then what it measured fed back to it."""

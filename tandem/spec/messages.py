@@ -97,5 +97,7 @@ class Emission:
 
     rid: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     stats: RequestStats = field(default_factory=RequestStats)
+    error: str | None = None  # with "error": what failed, for the server log and a short client message
+    lane_failed: bool = False  # with "error": the whole lane failed (retry elsewhere), not this request

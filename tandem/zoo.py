@@ -702,7 +702,7 @@ def train_pair(args, preset: Preset, data: Data, device: torch.device) -> tuple[
     draft = build_model(preset.draft, preset, args.seed + 1).to(device)
 
     def probe_draft(model) -> dict:
-        m = teacher_forced_metrics(target, model, probe_windows, device)
+        m = teacher_forced_metrics(target, model, probe_windows, device)  # noqa: F821 (a closure; ruff reads the del below)
         return {"val_ce": m["draft_heldout_ce"], "agree": m["teacher_forced_agreement"]}
 
     loss_fn = functools.partial(distill_loss, teacher=target, ce_weight=args.distill_ce)

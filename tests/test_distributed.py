@@ -1,9 +1,10 @@
-"""A lane's processes without Ray: verifier TP over gloo and a drafter in its own process.
+"""A lane's processes without Ray: verifier TP over gloo and drafters in their own processes.
 
-Three processes (TP rank 0 = leader, TP rank 1, drafter) join one gloo world, exactly as the
-cluster's lane actors do; the leader's greedy output must equal the single-process result.
-A colocated drafter has no process of its own: the leader drafts (TP 1: one process in all).
-With two drafters each request drafts in one of them (tandem/actors/drafter_pool.py).
+The verifier ranks (rank 0 = leader) join one gloo world and each drafter meets the leader in a
+group of its own, exactly as the cluster's lane actors do; the leader's greedy output must equal
+the single-process result. A colocated drafter has no process of its own: the leader drafts (TP 1:
+one process in all). With two drafters each request drafts in one of them
+(tandem/actors/drafter_pool.py). A drafter killed mid-run is replaced and nothing is lost.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.multiprocessing as mp
 from conftest import TINY
 
 from tandem.actors.lane_roles import (
+    LaneAddresses,
     LaneSpec,
     leave,
     run_drafter,
@@ -37,12 +39,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _role(rank: int, spec: LaneSpec, init: str, prompts, results) -> None:
+def _addresses(spec: LaneSpec) -> LaneAddresses:
+    return LaneAddresses(f"tcp://127.0.0.1:{_free_port()}", tuple(f"127.0.0.1:{_free_port()}" for _ in spec.drafter_ranks))
+
+
+def _role(rank: int, spec: LaneSpec, addresses: LaneAddresses, prompts, results) -> None:
     if rank in spec.drafter_ranks:
-        return run_drafter(spec, rank, init)
+        return run_drafter(spec, addresses.drafters[rank - spec.tp])
     if rank > 0:
-        return run_follower(spec, rank, init)
-    batch = run_leader(spec, init, stop_ids={0})
+        return run_follower(spec, rank, addresses)
+    batch = run_leader(spec, addresses, stop_ids={0})
     sampling = SamplingParams(max_tokens=24, ignore_eos=True)
     out = [run_batch(batch, prompts, sampling, s) for s in SPECS] + [run_batch(batch, prompts, *SAMPLED)]
     results.put([[d.token_ids for d in done] for done in out])
@@ -56,8 +62,8 @@ def run_lane(tp: int, prompts, colocate: bool = False, drafters: int = 1) -> tup
                     num_drafters=drafters)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_role, args=(r, spec, init, prompts, results)) for r in range(spec.world)]
+    addresses = _addresses(spec)
+    procs = [ctx.Process(target=_role, args=(r, spec, addresses, prompts, results)) for r in range(spec.processes)]
     for p in procs:
         p.start()
     outputs, free = results.get(timeout=240), results.get(timeout=60)
@@ -89,13 +95,10 @@ def test_remote_drafter_and_tensor_parallel_match_single_process(tp, colocate, d
     assert free_slots == 4  # every request released its slots on both sides
 
 
-def _echo(rank: int, init: str, messages) -> None:
-    import torch.distributed as dist
+def _echo(rank: int, address: str, messages) -> None:
+    from tandem.actors.remote_drafter import connect
 
-    from tandem.actors.remote_drafter import Channel
-
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    channel = Channel(1 - rank)
+    channel = connect(address, leader=rank == 0)
     for m in messages:  # rank 0 sends, rank 1 echoes back what it got
         if rank == 0:
             channel.send(m)
@@ -103,7 +106,6 @@ def _echo(rank: int, init: str, messages) -> None:
             assert type(got) is type(m) and repr(got) == repr(m), (got, m)
         else:
             channel.send(channel.recv())
-    dist.destroy_process_group()
 
 
 def test_channel_carries_small_and_large_messages():
@@ -112,8 +114,8 @@ def test_channel_carries_small_and_large_messages():
     messages = [("propose", ([1, 2, 3], [], None)), list(range(4096 - 8)),  # larger than the buffer
                 {"q": torch.arange(20000, dtype=torch.float32).view(2, -1)}, "", ("stop", ())]
     ctx = mp.get_context("spawn")
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_echo, args=(r, init, messages)) for r in range(2)]
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [ctx.Process(target=_echo, args=(r, address, messages)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -160,3 +162,67 @@ def test_pool_future_puts_chunks_back_in_batch_order():
     assert future.result() == chunks and future.seconds == 0.002
     assert not PoolFuture([([0], DraftFuture([chunks[0]], 0.0))], 1).concurrent
 
+
+
+MIXED = [SpecParams("sd", 4, adaedl=False), SpecParams("pearl", 4, adaedl=True), SpecParams("ar")]
+
+
+def _leader_losing_its_drafter(spec: LaneSpec, addresses: LaneAddresses, prompts, victim, results) -> None:
+    """Run the prompts (SD, PEARL and AR side by side), kill the drafter at step 3, finish them;
+    then serve again until the replacement drafter is up, and once more with it."""
+    import os
+    import time
+
+    ctx, spawned = mp.get_context("spawn"), []
+
+    def respawn(i: int, address: str) -> None:
+        p = ctx.Process(target=run_drafter, args=(spec, address))
+        p.start()
+        spawned.append(p)
+
+    batch = run_leader(spec, addresses, stop_ids={0}, respawn=respawn)
+    sampling = SamplingParams(max_tokens=40, ignore_eos=True)
+    for i, (p, s) in enumerate(zip(prompts, MIXED)):
+        batch.add(str(i), p, sampling, s)
+    tokens, steps, ended = {str(i): [] for i in range(len(prompts))}, 0, []
+    while batch.requests:
+        for e in batch.step():
+            tokens[e.rid] += e.token_ids
+            if e.finish_reason:
+                ended.append(e.finish_reason)
+        steps += 1
+        if steps == 3:
+            os.kill(victim, 9)
+    lost = batch.drafter.status()[0]
+    deadline = time.monotonic() + 120
+    while not batch.drafter.status()[0]["up"] and time.monotonic() < deadline:
+        run_batch(batch, prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), MIXED[0])
+        time.sleep(0.2)
+    again = run_batch(batch, prompts, sampling, MIXED[0])
+    results.put(([tokens[str(i)] for i in range(len(prompts))], ended, lost, batch.drafter.status()[0],
+                 [d.token_ids for d in again], sum(d.stats.drafted for d in again)))
+    batch.close()
+    for p in spawned:
+        p.join(timeout=30)
+
+
+def test_a_lost_drafter_is_replaced_and_no_request_fails(reference):
+    prompts, _, _ = reference
+    pair = load_pair(TINY / "target", TINY / "draft", max_slots=4)
+    ar = [d.token_ids for d in generate(pair, prompts, SamplingParams(max_tokens=40, ignore_eos=True), SpecParams("ar"))]
+    spec = LaneSpec(str(TINY / "target"), str(TINY / "draft"), max_slots=4)
+    addresses = _addresses(spec)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    drafter = ctx.Process(target=run_drafter, args=(spec, addresses.drafters[0]))
+    drafter.start()
+    leader = ctx.Process(target=_leader_losing_its_drafter, args=(spec, addresses, prompts, drafter.pid, results))
+    leader.start()
+    first, ended, lost, back, again, drafted = results.get(timeout=240)
+    leader.join(timeout=60)
+    drafter.join(timeout=10)
+    assert first == ar and ended == ["length"] * 3  # greedy output as if nothing happened, no request failed
+    assert lost == {"kind": "remote", "up": False, "lost": 1}
+    assert back == {"kind": "remote", "up": True, "lost": 1}  # a new drafter process took over
+    assert again == ar and drafted > 0  # and speculation resumed on it
+    assert leader.exitcode == 0

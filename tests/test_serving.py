@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SERVICER, TINY, free_port
+from conftest import REPO, TINY, free_port
 
 from tandem.client import InvalidArgument, ResourceExhausted, TandemClient
 from tandem.errors import TandemError
@@ -633,10 +633,10 @@ def test_lane_bundles_hold_the_verifier_ranks_then_the_drafters():
            "drafter_resources": {"small_gpu": 1}}
     cfg = AppConfig(lane=gpu)
     assert lane_bundles(cfg) == [{"CPU": 1.0, "GPU": 1}] * 2 + [{"CPU": 0.5, "small_gpu": 1, "GPU": 1}] * 2
-    assert list(lane_spec(cfg).drafter_ranks) == [2, 3] and lane_spec(cfg).world == 4
+    assert list(lane_spec(cfg).drafter_ranks) == [2, 3] and lane_spec(cfg).processes == 4
     assert lane_spec(cfg).draft_slots == 4  # the lane's 8 slots shared by two drafters
     spec = lane_spec(AppConfig(lane={"cuda_graphs_at_start": True}, speculation={"max_draft": 12}))
     assert spec.graphs_at_start and spec.max_draft == 12 and not spec.load_control
     assert lane_spec(AppConfig(speculation={"load_control": True})).load_control
     colocated = AppConfig(lane={"colocate_drafter": True, "verifier_gpus": 1})
-    assert lane_bundles(colocated) == [{"CPU": 1.0, "GPU": 1}] and lane_spec(colocated).world == 1
+    assert lane_bundles(colocated) == [{"CPU": 1.0, "GPU": 1}] and lane_spec(colocated).processes == 1

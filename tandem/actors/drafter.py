@@ -82,6 +82,9 @@ class LocalDrafter:
     def close(self) -> None:
         """Nothing to release: the drafting runs on the caller's thread."""
 
+    def status(self) -> list[dict]:
+        return [{"kind": "local", "up": True, "lost": 0}]
+
     def lam(self, rid: str) -> float:
         return self._adaedl[rid].lam
 

@@ -49,6 +49,9 @@ class DrafterPool:
         for d in self.drafters:
             d.close()
 
+    def status(self) -> list[dict]:
+        return [s for d in self.drafters for s in d.status()]
+
 
 class PoolFuture:
     """Every drafter's chunks in the batch's order; `seconds` is the longest drafter's compute."""

@@ -83,7 +83,7 @@ class LaneCore:
         with self._lock:
             return {"running": len(self.batch), "queued": len(self._waiting), "steps": self.steps,
                     "free_slots": self.batch.free_slots, "healthy": self.error is None,
-                    "step_timing": self.batch.timing.as_dict(),
+                    "step_timing": self.batch.timing.as_dict(), "drafters": self.batch.drafter.status(),
                     "load_control": self.batch.controller.state() if self.batch.controller is not None else None}
 
     def reset_timing(self) -> None:

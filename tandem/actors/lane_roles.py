@@ -1,10 +1,12 @@
 """The processes of one lane and how they meet (docs/design.md §2).
 
-Global ranks: 0..T-1 are the verifier's tensor-parallel ranks (rank 0 is the leader, which runs
-the step loop), ranks T..T+D-1 the D drafters (each request drafts on one of them,
-tandem/actors/drafter_pool.py). All join one torch.distributed world (gloo on CPU, NCCL on GPUs); the
-TP ranks also form a subgroup for their all-reduces, and each drafter a gloo pair with rank 0.
-The same functions run in Ray actors (tandem/actors/workers.py) and in plain processes (tests).
+Ranks 0..T-1 are the verifier's tensor-parallel ranks (rank 0 is the leader, which runs the step
+loop); they join one torch.distributed world (NCCL on GPUs, gloo on CPU) for their all-reduces.
+The D drafters (ranks T..T+D-1 in the placement group's bundles; each request drafts on one of
+them, tandem/actors/drafter_pool.py) are not in that world: each meets the leader in a two-rank
+gloo group of its own (tandem/actors/remote_drafter.py), so a drafter that dies is replaced by a
+new process while the lane goes on (tandem/actors/resilient.py). The same functions run in Ray
+actors (tandem/actors/workers.py) and in plain processes (tests).
 
 A colocated drafter (`colocate_drafter`) has no rank: rank 0 loads the draft beside its shard
 and drafts in-process, inline for SD and on a thread with its own CUDA stream while PEARL
@@ -12,6 +14,8 @@ verifies. That is the layout for a drafter sharing the verifier's GPU: no exchan
 """
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +23,8 @@ import torch.distributed as dist
 
 from tandem.actors.drafter import LocalDrafter, ThreadedDrafter
 from tandem.actors.drafter_pool import DrafterPool
-from tandem.actors.remote_drafter import RemoteDrafter, serve_drafter
+from tandem.actors.remote_drafter import RemoteDrafter, connect, serve_drafter
+from tandem.actors.resilient import ResilientDrafter
 from tandem.engine.pair import load_engine, load_hf_model
 from tandem.engine.tensor_parallel import TPLeader, follow, shard_llama
 from tandem.kernels.warmup import freeze_heap, warm_kernels
@@ -50,7 +55,8 @@ class LaneSpec:
     load_control: bool = False  # cap draft lengths by the lane's load (tandem/spec/load_control.py)
 
     @property
-    def world(self) -> int:
+    def processes(self) -> int:
+        """The lane's processes: T verifier ranks, then the drafters."""
         return self.tp + len(self.drafter_ranks)
 
     @property
@@ -63,21 +69,24 @@ class LaneSpec:
         return range(self.tp, self.tp + (0 if self.colocate_drafter else self.num_drafters))
 
 
-def join(spec: LaneSpec, rank: int, init_method: str):
-    """Join the lane's world; return (TP group or None for TP = 1, {drafter rank: its exchange
-    group with rank 0}).
+@dataclass(frozen=True)
+class LaneAddresses:
+    """Where a lane's processes meet: the verifier ranks' world, and each drafter's exchange with
+    the leader (which hosts its rendezvous store)."""
 
-    The TP all-reduces use NCCL on GPUs. The drafter exchange carries pickled messages and uses
-    gloo: it works wherever the drafter sits, also on a GPU it shares with verifier rank 0 (a
-    fractional GPU), where NCCL refuses two ranks on one device. Every rank calls this.
-    """
-    backend = "nccl" if spec.device == "cuda" else "gloo"
+    world: str  # tcp://host:port
+    drafters: tuple[str, ...]  # host:port, one per drafter
+
+
+def join_world(spec: LaneSpec, rank: int, addresses: LaneAddresses):
+    """Verifier rank `rank` joins the TP world; its group, or None at TP 1 (no world needed)."""
+    if spec.tp == 1:
+        return None
     if spec.device == "cuda":
         torch.cuda.set_device(0)  # Ray exposes each worker's own GPU as device 0
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=spec.world)
-    tp_group = dist.new_group(list(range(spec.tp)))  # collective: all ranks, members or not
-    exchanges = {d: dist.new_group([0, d], backend="gloo") for d in spec.drafter_ranks}  # collective, in order
-    return (tp_group if spec.tp > 1 else None), exchanges
+    backend = "nccl" if spec.device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=addresses.world, rank=rank, world_size=spec.tp)
+    return dist.group.WORLD
 
 
 def _kwargs(spec: LaneSpec) -> dict:
@@ -114,10 +123,13 @@ def _capture_graphs(spec: LaneSpec, engine, draft: bool) -> None:
         graphs.capture_at_start(spec.max_draft, draft)
 
 
-def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatch:
+def run_leader(spec: LaneSpec, addresses: LaneAddresses, stop_ids: set[int],
+               respawn: Callable[[int, str], None] | None = None) -> SpecBatch:
     """Rank 0: the sharded target behind a TPLeader; each drafter behind a RemoteDrafter (a
-    DrafterPool of them for several), or the drafter in this process when colocated."""
-    group, exchanges = join(spec, 0, init_method)
+    DrafterPool of them for several), or the drafter in this process when colocated.
+    respawn(i, address): start a new process for drafter i that will meet the leader at address
+    (None: a lost drafter is not replaced; its requests decode without drafts)."""
+    group = join_world(spec, 0, addresses)
     engine = _target_engine(spec, 0, group)
     warm_kernels(engine.vocab_size, engine.device)  # Triton compiles now, not in a request's step
     _capture_graphs(spec, engine, draft=False)
@@ -125,34 +137,45 @@ def run_leader(spec: LaneSpec, init_method: str, stop_ids: set[int]) -> SpecBatc
     if spec.colocate_drafter:
         drafter = ThreadedDrafter(_draft_engine(spec), _adaedl(spec))
     else:
-        drafters = []
-        for d, exchange in exchanges.items():
-            box = [None]
-            dist.recv_object_list(box, src=d, group=exchange)  # the drafter's context length
-            drafters.append(RemoteDrafter(d, box[0], spec.draft_slots, exchange))
+        drafters = [_resilient(spec, i, address, respawn) for i, address in enumerate(addresses.drafters)]
         drafter = drafters[0] if len(drafters) == 1 else DrafterPool(drafters)
     freeze_heap()  # no collection walks the start-up heap inside a step
     return SpecBatch(target, drafter, stop_ids, _controller(spec))
 
 
-def run_follower(spec: LaneSpec, rank: int, init_method: str) -> None:
+def _resilient(spec: LaneSpec, i: int, address: str, respawn) -> ResilientDrafter:
+    def reconnect() -> RemoteDrafter:
+        fresh = free_address(address.rsplit(":", 1)[0])
+        respawn(i, fresh)
+        return RemoteDrafter(connect(fresh, leader=True), spec.draft_slots)
+
+    first = RemoteDrafter(connect(address, leader=True), spec.draft_slots)
+    return ResilientDrafter(first, spec.draft_slots, reconnect if respawn is not None else None, f"drafter {i}")
+
+
+def free_address(host: str) -> str:
+    """host:port with a port free on this machine now (for a rendezvous this process hosts)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return f"{host}:{s.getsockname()[1]}"
+
+
+def run_follower(spec: LaneSpec, rank: int, addresses: LaneAddresses) -> None:
     """Ranks 1..T-1: hold a shard and replay the leader's engine calls until it stops."""
-    group, _ = join(spec, rank, init_method)
+    group = join_world(spec, rank, addresses)
     engine = _target_engine(spec, rank, group)
     freeze_heap()
     follow(engine, group, src=0)
     leave()
 
 
-def run_drafter(spec: LaneSpec, rank: int, init_method: str) -> None:
-    """Ranks T..T+D-1: the draft model; answers the leader's draft requests until it stops."""
-    _, exchanges = join(spec, rank, init_method)
+def run_drafter(spec: LaneSpec, address: str) -> None:
+    """A drafter: meet the leader at address, load the draft, answer draft requests until told to stop."""
+    channel = connect(address, leader=False)
     engine = _draft_engine(spec)
     warm_kernels(engine.vocab_size, engine.device, rejection=False)
-    dist.send_object_list([engine.max_context], dst=0, group=exchanges[rank])
     freeze_heap()
-    serve_drafter(LocalDrafter(engine, _adaedl(spec)), leader=0, group=exchanges[rank])
-    leave()
+    serve_drafter(LocalDrafter(engine, _adaedl(spec)), channel)
 
 
 def leave() -> None:

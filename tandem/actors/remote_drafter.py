@@ -1,16 +1,21 @@
 """A drafter in another process, reached over torch.distributed (docs/design.md §2: per-step traffic
 goes over a process group, never through Ray calls). The messages are small pickled structs, so
-the exchange group is gloo even on GPUs (tandem/actors/lane_roles.py says why).
+the exchange is gloo even on GPUs: it works wherever the drafter sits, also on a GPU it shares
+with verifier rank 0, where NCCL refuses two ranks on one device.
 
-The lane's leader holds a `RemoteDrafter` with the Drafter's interface; the drafter process runs
-`serve_drafter`. `submit` sends the step's draft requests and returns at once, so the verifier's
-forward runs while the drafter drafts (PEARL); `result` receives the chunks. The verdicts of a
-step (`update`) travel with the next step's draft requests: one message each way per step.
+Each drafter and the leader form a group of their own (`connect`: a TCPStore the leader hosts and
+a two-rank gloo group), outside the tensor-parallel world, so a drafter that dies can be replaced
+by a new process without the rest of the lane (tandem/actors/resilient.py). The lane's leader
+holds a `RemoteDrafter` with the Drafter's interface; the drafter process runs `serve_drafter`.
+`submit` sends the step's draft requests and returns at once, so the verifier's forward runs while
+the drafter drafts (PEARL); `result` receives the chunks. The verdicts of a step (`update`)
+travel with the next step's draft requests: one message each way per step.
 """
 from __future__ import annotations
 
 import pickle
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,8 +38,9 @@ class Channel:
     CAP = 4096
     HEAD = 8  # little-endian payload length
 
-    def __init__(self, peer: int, group=None) -> None:
-        self.peer, self.group = peer, group
+    def __init__(self, group: dist.ProcessGroup, peer: int, store=None) -> None:
+        self.group, self.peer = group, peer  # the pair's group and the other side's rank in it
+        self._store = store  # the group's rendezvous store, kept alive with it
         self._out = torch.zeros(self.CAP, dtype=torch.uint8)
         self._in = torch.zeros(self.CAP, dtype=torch.uint8)
 
@@ -43,28 +49,41 @@ class Channel:
         fits = self.CAP - self.HEAD
         head = len(data).to_bytes(self.HEAD, "little") + data[:fits]
         self._out[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        dist.send(self._out, self.peer, group=self.group)
+        self.group.send([self._out], self.peer, 0).wait()
         if len(data) > fits:
-            dist.send(torch.frombuffer(bytearray(data[fits:]), dtype=torch.uint8), self.peer, group=self.group)
+            self.group.send([torch.frombuffer(bytearray(data[fits:]), dtype=torch.uint8)], self.peer, 0).wait()
 
     def recv(self):
-        dist.recv(self._in, self.peer, group=self.group)
+        self.group.recv([self._in], self.peer, 0).wait()
         raw = self._in.numpy().tobytes()
         n = int.from_bytes(raw[: self.HEAD], "little")
         fits = self.CAP - self.HEAD
         data = raw[self.HEAD : self.HEAD + min(n, fits)]
         if n > fits:
             rest = torch.empty(n - fits, dtype=torch.uint8)
-            dist.recv(rest, self.peer, group=self.group)
+            self.group.recv([rest], self.peer, 0).wait()
             data += rest.numpy().tobytes()
         return pickle.loads(data)
 
 
+# A peer that died is noticed at once (its socket closes); a peer that hangs, after this long.
+EXCHANGE_TIMEOUT_S = 60.0
+
+
+def connect(address: str, leader: bool, timeout_s: float = EXCHANGE_TIMEOUT_S) -> Channel:
+    """The leader's (rank 0, hosting the store at address "host:port") or a drafter's (rank 1)
+    side of a drafter exchange; returns once both sides have joined."""
+    host, port = address.rsplit(":", 1)
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, int(port), 2, leader, timeout=timeout)
+    group = dist.ProcessGroupGloo(store, 0 if leader else 1, 2, timeout)
+    return Channel(group, 1 if leader else 0, store)
+
+
 class RemoteDrafter:
-    def __init__(self, peer: int, max_context: int, max_slots: int, group=None) -> None:
-        self.peer = peer  # the drafter's global rank
-        self.channel = Channel(peer, group)  # the leader <-> drafter exchange group
-        self.max_context = max_context
+    def __init__(self, channel: Channel, max_slots: int) -> None:
+        self.channel = channel  # the leader <-> drafter exchange
+        self.max_context = channel.recv()  # the drafter's first message: its context length
         self._free = list(range(max_slots - 1, -1, -1))  # slot ids mirrored on the drafter
         self._rounds: list[DraftRound] = []  # verdicts not sent yet, and the last step's time
         self._step_s: float | None = None
@@ -121,9 +140,9 @@ class RemoteDraftFuture:
         return self._chunks
 
 
-def serve_drafter(drafter: LocalDrafter, leader: int, group=None) -> None:
-    """Drafter process: execute the leader's requests until it says stop."""
-    channel = Channel(leader, group)
+def serve_drafter(drafter: LocalDrafter, channel: Channel) -> None:
+    """Drafter process: say its context length, then execute the leader's requests until it says stop."""
+    channel.send(drafter.max_context)
     while True:
         op, args = channel.recv()
         if op == "stop":

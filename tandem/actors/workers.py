@@ -8,59 +8,84 @@ node while the verifier ranks share a node with large GPUs.
 from __future__ import annotations
 
 import logging
-import socket
+import os
 
 import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tandem import logs
-from tandem.actors.lane_roles import LaneSpec, run_drafter, run_follower
+from tandem.actors.lane_roles import (
+    LaneAddresses,
+    LaneSpec,
+    free_address,
+    run_drafter,
+    run_follower,
+)
 
 logger = logging.getLogger(__name__)
 
 
-@ray.remote(max_concurrency=2)  # run() blocks for the lane's life; node_id() must still answer
+@ray.remote(max_concurrency=2)  # a role's run() blocks for the lane's life; node_id() must still answer
 class LaneWorker:
-    """One non-leader process of a lane (a verifier shard or the drafter)."""
+    """One non-leader process of a lane: a verifier shard or a drafter."""
 
-    def run(self, spec: LaneSpec, rank: int, init_method: str) -> None:
+    def run_follower(self, spec: LaneSpec, rank: int, addresses: LaneAddresses) -> None:
+        self._run(f"rank {rank} (verifier shard)", run_follower, spec, rank, addresses)
+
+    def run_drafter(self, spec: LaneSpec, rank: int, address: str) -> None:
+        self._run(f"rank {rank} (drafter)", run_drafter, spec, address)
+
+    def _run(self, role: str, fn, *args) -> None:
         logs.to_stderr()
-        role = "drafter" if rank in spec.drafter_ranks else "verifier shard"
-        logger.info("lane rank %d (%s) joining %s", rank, role, init_method)
+        logger.info("lane %s starting", role)
         try:
-            if rank in spec.drafter_ranks:
-                run_drafter(spec, rank, init_method)
-            else:
-                run_follower(spec, rank, init_method)
+            fn(*args)
         except BaseException:
-            logger.exception("lane rank %d (%s) failed", rank, role)
+            logger.exception("lane %s failed", role)
             raise
-        logger.info("lane rank %d (%s) released", rank, role)
+        logger.info("lane %s released", role)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-
-def rendezvous_address() -> str:
-    """tcp://<this node's IP>:<a free port> for the lane's process group."""
-    ip = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return f"tcp://{ip}:{s.getsockname()[1]}"
+    def pid(self) -> int:
+        return os.getpid()
 
 
-def start_workers(spec: LaneSpec, bundles: list[dict], init_method: str) -> tuple[list, list]:
-    """Start ranks 1..world-1 (verifier shards, then drafters) in the bundles of the same index;
-    return (actors, their run() refs)."""
-    pg = get_current_placement_group()
-    actors, runs = [], []
-    for rank in range(1, spec.world):
-        res = dict(bundles[rank])
+class LaneWorkers:
+    """A lane's other processes, as Ray actors in the lane's placement-group bundles: verifier
+    ranks 1..T-1, then the drafters (rank T+i in bundle T+i). A lost drafter is replaced in its
+    own bundle (`respawn_drafter`, called by the leader's ResilientDrafter)."""
+
+    def __init__(self, spec: LaneSpec, bundles: list[dict]) -> None:
+        self.spec, self.bundles = spec, bundles
+        self.pg = get_current_placement_group()
+        ip = ray.util.get_node_ip_address()  # the leader's node: it hosts every rendezvous
+        self.addresses = LaneAddresses(f"tcp://{free_address(ip)}",
+                                       tuple(free_address(ip) for _ in spec.drafter_ranks))
+        self.actors: dict[int, ray.actor.ActorHandle] = {}
+        self.runs: dict[int, ray.ObjectRef] = {}
+
+    def start(self) -> None:
+        for rank in range(1, self.spec.tp):
+            self.runs[rank] = self._actor(rank).run_follower.remote(self.spec, rank, self.addresses)
+        for i, rank in enumerate(self.spec.drafter_ranks):
+            self.runs[rank] = self._actor(rank).run_drafter.remote(self.spec, rank, self.addresses.drafters[i])
+
+    def respawn_drafter(self, i: int, address: str) -> None:
+        """A new process for drafter i, meeting the leader at address (the old one is ended)."""
+        rank = self.spec.drafter_ranks[i]
+        old = self.actors.pop(rank, None)
+        if old is not None:
+            ray.kill(old, no_restart=True)  # dead already, or hung: its bundle is free again
+        logger.info("starting a new drafter %d (rank %d) at %s", i, rank, address)
+        self.runs[rank] = self._actor(rank).run_drafter.remote(self.spec, rank, address)
+
+    def _actor(self, rank: int) -> ray.actor.ActorHandle:
+        res = dict(self.bundles[rank])
         opts = {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0), "resources": res}
-        if pg is not None:
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
-        actor = LaneWorker.options(**opts).remote()
-        actors.append(actor)
-        runs.append(actor.run.remote(spec, rank, init_method))
-    return actors, runs
+        if self.pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
+        self.actors[rank] = LaneWorker.options(**opts).remote()
+        return self.actors[rank]

@@ -86,12 +86,18 @@ class Lane:
                 "torch_threads": torch.get_num_threads()}
 
     async def topology(self) -> dict:
-        """Node of this replica (verifier rank 0) and of each worker (ranks 1..T-1, then the drafters)."""
+        """Node and pid of this replica (verifier rank 0) and of each worker (ranks 1..T-1, then the
+        drafters), by rank."""
+        import os
+
         import ray
 
-        actors = [w for w in self.workers if isinstance(w, ray.actor.ActorHandle)]
-        nodes = await asyncio.gather(*[a.node_id.remote() for a in actors])
-        return {"leader": ray.get_runtime_context().get_node_id(), "workers": list(nodes)}
+        ranks = sorted(self.workers.actors)
+        actors = [self.workers.actors[r] for r in ranks]
+        nodes, pids = await asyncio.gather(asyncio.gather(*[a.node_id.remote() for a in actors]),
+                                           asyncio.gather(*[a.pid.remote() for a in actors]))
+        return {"leader": ray.get_runtime_context().get_node_id(), "leader_pid": os.getpid(),
+                "workers": list(nodes), "pids": dict(zip(ranks, pids))}
 
     async def reset_timing(self) -> None:
         """Start a new step-timing window (benchmarks read it back through load())."""

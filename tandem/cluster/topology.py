@@ -1,13 +1,14 @@
 """What a lane is made of: its placement-group bundles and the processes built inside them.
 
 Bundle 0 holds the lane replica itself, which is verifier rank 0 and runs the step loop.
-Bundles 1..T-1 hold the other verifier ranks, bundles T.. the drafters (docs/design.md §2); all of them meet
-in one torch.distributed world (tandem/actors/lane_roles.py). A colocated drafter lives in bundle 0.
+Bundles 1..T-1 hold the other verifier ranks, bundles T.. the drafters (docs/design.md §2); the
+verifier ranks meet in one torch.distributed world, each drafter in a group of its own with the
+leader (tandem/actors/lane_roles.py). A colocated drafter lives in bundle 0.
 """
 from __future__ import annotations
 
 from tandem.actors.lane_roles import LaneSpec, run_leader
-from tandem.actors.workers import rendezvous_address, start_workers
+from tandem.actors.workers import LaneWorkers
 from tandem.cluster.config import AppConfig
 from tandem.engine.pair import load_tokenizer
 from tandem.spec.batch import SpecBatch
@@ -41,10 +42,10 @@ def lane_spec(cfg: AppConfig) -> LaneSpec:
         graphs_at_start=lane.cuda_graphs_at_start, max_draft=s.max_draft, load_control=s.load_control)
 
 
-def build_lane_batch(cfg: AppConfig) -> tuple[SpecBatch, list]:
+def build_lane_batch(cfg: AppConfig) -> tuple[SpecBatch, LaneWorkers]:
     """Start the lane's workers, join them as rank 0; the SpecBatch and the workers to keep."""
     spec = lane_spec(cfg)
-    init_method = rendezvous_address()
-    actors, runs = start_workers(spec, lane_bundles(cfg), init_method)
-    batch = run_leader(spec, init_method, stop_ids(cfg))
-    return batch, actors + runs
+    workers = LaneWorkers(spec, lane_bundles(cfg))
+    workers.start()
+    batch = run_leader(spec, workers.addresses, stop_ids(cfg), respawn=workers.respawn_drafter)
+    return batch, workers

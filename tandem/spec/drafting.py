@@ -44,6 +44,9 @@ class Drafter(Protocol):
     def close(self) -> None:
         """Release threads and peer processes."""
 
+    def status(self) -> list[dict]:
+        """One entry per drafter process: {"kind": "local" | "remote", "up": bool, "lost": processes lost}."""
+
 
 class DraftFuture:
     """Chunks drafted already (inside submit, or nothing to draft)."""

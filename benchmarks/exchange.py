@@ -54,7 +54,7 @@ def _worker(rank: int, port: int, n: int, results) -> None:
             dist.recv_object_list(box, src=peer)
             dist.send_object_list([reply], dst=peer)
 
-    channel = Channel(peer)
+    channel = Channel(dist.group.WORLD, peer)  # the world is this pair
 
     def lane_channel():
         if rank == 0:

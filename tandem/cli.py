@@ -18,15 +18,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_arguments(sub.add_parser("generate", help="generate text in-process, or on a server with --url"))
+    serve_parser = sub.add_parser("serve", help="deploy a Serve config (e.g. deploy/cluster.yaml) in the "
+                                  "foreground; exits with the reason if the deploy fails")
+    serve_parser.add_argument("config", help="a Serve deploy config (applications, http_options)")
+    serve_parser.add_argument("--address", default=None, help="Ray cluster to use (default: $RAY_ADDRESS, "
+                              "else a local one is started)")
     sub.add_parser("zoo", add_help=False, help="train the project's own target/draft model pair "
                    "(`tandem zoo --help`; needs the server extra)")
     try:
         if argv[:1] == ["zoo"]:  # its own parser, in its own module (torch)
             return run_zoo(argv[1:])
-        return run_generate(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        if args.command == "serve":
+            return run_serve(args)
+        return run_generate(args)
     except TandemError as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 2
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from tandem.cluster.launch import serve_config
+    except ImportError as e:
+        return needs_server_extra("tandem serve", e)
+    return serve_config(args.config, args.address)
 
 
 def run_zoo(argv: list[str]) -> int:

@@ -11,7 +11,7 @@ from typing import Literal, get_args
 
 from tandem.errors import TandemError
 
-Mode = Literal["ar", "sd", "pearl"]
+Mode = Literal["auto", "ar", "sd", "pearl"]  # auto: the lane chooses SD or PEARL and each step's length
 MODES: tuple[str, ...] = get_args(Mode)
 
 

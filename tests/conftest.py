@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import socket
 from pathlib import Path
 
@@ -72,3 +73,16 @@ class Scripted(LoadController):
 
     def _choose(self, candidates, speculating):
         return next(self.script), math.inf  # an infinite predicted gain: no probes of cap 0
+
+
+class ScriptedLengths(LoadController):
+    """Per-request lengths drawn afresh every step (0 included), independently per request: a
+    batch's handling of each request's own length, tested apart from the model that picks them."""
+
+    def __init__(self, longest: int = 4, seed: int = 0) -> None:
+        super().__init__(LoadControlConfig(every=1))
+        self.rng, self.longest = random.Random(seed), longest
+
+    def _choose(self, candidates, speculating):
+        self.lengths = {c.rid: self.rng.randint(0, self.longest) for c in speculating}
+        return self.longest, math.inf

@@ -63,11 +63,13 @@ def test_every_section_is_written(bench_json):
     assert data["meta"]["frozen_objects"] > 0  # the start-up heap is out of the collector's way
     assert data["calibration"]["c"] > 0 and set(data["calibration"]["target_verify_ms"]) == {"4", "6", "9", "17"}
     names = {r["name"] for r in data["latency_t0"]["rows"]}
-    assert {"tandem ar", "hf generate", "hf assisted", "sd k=3", "sd+adaedl (cap 16)"} <= names
+    assert {"tandem ar", "auto (default)", "hf generate", "hf assisted", "sd k=3", "sd+adaedl (cap 16)"} <= names
     assert {n for r in data["concurrency"]["rows"] for n in [r["concurrency"]]} == {1, 2}
-    goals = data["goals"]  # k=16 did not run: no AdaEDL-vs-k=16 ratio
-    assert set(goals) == {"best_vs_ar_t0", "pearl_vs_best_sd_t0", "adaedl_vs_best_static_t1", "best_vs_hf_assisted_t0"}
+    goals = dict(data["goals"])  # no n=64 cell here: no ratio for it
+    cells = goals.pop("by_cell")
+    assert set(goals) == {"auto_vs_best_static", "auto_vs_ar", "auto_vs_best_static_k_t1", "best_vs_hf_assisted_t0"}
     assert all(g["ratio"] > 0 and g["met"] == (g["ratio"] >= g["goal"]) for g in goals.values())
+    assert {"latency n=1 T=0", "latency n=1 T=1", "concurrency n=2 T=0", "concurrency n=2 T=1"} <= set(cells)
 
 
 def test_tandem_greedy_rows_equal_ar(bench_json):

@@ -149,3 +149,49 @@ def test_a_rise_from_cap_zero_starts_where_a_window_can_pay():
     # PEARL's window of 1 yields what decoding does (its chunk's first token is judged the next step)
     assert ctl._ramp(None, [Candidate("a", 8, False, pearl=True)]) == 2
     assert ctl._ramp(1, [Candidate("a", 8, False, pearl=False)]) == 1  # at or under the cap: as chosen
+
+
+@pytest.mark.parametrize("spec", [SpecParams("auto", 6, adaedl=True), SpecParams("sd", 6, adaedl=False),
+                                  SpecParams("pearl", 5, adaedl=True)], ids=["auto", "sd", "pearl"])
+def test_per_request_lengths_keep_greedy_output_exact(spec):
+    """Every request its own length every step (0 included), drawn independently: the same tokens."""
+    from conftest import ScriptedLengths
+
+    pair = make_pair(random_llama(0), random_llama(0, layers=1))
+    ref = [d.token_ids for d in generate(pair, PROMPTS, SamplingParams(max_tokens=24), SpecParams("ar"))]
+    ctl = ScriptedLengths(5, seed=3)
+    done = generate(pair, PROMPTS, SamplingParams(max_tokens=24), spec, controller=ctl)
+    assert [d.token_ids for d in done] == ref
+    assert sum(d.stats.drafted for d in done) > 0 and pair.target.free_slots == pair.draft.free_slots == 8
+
+
+def test_auto_requests_get_lengths_without_a_lane_controller():
+    """mode auto: the lane chooses; without load_control, requests that name a mode are left alone."""
+    from tandem.actors.drafter import LocalDrafter
+    from tandem.actors.offline import run_batch
+    from tandem.spec.batch import SpecBatch
+
+    pair = make_pair(random_llama(0), random_llama(0, layers=1))
+    batch = SpecBatch(pair.target, LocalDrafter(pair.draft), set())
+    ref = [d.token_ids for d in generate(pair, PROMPTS, SamplingParams(max_tokens=16), SpecParams("ar"))]
+    mixed = [SpecParams("auto", 8, adaedl=True), SpecParams("sd", 4, adaedl=False)] * 2
+    done = run_batch(batch, PROMPTS, SamplingParams(max_tokens=16), mixed)
+    assert [d.token_ids for d in done] == ref
+    assert batch.controller.steps > 0  # it watched the steps of the auto requests' batch
+
+
+def test_joint_lengths_give_long_drafts_where_they_are_accepted():
+    """A compute-bound batch: per-token verify cost is real. Requests that accept most drafts keep
+    long windows; those that reject them decode (0) instead of dragging the batch's verify."""
+    ctl = trained(rest=lambda n: 1e-3 + 2e-5 * n, per_position=lambda b: 1e-4 + 2e-6 * b, alpha=0.7, batch=16)
+    good = [Candidate(f"g{i}", 8, False, pearl=False) for i in range(8)]
+    poor = [Candidate(f"p{i}", 8, False, pearl=False) for i in range(8)]
+    for c in good:  # their history: almost every draft accepted
+        ctl.observe(StepObservation(16, 64, 16, 4, 1e-3, 2e-3), [Round(c.rid, 40, 39, 8, False, False)])
+    for c in poor:  # theirs: almost every draft rejected at once
+        ctl.observe(StepObservation(16, 64, 16, 4, 1e-3, 2e-3), [Round(c.rid, 1, 0, 8, False, False)] * 20)
+    ctl.decide(good + poor)
+    lengths = {c.rid: ctl.length(c.rid) for c in good + poor}
+    long = lengths["g0"] if lengths["g0"] is not None else 8
+    assert long >= 3 and all(lengths[c.rid] == lengths["g0"] for c in good)
+    assert all(lengths[c.rid] == 0 for c in poor), lengths

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import Scripted, make_pair, random_llama
+from conftest import Scripted, ScriptedLengths, make_pair, random_llama
 from scipy.stats import chi2, ncx2
 
 from tandem.actors.offline import generate
@@ -154,16 +154,19 @@ def sample_joint(pair, spec, temperature, top_p, vocab, controller=None) -> torc
     [(SpecParams("sd", 3, adaedl=False), 1.0), (SpecParams("pearl", 3, adaedl=False), 1.0),
      (SpecParams("pearl", 3, adaedl=True), 0.8), (SpecParams("sd", 3, False, False), 1.0),
      (SpecParams("pearl", 2, False, False), 0.8), (SpecParams("sd", 3, adaedl=False), "capped"),
-     (SpecParams("pearl", 3, adaedl=False), "capped")],
-    ids=["sd", "pearl", "pearl-adaedl-topp", "sd-onehot", "pearl-onehot-topp", "sd-load-capped", "pearl-load-capped"],
+     (SpecParams("pearl", 3, adaedl=False), "capped"), (SpecParams("sd", 3, adaedl=False), "lengths"),
+     (SpecParams("pearl", 3, adaedl=False), "lengths"), (SpecParams("auto", 3, adaedl=True), "lengths")],
+    ids=["sd", "pearl", "pearl-adaedl-topp", "sd-onehot", "pearl-onehot-topp", "sd-load-capped", "pearl-load-capped",
+         "sd-own-lengths", "pearl-own-lengths", "auto-own-lengths"],
 )
 def test_sampling_matches_target_distribution(spec, top_p):
     """Joint law of the first two tokens (the second is judged in PEARL's POST step). "capped":
     the load controller's cap changes every step (1, then 0, then 2: the first token drafted, the
-    second decoded, or the other way round in PEARL), at top-p 1."""
+    second decoded, or the other way round in PEARL), at top-p 1. "lengths": every request gets
+    its own random length (0-3) every step, as the controller's per-request choice does."""
     target, draft = peaked_pair()
     pair = make_pair(target, draft, slots=1024)
-    controller = Scripted([1, 0, 2]) if top_p == "capped" else None
+    controller = {"capped": Scripted([1, 0, 2]), "lengths": ScriptedLengths(3, seed=1)}.get(top_p)
     top_p = 1.0 if controller is not None else top_p
     counts = sample_joint(pair, spec, 1.0, top_p, 64, controller)
     p, q = exact_joint(target, CONTEXT, 1.0, top_p), exact_joint(draft, CONTEXT, 1.0, top_p)

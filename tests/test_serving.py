@@ -267,8 +267,7 @@ def test_lane_metrics_reach_prometheus(server, offline):
         return {labels.split('part="', 1)[1].split('"', 1)[0] for labels in series("ray_tandem_lane_step_ms")}
 
     wait_until(lambda: parts() == {"total", "draft", "verify", "wait", "exchange"}, timeout=30, what="step ms by part")
-    # the load controller's cap: only where speculation.load_control is on (the "one" app)
-    assert not series("ray_tandem_load_control_cap")
+    # the controller's depth: every lane has one (it chooses the lengths of auto requests)
     wait_until(lambda: series("ray_tandem_load_control_cap", "one"), timeout=30, what="the cap gauge of the one-slot lane")
 
 

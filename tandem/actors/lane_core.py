@@ -84,7 +84,7 @@ class LaneCore:
             return {"running": len(self.batch), "queued": len(self._waiting), "steps": self.steps,
                     "free_slots": self.batch.free_slots, "healthy": self.error is None,
                     "step_timing": self.batch.timing.as_dict(), "drafters": self.batch.drafter.status(),
-                    "load_control": self.batch.controller.state() if self.batch.controller is not None else None}
+                    "load_control": self.batch.controller.state()}
 
     def reset_timing(self) -> None:
         from tandem.spec.batch import TimingStats

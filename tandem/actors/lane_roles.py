@@ -52,7 +52,8 @@ class LaneSpec:
     num_drafters: int = 1  # drafter processes (colocated: none, the leader drafts)
     graphs_at_start: bool = False  # capture every CUDA graph before serving (GraphRunner.capture_at_start)
     max_draft: int = 8  # the longest window those graphs cover
-    load_control: bool = False  # cap draft lengths by the lane's load (tandem/spec/load_control.py)
+    load_control: bool = False  # cap every request's draft length by the lane's load (tandem/spec/load_control.py)
+    drafter_own_device: bool = False  # drafters on GPUs of their own: "auto" requests run PEARL
 
     @property
     def processes(self) -> int:
@@ -140,7 +141,7 @@ def run_leader(spec: LaneSpec, addresses: LaneAddresses, stop_ids: set[int],
         drafters = [_resilient(spec, i, address, respawn) for i, address in enumerate(addresses.drafters)]
         drafter = drafters[0] if len(drafters) == 1 else DrafterPool(drafters)
     freeze_heap()  # no collection walks the start-up heap inside a step
-    return SpecBatch(target, drafter, stop_ids, _controller(spec))
+    return SpecBatch(target, drafter, stop_ids, _controller(spec), prefer_pearl=spec.drafter_own_device)
 
 
 def _resilient(spec: LaneSpec, i: int, address: str, respawn) -> ResilientDrafter:

@@ -36,8 +36,10 @@ def generate(
     """
     kind = ThreadedDrafter if overlap else LocalDrafter
     drafter = kind(pair.draft, adaedl, acceptance=pair.acceptance)
+    own_device = overlap and pair.draft.device != pair.target.device  # "auto" requests: PEARL only then
     try:
-        return run_batch(SpecBatch(pair.target, drafter, pair.stop_ids, controller), prompts, sampling, spec)
+        batch = SpecBatch(pair.target, drafter, pair.stop_ids, controller, prefer_pearl=own_device)
+        return run_batch(batch, prompts, sampling, spec)
     finally:
         drafter.close()
 

@@ -75,8 +75,11 @@ class LaneConfig(_Strict):
 
 
 class SpeculationConfig(_Strict):
-    mode: Mode = Field("pearl", description="default decoding mode")
-    max_draft: int = Field(8, ge=0, le=64, description="default SD draft length / PEARL window")
+    mode: Mode = Field("auto", description="default decoding mode. auto: the lane chooses SD (PEARL where the "
+                       "drafter has a GPU of its own) and, every step, each request's draft length for the "
+                       "batch's tokens per second (0: plain decoding), AdaEDL stopping inside it")
+    max_draft: int = Field(8, ge=0, le=64, description="default SD draft length / PEARL window (auto: the longest "
+                           "length the lane may choose)")
     adaedl: bool = Field(True, description="entropy-based early draft stop by default")
     adaedl_lambda0: float = Field(0.5, gt=0, lt=1, description="AdaEDL's initial threshold λ0")
     adaedl_stop: Literal["cost", "paper"] = Field("cost", description="cost: end a draft where one more token no "
@@ -84,10 +87,11 @@ class SpeculationConfig(_Strict):
     adaedl_cost_ratio: float | None = Field(None, gt=0, description="c = step time / draft-token time for the cost "
                                             "stop (default: measured online)")
     send_draft_probs: bool = Field(True, description="send q with drafts (False: one-hot drafts)")
-    load_control: bool = Field(False, description="cap every request's draft length by the lane's load: every few "
-                               "steps the lane picks the cap that maximizes its predicted tokens/s from step times "
-                               "it fits online (0: speculation off while the batch is compute-bound; "
-                               "tandem/spec/load_control.py). A request's max_draft stays its ceiling")
+    load_control: bool = Field(False, description="also choose the draft lengths of requests that name a mode "
+                               "(sd, pearl), as for auto ones: every few steps the lane picks the lengths that "
+                               "maximize its predicted tokens/s from step times it fits online (0: speculation off "
+                               "while the batch is compute-bound; tandem/spec/load_control.py). A request's "
+                               "max_draft stays its ceiling")
 
 
 class GrpcConfig(_Strict):

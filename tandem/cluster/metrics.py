@@ -11,7 +11,7 @@ Every `interval_s`, per lane:
   tandem_lane_running / tandem_lane_queued / tandem_lane_free_slots   gauges
   tandem_lane_step_ms{part=total|draft|verify|wait|exchange}         mean over the last interval
   tandem_lane_batch                                                  mean requests per step, same
-  tandem_load_control_cap        the load controller's draft-length cap (-1: none; unset when off)
+  tandem_load_control_cap        the draft depth the lane's controller chose (-1: none)
 """
 from __future__ import annotations
 

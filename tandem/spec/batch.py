@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import replace
 
 import torch
 
@@ -26,8 +27,13 @@ logger = logging.getLogger(__name__)
 
 
 class SpecBatch:
+    """controller: caps every speculating request's draft length by the lane's load
+    (`speculation.load_control`); without one, a controller still chooses the lengths of "auto"
+    requests. prefer_pearl: "auto" requests run PEARL (the drafter has a device of its own, so
+    drafting overlaps verifying), else SD."""
+
     def __init__(self, target: Engine, drafter: Drafter, stop_ids: set[int],
-                 controller: LoadController | None = None) -> None:
+                 controller: LoadController | None = None, prefer_pearl: bool = False) -> None:
         self.verifier = Verifier(target)
         self.drafter = drafter
         self.stop_ids = frozenset(stop_ids)
@@ -35,7 +41,9 @@ class SpecBatch:
         self.vocab_size = target.vocab_size
         self.requests: dict[str, RequestState] = {}
         self.timing = TimingStats()
-        self.controller = controller  # caps draft lengths by load (tandem/spec/load_control.py); None: never
+        self.control_all = controller is not None
+        self.controller = controller if controller is not None else LoadController()  # tandem/spec/load_control.py
+        self.prefer_pearl = prefer_pearl
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -65,9 +73,12 @@ class SpecBatch:
             self.verifier.engine.release(target_slot)
             raise
         stops = frozenset() if sampling.ignore_eos else self.stop_ids
+        adaptive = spec.mode == "auto"  # the lane chooses its mode and, every step, its length
+        if adaptive:
+            spec = replace(spec, mode="pearl" if self.prefer_pearl else "sd")
         self.requests[rid] = RequestState(
-            rid, list(prompt), sampling, spec, stops, target_slot, draft_slot, generator, started_at=time.perf_counter()
-        )
+            rid, list(prompt), sampling, spec, stops, target_slot, draft_slot, generator,
+            started_at=time.perf_counter(), adaptive=adaptive)
 
     def step(self) -> list[Emission]:
         """One step for every running request; finished requests leave the batch.
@@ -96,10 +107,10 @@ class SpecBatch:
 
     def _step(self, reqs: list[RequestState]) -> list[Emission]:
         rooms = [self._room(r) for r in reqs]
-        if self.controller is None:
-            gained, timing = speculative_step(reqs, self.drafter, self.verifier, rooms)
-        else:
+        if self.control_all or any(r.adaptive for r in reqs):
             gained, timing = self._controlled_step(reqs, rooms)
+        else:
+            gained, timing = speculative_step(reqs, self.drafter, self.verifier, rooms)
         self.timing.add(timing, len(reqs))
         return [self._emit(r, tokens) for r, tokens in zip(reqs, gained)]
 
@@ -115,11 +126,11 @@ class SpecBatch:
     def _controlled_step(self, reqs: list[RequestState], rooms: list[int]):
         """The step under the load controller's cap, then what it measured fed back to it."""
         ctl = self.controller
-        cap = ctl.decide([Candidate(r.rid, min(r.spec.max_draft, room) if r.spec.mode != "ar" else 0, r.spec.adaedl,
-                                    r.spec.mode == "pearl") for r, room in zip(reqs, rooms)])
+        ctl.decide([Candidate(r.rid, min(r.spec.max_draft, room) if r.spec.mode != "ar" else 0, r.spec.adaedl,
+                              r.spec.mode == "pearl") for r, room in zip(reqs, rooms)])
         before = []
         for r in reqs:
-            r.draft_cap = cap if r.spec.mode != "ar" else None
+            r.draft_cap = ctl.length(r.rid) if r.spec.mode != "ar" and (self.control_all or r.adaptive) else None
             before.append((r.stats.drafted, r.stats.checked, r.stats.accepted, r.window < r.spec.max_draft, len(r.pending)))
         gained, t = speculative_step(reqs, self.drafter, self.verifier, rooms)
         rounds = [Round(r.rid, r.stats.checked - checked, r.stats.accepted - accepted, r.stats.drafted - drafted,
@@ -181,8 +192,7 @@ class SpecBatch:
         r.clear_pending()
         self.verifier.engine.release(r.target_slot)
         self.drafter.finish(r.rid, r.draft_slot)
-        if self.controller is not None:
-            self.controller.finish(r.rid)
+        self.controller.finish(r.rid)
         del self.requests[r.rid]
 
 

@@ -50,6 +50,7 @@ class LoadControlConfig:
     probe_every: int = 8  # probe cap 0 every probe_every * every steps where the predicted gain is small
     probe_below: float = 1.5  # probe only where the model predicts less than this gain over cap 0
     fresh_steps: int = 256  # a measured rate older than this many steps is measured again
+    per_request: bool = True  # under the cap, each request's own length (False: the cap for all)
 
 
 class _Line:
@@ -140,6 +141,7 @@ class LoadController:
         self.steps = 0
         self.overlap = 0.0  # how often a step with drafting ran it beside the verify (EMA)
         self.cap: int | None = None  # None: no cap (what requests ask for)
+        self.lengths: dict[str, int] = {}  # each request's length under the cap, where the model chose one
         self._since, self._rids = 0, frozenset()
         self.last_goodput: dict[int, float] = {}
         self.realized: dict[tuple[int, int], _Rate] = {}  # (batch bucket, cap or -1 for none): measured
@@ -167,6 +169,13 @@ class LoadController:
 
     def finish(self, rid: str) -> None:
         self.requests.pop(rid, None)
+
+    def length(self, rid: str) -> int | None:
+        """The draft length for a request this step: its own under the cap, else the cap (None: none)."""
+        own = self.lengths.get(rid)
+        if own is None:
+            return self.cap
+        return own if self.cap is None else min(own, self.cap)
 
     # -- deciding ----------------------------------------------------------------------------
     def decide(self, candidates: list[Candidate]) -> int | None:
@@ -209,25 +218,63 @@ class LoadController:
         top = max(lengths.values())
         overlapped = all(x.pearl for x in speculating) and self.overlap > 0.5
         fixed = len(candidates) - len(speculating)  # AR requests: one token each, one verified row
-        goodput = {}  # built apart, then swapped in: state() may read it from another thread
+        goodput, plans = {}, {}  # built apart, then swapped in: state() may read them from another thread
         for k in [k for k in CAPS if k < top] + [top]:
             windows = [min(k, lengths[x.rid]) for x in speculating]
-            tokens, rows = fixed, fixed
-            for x, w in zip(speculating, windows):
-                # SD verifies its w drafts and a bonus row; PEARL its w - 1 pending tokens and the
-                # last verified one, and the chunk's first token is judged there: w - 1 + 1 rows
-                judged = w - 1 if x.pearl and w > 0 else w
-                tokens += _expected(alphas[x.rid], judged)
-                rows += judged + 1
-            drafting = sum(w > 0 for w in windows)
-            draft = max(windows) * self.per_position(drafting) if drafting else 0.0
-            rest = self.rest(rows)
-            step = max(rest, draft) if overlapped else rest + draft
-            goodput[k] = tokens / step if step > 0 else 0.0
+            if c.per_request and not overlapped and k > 0:
+                windows = self._lengths(k, speculating, windows, alphas, fixed)
+            # a request left its whole (uncapped) window gets no length of its own: AdaEDL stops it
+            plans[k] = {x.rid: w for x, w in zip(speculating, windows) if w < lengths[x.rid]}
+            goodput[k] = self._goodput(speculating, windows, alphas, fixed, overlapped)
         self.last_goodput = goodput
         best = max(goodput.values())
         chosen = max(k for k, g in goodput.items() if g >= (1 - c.tolerance) * best)
+        self.lengths = plans[chosen] if c.per_request else {}
         return (None if chosen >= top else chosen), goodput[chosen] / max(goodput[0], 1e-12)
+
+    def _goodput(self, speculating: list[Candidate], windows: list[int], alphas: dict, fixed: int,
+                 overlapped: bool) -> float:
+        """Predicted tokens per second of a step with these windows (and `fixed` AR requests)."""
+        tokens, rows = fixed, fixed
+        for x, w in zip(speculating, windows):
+            # SD verifies its w drafts and a bonus row; PEARL its w - 1 pending tokens and the
+            # last verified one, and the chunk's first token is judged there: w - 1 + 1 rows
+            judged = w - 1 if x.pearl and w > 0 else w
+            tokens += _expected(alphas[x.rid], judged)
+            rows += judged + 1
+        drafting = sum(w > 0 for w in windows)
+        draft = max(windows) * self.per_position(drafting) if drafting else 0.0
+        rest = self.rest(rows)
+        step = max(rest, draft) if overlapped else rest + draft
+        return tokens / step if step > 0 else 0.0
+
+    def _lengths(self, k: int, speculating: list[Candidate], ceilings: list[int], alphas: dict,
+                 fixed: int) -> list[int]:
+        """Each request's window under a batch depth of k, chosen jointly (Dinkelbach's method for
+        a ratio): with the batch's tokens per second at lam, a request takes the window w that
+        maximizes E(w) - lam * (its cost: w more verified rows, and k draft positions of one more
+        drafting request when w > 0); lam is then the plan's own rate, until it stops rising. A
+        request whose acceptance does not pay for its rows decodes (w = 0) while others draft."""
+        a, b = self.rest.coefficients()
+        d0, d1 = self.per_position.coefficients()
+        windows = list(ceilings)
+        lam = self._goodput(speculating, windows, alphas, fixed, False)
+        for _ in range(6):
+            plan = []
+            for x, ceiling in zip(speculating, ceilings):
+                alpha, pearl = alphas[x.rid], x.pearl
+                best_w, best_v = 0, 1.0  # w = 0: one token (AR), one row (counted in both)
+                for w in range(1, ceiling + 1):
+                    judged = w - 1 if pearl else w
+                    value = _expected(alpha, judged) - lam * (b * judged + d1 * k)
+                    if value > best_v:
+                        best_v, best_w = value, w
+                plan.append(best_w)
+            rate = self._goodput(speculating, plan, alphas, fixed, False)
+            if rate <= lam * (1 + 1e-6):
+                break
+            windows, lam = plan, rate
+        return windows
 
     def _measured(self, batch: int, chosen: int | None, predicted_gain: float) -> int | None:
         """A cap measured slower at this batch size than another (by more than `tolerance`)
@@ -254,7 +301,7 @@ class LoadController:
         """For the lane's load() and metrics: the cap, the fitted costs and what was compared."""
         rest = self.rest.coefficients() if self.rest.seen else (None, None)
         pos = self.per_position.coefficients() if self.per_position.seen else (None, None)
-        return {"cap": self.cap, "steps_observed": self.steps,
+        return {"cap": self.cap, "lengths": dict(self.lengths), "steps_observed": self.steps,
                 "rest_ms": {"fixed": _ms(rest[0]), "per_token": _ms(rest[1])},
                 "draft_position_ms": {"fixed": _ms(pos[0]), "per_request": _ms(pos[1])},
                 "lane_acceptance": self.lane.alpha(self.config.prior_acceptance, self.config.prior_weight),

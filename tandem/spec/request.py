@@ -28,6 +28,7 @@ class RequestState:
     finish_reason: str | None = None
     started_at: float = 0.0
     draft_cap: int | None = None  # the lane's load controller's cap on the window (None: none)
+    adaptive: bool = False  # mode "auto": the lane chose its mode, and chooses its window every step
 
     @property
     def window(self) -> int:

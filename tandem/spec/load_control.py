@@ -32,6 +32,8 @@ pay. Output stays lossless at any cap: it changes how many tokens are proposed, 
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -146,16 +148,26 @@ class LoadController:
         self.last_goodput: dict[int, float] = {}
         self.realized: dict[tuple[int, int], _Rate] = {}  # (batch bucket, cap or -1 for none): measured
         self._last_probe = -(1 << 30)  # the step of the last probe of cap 0
+        # Steps that captured a CUDA graph or compiled a kernel (a first use of a shape) take 100-1000x
+        # a normal one: they are counted as stalls, not as costs (else one capture keeps a lane from
+        # drafting for hundreds of steps).
+        self._rest_typical, self._position_typical = _Typical(), _Typical()
+        self._drafted_at = 0  # the step of the last drafting cost observed
 
     # -- observing ---------------------------------------------------------------------------
     def observe(self, step: StepObservation, rounds: list[Round]) -> None:
         self.steps += 1
         if step.step_s > 0:
             key = (_bucket(step.batch), -1 if self.cap is None else self.cap)
-            self.realized.setdefault(key, _Rate()).add(step.emitted, step.step_s, self.steps, self.config.forget)
-        self.rest.add(step.verified_tokens, step.rest_s)
+            rate = self.realized.setdefault(key, _Rate())
+            if rate.typical.accept(step.step_s / max(step.emitted, 1)):
+                rate.add(step.emitted, step.step_s, self.steps, self.config.forget)
+        if self._rest_typical.accept(step.rest_s / max(step.verified_tokens, 1)):
+            self.rest.add(step.verified_tokens, step.rest_s)
         if step.positions > 0 and step.drafting > 0:
-            self.per_position.add(step.drafting, step.draft_s / step.positions)
+            if self._position_typical.accept(step.draft_s / step.positions):
+                self.per_position.add(step.drafting, step.draft_s / step.positions)
+                self._drafted_at = self.steps
             self.overlap = 0.9 * self.overlap + 0.1 * float(step.concurrent)
         for rid, judged, accepted, drafted, capped, adaedl in rounds:
             if judged > 0:
@@ -288,6 +300,9 @@ class LoadController:
                 and self.steps - self._last_probe >= c.probe_every * c.every):
             self._last_probe = self.steps
             return 0  # probe: what does decoding alone give at this batch size now?
+        if key == 0 and self.steps - self._drafted_at >= c.fresh_steps and self.steps - self._last_probe >= c.every:
+            self._last_probe = self._drafted_at = self.steps
+            return 2  # probe: drafting's cost is old news; measure it again
         faster = max(rates, key=rates.get, default=None)
         if faster is not None and key in rates and rates[faster] > (1 + c.tolerance) * rates[key]:
             return None if faster == -1 else faster
@@ -310,6 +325,21 @@ class LoadController:
                                           for (b, k), r in sorted(self.realized.items())}}
 
 
+class _Typical:
+    """Whether a measurement is typical: after the first `skip` (start-up: captures, compiles),
+    one at most `factor` times the median of the recent ones."""
+
+    def __init__(self, window: int = 32, skip: int = 4, factor: float = 4.0) -> None:
+        self.recent: deque[float] = deque(maxlen=window)
+        self.skip, self.factor, self.seen = skip, factor, 0
+
+    def accept(self, value: float) -> bool:
+        self.seen += 1
+        typical = self.seen > self.skip and value <= self.factor * statistics.median(self.recent)
+        self.recent.append(value)
+        return typical
+
+
 @dataclass
 class _Rate:
     """Tokens per second measured at one (batch bucket, cap), with forgetting."""
@@ -318,6 +348,7 @@ class _Rate:
     seconds: float = 0.0
     count: int = 0  # steps measured
     last: int = 0  # the controller's step count at the last update
+    typical: _Typical = field(default_factory=_Typical)
 
     def add(self, tokens: int, seconds: float, step: int, forget: float) -> None:
         self.tokens, self.seconds = forget * self.tokens + tokens, forget * self.seconds + seconds

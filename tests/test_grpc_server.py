@@ -11,6 +11,8 @@ import grpc
 import pytest
 from conftest import free_port
 
+pytest.importorskip("ray")  # the server extra (the GPU machine has none unless carried)
+
 from tandem.client import (
     Internal,
     ResourceExhausted,

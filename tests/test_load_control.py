@@ -144,7 +144,7 @@ def test_cap_zero_is_probed_only_where_the_model_predicts_little_gain():
 
 def test_a_rise_from_cap_zero_starts_where_a_window_can_pay():
     ctl = LoadController()
-    ctl.cap = 0
+    ctl.cap = ctl.base = 0
     assert ctl._ramp(None, [Candidate("a", 8, False, pearl=False)]) == 1
     # PEARL's window of 1 yields what decoding does (its chunk's first token is judged the next step)
     assert ctl._ramp(None, [Candidate("a", 8, False, pearl=True)]) == 2
@@ -218,3 +218,12 @@ def test_drafting_is_measured_again_when_its_cost_is_stale():
     ctl.steps += ctl.config.fresh_steps
     assert ctl._measured(64, 0, predicted_gain=1.0) == 2
     assert ctl._measured(64, 0, predicted_gain=1.0) == 0  # once
+
+
+def test_after_a_probe_of_cap_zero_the_cap_comes_back_at_once():
+    ctl = Scripted([None])  # the model: no cap
+    ctl.base = ctl.cap = 6
+    ctl.steps = 100
+    ctl._last_probe = 100  # this decision was a probe of cap 0
+    ctl.cap = 0
+    assert ctl._ramp(None, [Candidate("a", 16, False, pearl=False)]) == 12  # from 6, not from 0

@@ -8,8 +8,11 @@ import threading
 
 import pytest
 from conftest import make_pair, random_llama
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis")  # the test extra (not on every GPU machine)
+pytest.importorskip("ray")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from tandem.actors.drafter import LocalDrafter
 from tandem.actors.lane_core import MAX_FAILED_STEPS, LaneCore

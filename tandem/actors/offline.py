@@ -37,8 +37,11 @@ def generate(
     kind = ThreadedDrafter if overlap else LocalDrafter
     drafter = kind(pair.draft, adaedl, acceptance=pair.acceptance)
     own_device = overlap and pair.draft.device != pair.target.device  # "auto" requests: PEARL only then
+    if pair.controller is None:
+        pair.controller = LoadController()
     try:
-        batch = SpecBatch(pair.target, drafter, pair.stop_ids, controller, prefer_pearl=own_device)
+        batch = SpecBatch(pair.target, drafter, pair.stop_ids, controller or pair.controller, prefer_pearl=own_device,
+                          control_all=controller is not None)
         return run_batch(batch, prompts, sampling, spec)
     finally:
         drafter.close()

@@ -24,6 +24,8 @@ class ModelPair:
     # AdaEDL's acceptance by draft entropy, learned by every drafter this pair's draft serves
     # (tandem/spec/adaedl.py): kept here so in-process generate() calls go on learning.
     acceptance: dict = field(default_factory=dict)
+    # The step-cost fits and acceptance of "auto" requests (tandem/spec/load_control.py), likewise.
+    controller: object = None
 
     @property
     def stop_ids(self) -> set[int]:

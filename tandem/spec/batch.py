@@ -27,13 +27,15 @@ logger = logging.getLogger(__name__)
 
 
 class SpecBatch:
-    """controller: caps every speculating request's draft length by the lane's load
-    (`speculation.load_control`); without one, a controller still chooses the lengths of "auto"
-    requests. prefer_pearl: "auto" requests run PEARL (the drafter has a device of its own, so
-    drafting overlaps verifying), else SD."""
+    """controller: chooses every speculating request's draft length by the lane's load
+    (`speculation.load_control`; control_all=False: only "auto" requests'); without one, a
+    controller of the batch's own still chooses the lengths of "auto" requests. prefer_pearl:
+    "auto" requests run PEARL (the drafter has a device of its own, so drafting overlaps
+    verifying), else SD."""
 
     def __init__(self, target: Engine, drafter: Drafter, stop_ids: set[int],
-                 controller: LoadController | None = None, prefer_pearl: bool = False) -> None:
+                 controller: LoadController | None = None, prefer_pearl: bool = False,
+                 control_all: bool | None = None) -> None:
         self.verifier = Verifier(target)
         self.drafter = drafter
         self.stop_ids = frozenset(stop_ids)
@@ -41,7 +43,8 @@ class SpecBatch:
         self.vocab_size = target.vocab_size
         self.requests: dict[str, RequestState] = {}
         self.timing = TimingStats()
-        self.control_all = controller is not None
+        # control_all: the controller chooses every speculating request's length, not only auto ones'
+        self.control_all = controller is not None if control_all is None else control_all
         self.controller = controller if controller is not None else LoadController()  # tandem/spec/load_control.py
         self.prefer_pearl = prefer_pearl
 

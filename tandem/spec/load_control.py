@@ -143,6 +143,7 @@ class LoadController:
         self.steps = 0
         self.overlap = 0.0  # how often a step with drafting ran it beside the verify (EMA)
         self.cap: int | None = None  # None: no cap (what requests ask for)
+        self.base: int | None = None  # the cap the next rise starts from (the cap, unless it was a probe)
         self.lengths: dict[str, int] = {}  # each request's length under the cap, where the model chose one
         self._since, self._rids = 0, frozenset()
         self.last_goodput: dict[int, float] = {}
@@ -204,17 +205,20 @@ class LoadController:
             return self.cap
         chosen, gain = self._choose(candidates, speculating)
         chosen = self._ramp(chosen, speculating)
+        base = self.base
         self.cap = self._measured(len(candidates), chosen, gain)
+        # A probe lasts one decision: the next one ramps from the cap before it, not from the probe.
+        self.base = base if self._last_probe == self.steps else self.cap
         return self.cap
 
     def _ramp(self, chosen: int | None, speculating: list[Candidate]) -> int | None:
         """A cap falls at once but rises at most to double per decision (from 0: to the smallest
         window that can pay, 1, or 2 for PEARL, whose window of 1 yields what decoding does): a fit
         that forgot why it capped probes with short windows, not every request's whole window."""
-        if self.cap is None or (chosen is not None and chosen <= self.cap):
+        if self.base is None or (chosen is not None and chosen <= self.base):
             return chosen
         floor = 2 if all(c.pearl for c in speculating) else 1
-        grown = max(floor, 2 * self.cap)
+        grown = max(floor, 2 * self.base)
         chosen = grown if chosen is None or chosen > grown else chosen
         return None if chosen >= max(c.window for c in speculating) else chosen
 

@@ -71,11 +71,12 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--mode", choices=MODES, default="auto",
-                   help="auto (default): SD with each step's draft length chosen for the batch (up to "
-                        "--max-draft; AdaEDL stops inside it); ar: the target alone; sd / pearl: fixed --max-draft")
-    p.add_argument("--max-draft", type=int, default=8, help="SD draft length k / PEARL window (auto: the longest)")
-    p.add_argument("--adaedl", action=argparse.BooleanOptionalAction, default=True, help="entropy-based early draft stop")
+    p.add_argument("--mode", choices=MODES, default="sd",
+                   help="sd (default): draft --max-draft tokens, then verify; pearl: draft beside the verify; ar: the "
+                        "target alone; auto (experimental): each step's draft length chosen for the batch")
+    p.add_argument("--max-draft", type=int, default=5, help="SD draft length k / PEARL window (auto: the longest)")
+    p.add_argument("--adaedl", action=argparse.BooleanOptionalAction, default=False,
+                   help="entropy-based early draft stop (AdaEDL)")
     p.add_argument("--adaedl-lambda", type=float, default=None, help="AdaEDL initial threshold λ0")
     p.add_argument("--adaedl-stop", choices=["cost", "paper"], default="cost",
                    help="cost: end a draft where one more token no longer pays for itself (acceptance by "

@@ -53,7 +53,8 @@ def test_console_entry_point_runs_as_a_program():
 
 @pytest.mark.parametrize("prompt", HELD_OUT)
 def test_greedy_ids_identical_across_modes(prompt, generate_json):
-    outs = {m: generate_json(prompt, "--mode", m, "--max-tokens", "40") for m in ("ar", "sd", "pearl")}
+    outs = {m: generate_json(prompt, "--mode", m, "--max-tokens", "40") for m in ("ar", "sd", "auto")}
+    outs["pearl"] = generate_json(prompt, "--mode", "pearl", "--adaedl", "--max-tokens", "40")
     outs["pearl-no-adaedl"] = generate_json(prompt, "--mode", "pearl", "--no-adaedl", "--max-tokens", "40")
     ids = {k: v["token_ids"] for k, v in outs.items()}
     assert len(set(map(tuple, ids.values()))) == 1, ids

@@ -75,12 +75,14 @@ class LaneConfig(_Strict):
 
 
 class SpeculationConfig(_Strict):
-    mode: Mode = Field("auto", description="default decoding mode. auto: the lane chooses SD (PEARL where the "
-                       "drafter has a GPU of its own) and, every step, each request's draft length for the "
-                       "batch's tokens per second (0: plain decoding), AdaEDL stopping inside it")
-    max_draft: int = Field(8, ge=0, le=64, description="default SD draft length / PEARL window (auto: the longest "
+    mode: Mode = Field("sd", description="default decoding mode: sd (draft max_draft, then verify), pearl (draft "
+                       "beside the verify), ar (the target alone), or auto (experimental: the lane chooses SD or "
+                       "PEARL and, every step, each request's draft length; it does not yet beat a fixed length "
+                       "on a GPU, BENCHMARKS.md)")
+    max_draft: int = Field(5, ge=0, le=64, description="default SD draft length / PEARL window (auto: the longest "
                            "length the lane may choose)")
-    adaedl: bool = Field(True, description="entropy-based early draft stop by default")
+    adaedl: bool = Field(False, description="entropy-based early draft stop by default (AdaEDL; with a fixed "
+                         "max_draft of 5 the plain draft is faster on one H200, BENCHMARKS.md)")
     adaedl_lambda0: float = Field(0.5, gt=0, lt=1, description="AdaEDL's initial threshold λ0")
     adaedl_stop: Literal["cost", "paper"] = Field("cost", description="cost: end a draft where one more token no "
                                                   "longer pays for itself; paper: AdaEDL's threshold λ")

@@ -227,3 +227,19 @@ def test_after_a_probe_of_cap_zero_the_cap_comes_back_at_once():
     ctl._last_probe = 100  # this decision was a probe of cap 0
     ctl.cap = 0
     assert ctl._ramp(None, [Candidate("a", 16, False, pearl=False)]) == 12  # from 6, not from 0
+
+
+def test_the_verify_cost_tells_a_request_from_a_row():
+    """rest = 1 ms + 20 us per request + 3 us per verified row. Fitted on rows alone, a batch of 64
+    at k=4 would read the per-request cost as rows' (20/5 + 3 = 7 us a row); apart, long drafts
+    stay cheap at a large batch."""
+    from tandem.spec.load_control import _Plane
+
+    plane = _Plane(forget=1.0, shrink=0.0)
+    for batch in (8, 16, 32, 64):
+        for k in (0, 2, 4, 8):
+            rows = batch * (k + 1)
+            plane.add(batch, rows, 1e-3 + 20e-6 * batch + 3e-6 * rows)
+    a, per_request, per_row = plane.coefficients()
+    assert (a, per_request, per_row) == pytest.approx((1e-3, 20e-6, 3e-6), rel=1e-3)
+    assert plane(64, 64 * 5) == pytest.approx(1e-3 + 20e-6 * 64 + 3e-6 * 320)

@@ -8,15 +8,15 @@ controller picks, every few steps, the cap K that maximizes
 
     goodput(K) = sum_r E_r(w_r) / T(K),    w_r = min(K, L_r),    E_r(w) = (1 - a_r^(w+1)) / (1 - a_r)
 
-    T(K) = F(sum_r (w_r + 1)) + K' * (d0 + d1 * B')     (SD: one after the other)
-    T(K) = max(F(...), K' * (d0 + d1 * B'))            (PEARL only: drafting beside verifying)
+    T(K) = F(B, sum_r (w_r + 1)) + K' * (d0 + d1 * B')     (SD: one after the other)
+    T(K) = max(F(...), K' * (d0 + d1 * B'))               (PEARL only: drafting beside verifying)
 
 (PEARL: w - 1 judged tokens, no bonus, on w verified rows) with a_r request r's per-token acceptance (the geometric estimate: accepted tokens over accepted
 tokens plus rejections, from a prior of the lane's own), L_r the window the request drafts
 without a cap (its max_draft, or for AdaEDL its recent mean chunk length, since AdaEDL stops
-inside the cap anyway), F(N) the step's cost apart from drafting as a function of the tokens
-verified, and drafting K' = max_r w_r positions for the B' requests that draft at d0 + d1 * B'
-per position. F and the per-position cost are straight lines fitted online by least squares with
+inside the cap anyway), F(B, N) the step's cost apart from drafting as a function of the batch
+and the tokens verified, and drafting K' = max_r w_r positions for the B' requests that draft at d0 + d1 * B'
+per position. F (a plane) and the per-position cost (a line) are fitted online by least squares with
 forgetting from the lane's own steps, their slopes shrunk towards 0 (memory-bound) until the
 batch has varied enough to show them: with no evidence the controller keeps what requests ask
 for. K = 0 turns speculation off for the step (the requests decode as AR). A cap falls at once
@@ -83,6 +83,46 @@ class _Line:
         return max(0.0, a + b * x)
 
 
+class _Plane:
+    """y = a + b1 * x1 + b2 * x2 by weighted least squares with forgetting, slopes shrunk towards 0
+    and never negative. The step's cost apart from drafting: x1 the requests in the batch (each
+    costs host work and a KV read whatever it verifies), x2 the rows verified. With rows alone a
+    batch's per-request cost would be read as a per-row cost (rows = batch x (k + 1) at a fixed k),
+    and long drafts would look dear at a large batch."""
+
+    def __init__(self, forget: float, shrink: float) -> None:
+        self.forget, self.shrink = forget, shrink
+        self.s = [0.0] * 9  # w, s1, s2, sy, s11, s22, s12, s1y, s2y
+
+    def add(self, x1: float, x2: float, y: float) -> None:
+        f = self.forget
+        terms = (1.0, x1, x2, y, x1 * x1, x2 * x2, x1 * x2, x1 * y, x2 * y)
+        self.s = [f * old + t for old, t in zip(self.s, terms)]
+
+    @property
+    def seen(self) -> bool:
+        return self.s[0] > 0
+
+    def coefficients(self) -> tuple[float, float, float]:
+        w, s1, s2, sy, s11, s22, s12, s1y, s2y = self.s
+        m1, m2, my = s1 / w, s2 / w, sy / w
+        v11 = s11 - w * m1 * m1 + self.shrink * m1 * m1 + 1e-12
+        v22 = s22 - w * m2 * m2 + self.shrink * m2 * m2 + 1e-12
+        v12 = s12 - w * m1 * m2
+        c1, c2 = s1y - w * m1 * my, s2y - w * m2 * my
+        det = v11 * v22 - v12 * v12
+        b1, b2 = (c1 * v22 - c2 * v12) / det, (c2 * v11 - c1 * v12) / det
+        if b2 < 0:  # a cost never falls with more work: fit the other slope alone
+            b1, b2 = max(0.0, c1 / v11), 0.0
+        elif b1 < 0:
+            b1, b2 = 0.0, max(0.0, c2 / v22)
+        return my - b1 * m1 - b2 * m2, b1, b2
+
+    def __call__(self, x1: float, x2: float) -> float:
+        a, b1, b2 = self.coefficients()
+        return max(0.0, a + b1 * x1 + b2 * x2)
+
+
 @dataclass
 class _Acceptance:
     """One request's per-token acceptance: accepted tokens and rejections, with a prior."""
@@ -136,7 +176,7 @@ class LoadController:
 
     def __post_init__(self) -> None:
         c = self.config
-        self.rest = _Line(c.forget, c.shrink)  # F(N): seconds against verified tokens
+        self.rest = _Plane(c.forget, c.shrink)  # F(B, N): seconds against requests and verified rows
         self.per_position = _Line(c.forget, c.shrink)  # draft seconds per position against drafting batch
         self.requests: dict[str, _Acceptance] = {}
         self.lane = _Acceptance()
@@ -164,7 +204,7 @@ class LoadController:
             if rate.typical.accept(step.step_s / max(step.emitted, 1)):
                 rate.add(step.emitted, step.step_s, self.steps, self.config.forget)
         if self._rest_typical.accept(step.rest_s / max(step.verified_tokens, 1)):
-            self.rest.add(step.verified_tokens, step.rest_s)
+            self.rest.add(step.batch, step.verified_tokens, step.rest_s)
         if step.positions > 0 and step.drafting > 0:
             if self._position_typical.accept(step.draft_s / step.positions):
                 self.per_position.add(step.drafting, step.draft_s / step.positions)
@@ -260,7 +300,7 @@ class LoadController:
             rows += judged + 1
         drafting = sum(w > 0 for w in windows)
         draft = max(windows) * self.per_position(drafting) if drafting else 0.0
-        rest = self.rest(rows)
+        rest = self.rest(fixed + len(speculating), rows)
         step = max(rest, draft) if overlapped else rest + draft
         return tokens / step if step > 0 else 0.0
 
@@ -271,7 +311,7 @@ class LoadController:
         maximizes E(w) - lam * (its cost: w more verified rows, and k draft positions of one more
         drafting request when w > 0); lam is then the plan's own rate, until it stops rising. A
         request whose acceptance does not pay for its rows decodes (w = 0) while others draft."""
-        a, b = self.rest.coefficients()
+        _, _, b = self.rest.coefficients()  # per verified row
         d0, d1 = self.per_position.coefficients()
         windows = list(ceilings)
         lam = self._goodput(speculating, windows, alphas, fixed, False)
@@ -318,10 +358,10 @@ class LoadController:
 
     def state(self) -> dict:
         """For the lane's load() and metrics: the cap, the fitted costs and what was compared."""
-        rest = self.rest.coefficients() if self.rest.seen else (None, None)
+        rest = self.rest.coefficients() if self.rest.seen else (None, None, None)
         pos = self.per_position.coefficients() if self.per_position.seen else (None, None)
         return {"cap": self.cap, "lengths": dict(self.lengths), "steps_observed": self.steps,
-                "rest_ms": {"fixed": _ms(rest[0]), "per_token": _ms(rest[1])},
+                "rest_ms": {"fixed": _ms(rest[0]), "per_request": _ms(rest[1]), "per_token": _ms(rest[2])},
                 "draft_position_ms": {"fixed": _ms(pos[0]), "per_request": _ms(pos[1])},
                 "lane_acceptance": self.lane.alpha(self.config.prior_acceptance, self.config.prior_weight),
                 "goodput_tokens_per_s": {str(k): round(v, 1) for k, v in self.last_goodput.items()},

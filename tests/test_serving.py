@@ -639,3 +639,27 @@ def test_lane_bundles_hold_the_verifier_ranks_then_the_drafters():
     assert lane_spec(AppConfig(speculation={"load_control": True})).load_control
     colocated = AppConfig(lane={"colocate_drafter": True, "verifier_gpus": 1})
     assert lane_bundles(colocated) == [{"CPU": 1.0, "GPU": 1}] and lane_spec(colocated).processes == 1
+
+
+def test_serve_bench_measures_the_cluster_over_grpc_and_http(server, tmp_path):
+    """benchmarks/serve_bench.py against this cluster: open-loop arrivals over the SDK, a fixed
+    concurrency over the OpenAI route; every request completes and every figure is there."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("serve_bench", REPO / "benchmarks" / "serve_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["serve_bench"] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    common = ["--num-prompts", "6", "--output-len", "12", "--max-output-len", "24", "--warmup", "1"]
+    grpc_run = bench.main(["--url", server.grpc, "--rates", "inf,8", "--out", str(tmp_path / "g.json"), *common])
+    http_run = bench.main(["--backend", "openai", "--url", f"{server.http}/v1", "--concurrency", "3",
+                           "--out", str(tmp_path / "h.json"), *common])
+    for run in (grpc_run, http_run):
+        for point in run["points"]:
+            assert point["completed"] == 6 and point["failed"] == 0, point["errors"]
+            assert point["output_tokens_per_s"] > 0 and point["request_throughput"] > 0
+            for metric in ("ttft", "tpot", "e2e"):
+                assert 0 < point[metric]["p50_ms"] <= point[metric]["p99_ms"], (metric, point[metric])
+    assert grpc_run["points"][0]["acceptance"] is not None  # tandem reports its drafts' acceptance
+    assert json.loads((tmp_path / "g.json").read_text())["points"][1]["rate"] == 8

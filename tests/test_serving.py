@@ -263,6 +263,9 @@ def test_lane_metrics_reach_prometheus(server, offline):
     except AssertionError as e:
         raise AssertionError(f"{e}; counted {seen}, before {before}") from None
     assert any('finish_reason="length"' in labels for labels in series("ray_tandem_requests_total"))
+    for histogram in ("time_to_first_token_seconds", "time_per_output_token_seconds", "inter_token_latency_seconds"):
+        wait_until(lambda h=histogram: series(f"ray_tandem_{h}_count"), timeout=30, what=f"the {histogram} histogram")
+
     def parts() -> set[str]:
         return {labels.split('part="', 1)[1].split('"', 1)[0] for labels in series("ray_tandem_lane_step_ms")}
 
@@ -509,6 +512,9 @@ class CountedEnds:
     def request_finished(self, mode, finish_reason, stats) -> None:
         self.ended.append((mode, finish_reason))
 
+    def streamed(self, mode, seconds, tokens) -> None:
+        pass
+
     def stop(self) -> None:  # Lane.__del__
         pass
 
@@ -663,3 +669,24 @@ def test_serve_bench_measures_the_cluster_over_grpc_and_http(server, tmp_path):
                 assert 0 < point[metric]["p50_ms"] <= point[metric]["p99_ms"], (metric, point[metric])
     assert grpc_run["points"][0]["acceptance"] is not None  # tandem reports its drafts' acceptance
     assert json.loads((tmp_path / "g.json").read_text())["points"][1]["rate"] == 8
+
+
+def test_the_grafana_dashboard_loads_and_names_only_exported_series():
+    """deploy/grafana-tandem.json: a dashboard Grafana can import, whose every query reads a series
+    the lanes export (tandem/cluster/metrics.py; Ray adds `ray_`, counters `_total`, histograms
+    `_bucket` / `_count` / `_sum`)."""
+    import re
+
+    dashboard = json.loads((REPO / "deploy" / "grafana-tandem.json").read_text())
+    assert dashboard["title"] and dashboard["uid"] and dashboard["panels"]
+    source = (REPO / "tandem" / "cluster" / "metrics.py").read_text()
+    exported = set(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(tandem_\w+)"', source))
+    used = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            for name in re.findall(r"ray_(tandem_\w+)", target["expr"]):
+                used.add(re.sub(r"_(bucket|count|sum|total)$", "", name))
+    assert used and used <= exported, used - exported
+    assert {"tandem_time_per_output_token_seconds", "tandem_inter_token_latency_seconds",
+            "tandem_load_control_tokens_per_s", "tandem_lane_step_ms"} <= used

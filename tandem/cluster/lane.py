@@ -56,11 +56,16 @@ class Lane:
         self.core.submit(rid, prompt, SamplingParams(**sampling), spec, inbox.put)
         self.callers.watch(caller, rid)
         finished = False
+        last_item = None  # loop time of this request's previous streamed item (inter-token latency)
         hold_until = 0.0  # loop time before which tokens wait for company; 0: the first goes out at once
         try:
             while not finished:
                 e = _merge(await inbox.take(hold_until))
-                hold_until = loop.time() + self.batching_interval_s
+                now = loop.time()
+                if last_item is not None:
+                    self.metrics.streamed(spec.mode, now - last_item, len(e.token_ids))
+                last_item = now if e.token_ids else last_item
+                hold_until = now + self.batching_interval_s
                 finished = e.finish_reason is not None
                 self.streamed["items"] += 1
                 self.streamed["tokens"] += len(e.token_ids)

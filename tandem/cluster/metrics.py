@@ -7,11 +7,14 @@ Per finished request, tagged by lane and mode (as vLLM counts its speculative de
   tandem_checked_tokens_total            draft tokens the verifier judged
   tandem_accepted_tokens_total           draft tokens accepted (acceptance = accepted / checked)
   tandem_time_to_first_token_seconds     histogram
+  tandem_time_per_output_token_seconds   histogram: (end - first token) / (tokens - 1) of each request
+  tandem_inter_token_latency_seconds     histogram: each streamed item's gap since the last, per token
 Every `interval_s`, per lane:
   tandem_lane_running / tandem_lane_queued / tandem_lane_free_slots   gauges
   tandem_lane_step_ms{part=total|draft|verify|wait|exchange}         mean over the last interval
   tandem_lane_batch                                                  mean requests per step, same
   tandem_load_control_cap        the draft depth the lane's controller chose (-1: none)
+  tandem_load_control_tokens_per_s{kind=predicted|measured}   the controller's model, and what it measured
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from tandem.spec.messages import RequestStats
 
 PARTS = ("total", "draft", "verify", "wait", "exchange")
 TTFT_BOUNDARIES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
+TOKEN_BOUNDARIES = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 
 
 class LaneMetrics:
@@ -38,6 +42,12 @@ class LaneMetrics:
         self.accepted = Counter("tandem_accepted_tokens", "draft tokens the verifier accepted", tag_keys=per_request)
         self.ttft = Histogram("tandem_time_to_first_token_seconds", "time to the first verified token",
                               boundaries=TTFT_BOUNDARIES, tag_keys=per_request)
+        self.tpot = Histogram("tandem_time_per_output_token_seconds", "a request's time per token after its first",
+                              boundaries=TOKEN_BOUNDARIES, tag_keys=per_request)
+        self.itl = Histogram("tandem_inter_token_latency_seconds", "gap between streamed items, per token",
+                             boundaries=TOKEN_BOUNDARIES, tag_keys=per_request)
+        self.control_rate = Gauge("tandem_load_control_tokens_per_s", "the controller's predicted and measured "
+                                  "tokens/s at its chosen depth", tag_keys=("lane", "kind"))
         self.running = Gauge("tandem_lane_running", "requests in the lane's batch", tag_keys=("lane",))
         self.queued = Gauge("tandem_lane_queued", "requests waiting for a slot", tag_keys=("lane",))
         self.free_slots = Gauge("tandem_lane_free_slots", "KV slots free", tag_keys=("lane",))
@@ -60,6 +70,14 @@ class LaneMetrics:
                 counter.inc(value, tags=tags)
         if stats.time_to_first_token_s is not None:
             self.ttft.observe(stats.time_to_first_token_s, tags=tags)
+            if stats.generated > 1:
+                tpot = (stats.elapsed_s - stats.time_to_first_token_s) / (stats.generated - 1)
+                self.tpot.observe(max(0.0, tpot), tags=tags)
+
+    def streamed(self, mode: str, seconds: float, tokens: int) -> None:
+        """One streamed item of `tokens` tokens, `seconds` after the request's previous one."""
+        if tokens > 0:
+            self.itl.observe(seconds / tokens, tags={"lane": self.lane_id, "mode": mode})
 
     def publish(self, load: dict) -> None:
         """The gauges from one load() of the lane; step means over the steps since the last call."""
@@ -82,6 +100,10 @@ class LaneMetrics:
         control = load.get("load_control")
         if control is not None:
             self.cap.set(-1 if control["cap"] is None else control["cap"], tags=tags)
+            for kind in ("predicted", "measured"):
+                value = control.get(f"{kind}_tokens_per_s" if kind == "predicted" else "measured_tokens_per_s_now")
+                if value is not None:
+                    self.control_rate.set(value, tags={**tags, "kind": kind})
 
     def _run(self) -> None:
         warned = False

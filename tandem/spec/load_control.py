@@ -194,6 +194,7 @@ class LoadController:
         # drafting for hundreds of steps).
         self._rest_typical, self._position_typical = _Typical(), _Typical()
         self._drafted_at = 0  # the step of the last drafting cost observed
+        self._batch = 0  # requests at the last decision
 
     # -- observing ---------------------------------------------------------------------------
     def observe(self, step: StepObservation, rounds: list[Round]) -> None:
@@ -243,6 +244,7 @@ class LoadController:
         speculating = [c for c in candidates if c.window > 0]
         if not speculating:  # nothing to cap: keep the cap for when drafting requests come back
             return self.cap
+        self._batch = len(candidates)
         chosen, gain = self._choose(candidates, speculating)
         chosen = self._ramp(chosen, speculating)
         base = self.base
@@ -360,7 +362,11 @@ class LoadController:
         """For the lane's load() and metrics: the cap, the fitted costs and what was compared."""
         rest = self.rest.coefficients() if self.rest.seen else (None, None, None)
         pos = self.per_position.coefficients() if self.per_position.seen else (None, None)
+        depth = self.cap if self.cap is not None else max((int(k) for k in self.last_goodput), default=None)
+        now = self.realized.get((_bucket(self._batch), -1 if self.cap is None else self.cap))
         return {"cap": self.cap, "lengths": dict(self.lengths), "steps_observed": self.steps,
+                "predicted_tokens_per_s": self.last_goodput.get(depth),
+                "measured_tokens_per_s_now": now.rate if now is not None and now.count else None,
                 "rest_ms": {"fixed": _ms(rest[0]), "per_request": _ms(rest[1]), "per_token": _ms(rest[2])},
                 "draft_position_ms": {"fixed": _ms(pos[0]), "per_request": _ms(pos[1])},
                 "lane_acceptance": self.lane.alpha(self.config.prior_acceptance, self.config.prior_weight),

@@ -20,6 +20,8 @@
 #   remote        the cluster with the drafter in its own process on the same GPU (0.5 + 0.5)
 #   profile       where an AR / SD step's time goes (step_profile.py; random pair if none trained)
 #   hbm           AR at batch 1 against the HBM floor (hbm_floor.py)
+#   adaptive      auto against every fixed setting, cells and the mixed ramp (adaptive_bench.py;
+#                 ADAPTIVE_ARGS adds arguments, e.g. --domains code --temperatures 0)
 #   tests         the GPU-marked tests
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
@@ -77,6 +79,11 @@ profile() {
 
 hbm() { pair; python benchmarks/hbm_floor.py --target $B/target --device cuda --out "$OUT/hbm_floor.json" 2>&1 | quiet; }
 tests() { python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15; }
+adaptive() {
+  pair
+  python benchmarks/adaptive_bench.py --target $B/target --draft $B/draft --deadline-s "$(left)" ${ADAPTIVE_ARGS:-} \
+    --out "$OUT/adaptive_bench.json" 2>&1 | quiet | grep -v "^\[" | tail -40
+}
 
 [ $# -gt 0 ] || { sed -n 2,30p "$0"; exit 2; }
 for section in "$@"; do

@@ -171,3 +171,20 @@ def test_load_control_benchmark_checks_every_row_against_ar(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 * 5 and all(r["tokens_per_s"] > 0 for r in rows)
     assert all((r["load_control"] is not None) == r["row"].endswith("load control") for r in rows)
+
+
+def test_adaptive_bench_runs_every_setting_in_every_cell_and_the_mixed_load(tmp_path):
+    out = tmp_path / "adaptive.json"
+    rc = load_script("adaptive_bench").main([
+        "--device", "cpu", "--dtype", "float32", "--requests", "2", "--max-tokens", "6", "--concurrency", "1,2",
+        "--temperatures", "0,1", "--domains", "code", "--mixed-scale", "0.05", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert rc == 0 and not data["skipped"]
+    names = {r["name"] for r in data["cells"]["rows"]}
+    assert len(names) == 7 and "auto (default)" in names and len(data["cells"]["rows"]) == 7 * 4
+    assert {r["name"] for r in data["mixed"]["rows"]} == names
+    for r in data["cells"]["rows"] + data["mixed"]["rows"]:
+        assert r["tokens"] > 0 and r["step_ms"]["p50"] <= r["step_ms"]["p99"] <= r["step_ms"]["max"]
+    goals = data["goals"]
+    assert set(goals["by_cell"]) == {f"code T={t} n={n}" for t in (0, 1) for n in (1, 2)}
+    assert {"auto_vs_best", "auto_vs_ar", "mixed_auto_vs_best"} <= set(goals)

@@ -547,6 +547,7 @@ def concurrency(b: Bench) -> None:
     buckets = runner.batch_buckets if runner is not None else BATCH_BUCKETS  # the engine's own (its top one may be odd)
     sizes = [s for s in buckets if 1 < s <= max(b.args.concurrency)]
     seconds = warm_graphs(b, sizes, steps, sampled=tuple({t > 0 for t in temperatures}))
+    freeze_heap()  # the graphs' Python side too: no collection walks it inside a timed row
     b.report.data.setdefault("concurrency", {"rows": []})["graph_warmup_s"] = seconds
     for t in temperatures:
         for n in b.args.concurrency:

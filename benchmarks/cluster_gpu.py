@@ -167,6 +167,8 @@ def main() -> None:
                     "max(--concurrency)): heldout_prompts(pool, seed=1)[:8] are its batch-1 prompts")
     ap.add_argument("--out", default="cluster_gpu.json")
     ap.add_argument("--best-from", help="a gpu_bench.json: run AR and its fastest batch-1 tandem mode at --temperature")
+    ap.add_argument("--core-process", action=argparse.BooleanOptionalAction, default=False,
+                    help="the lane's step loop in a process of its own (lane.core_process)")
     args = ap.parse_args()
     if args.colocate_drafter and args.num_drafters > 1:
         ap.error("--colocate-drafter runs one drafter in the lane replica: leave --num-drafters at 1")
@@ -188,6 +190,7 @@ def main() -> None:
                     {"drafter_gpus": args.drafter_gpus, "num_drafters": args.num_drafters})
     if args.stream_batching_interval_ms is not None:
         lane_cfg["stream_batching_interval_ms"] = args.stream_batching_interval_ms
+    lane_cfg["core_process"] = args.core_process
     t0 = time.perf_counter()
     serve.run(build_app({"model": {"target": args.target, "draft": args.draft, "dtype": args.dtype}, "lane": lane_cfg,
                         "speculation": {"max_draft": args.max_draft}, "grpc": {"port": grpc_port}}),

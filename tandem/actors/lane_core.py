@@ -35,8 +35,10 @@ class _Pending:
 
 
 class LaneCore:
-    def __init__(self, batch: SpecBatch, max_queued: int, max_batch_size: int, request_timeout_s: float = 300.0) -> None:
+    def __init__(self, batch: SpecBatch, max_queued: int, max_batch_size: int, request_timeout_s: float = 300.0,
+                 flush: Callable[[], None] | None = None) -> None:
         self.batch = batch  # owned: closed (its drafter and peer processes released) when the loop stops
+        self.flush = flush or (lambda: None)  # after each turn of the loop: sinks that gather may send now
         self.max_queued = max_queued
         self.max_batch_size = max_batch_size
         self.request_timeout_s = request_timeout_s
@@ -120,12 +122,14 @@ class LaneCore:
                 self.steps += 1
                 for e in emissions:
                     self._deliver(e)
+                self.flush()
                 last = time.perf_counter() if len(self.batch) else None
             self.batch.close()
         except BaseException as e:  # the engines are broken: fail every request, mark unhealthy
             logger.exception("lane step loop failed after %d steps; failing %d requests", self.steps, len(self._sinks))
             self.error = e
             self._fail_all(e)
+            self.flush()
             raise
 
     def _admit_and_cancel(self) -> bool:

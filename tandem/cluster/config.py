@@ -68,6 +68,10 @@ class LaneConfig(_Strict):
     verifier_resources: dict[str, float] = Field(default_factory=dict, description='custom Ray resources per verifier rank, e.g. {"large_gpu": 1}')
     drafter_resources: dict[str, float] = Field(default_factory=dict, description='custom Ray resources for the drafter, e.g. {"small_gpu": 1}')
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="how a lane's bundles spread over nodes")
+    core_process: bool = Field(False, description="run the lane's step loop (verifier rank 0) in a process of its "
+                               "own, as vLLM's engine core, so that the replica's event loop and streams do not "
+                               "compete with it for the interpreter (false: a thread of the replica). Not yet "
+                               "measured on a GPU; on a 2-core CPU it costs 5-8% at one stream")
     stream_batching_interval_ms: float = Field(50.0, ge=0, le=1000, description="a request's first token is streamed at "
                                                "once, later ones at most once per this many ms, batched (Ray Serve LLM's "
                                                "stream_batching_interval_ms; 0: one streamed item per step). Each item costs "

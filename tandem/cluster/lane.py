@@ -19,10 +19,9 @@ import torch
 from ray import serve
 
 from tandem import logs
-from tandem.actors.lane_core import LaneCore
 from tandem.cluster.config import AppConfig
 from tandem.cluster.metrics import LaneMetrics
-from tandem.cluster.topology import build_lane_batch
+from tandem.cluster.topology import start_lane
 from tandem.params import SamplingParams, SpecParams
 from tandem.spec.messages import Emission
 
@@ -38,8 +37,7 @@ class Lane:
         logger.info("lane %s starting: %s on %s, tensor parallel %d, %s drafter(s)", self.lane_id,
                     self.config.model.target, lane.device, lane.tensor_parallel_size,
                     "colocated" if lane.colocate_drafter else lane.num_drafters)
-        batch, self.workers = build_lane_batch(self.config)
-        self.core = LaneCore(batch, lane.max_queued, lane.max_batch_size, self.config.request_timeout_s)
+        self.core, self.workers = start_lane(self.config)
         self.batching_interval_s = lane.stream_batching_interval_ms / 1000
         self.streamed = {"items": 0, "tokens": 0}  # since reset_timing(); tokens / items = batching
         self.metrics = LaneMetrics(self.lane_id, self.core.load)  # the Ray dashboard's tandem_* series
@@ -101,7 +99,9 @@ class Lane:
         actors = [self.workers.actors[r] for r in ranks]
         nodes, pids = await asyncio.gather(asyncio.gather(*[a.node_id.remote() for a in actors]),
                                            asyncio.gather(*[a.pid.remote() for a in actors]))
+        core = getattr(self.core, "proc", None)  # rank 0's own process (lane.core_process), if any
         return {"leader": ray.get_runtime_context().get_node_id(), "leader_pid": os.getpid(),
+                "core_pid": core.pid if core is not None else os.getpid(),
                 "workers": list(nodes), "pids": dict(zip(ranks, pids))}
 
     async def reset_timing(self) -> None:

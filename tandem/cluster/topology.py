@@ -7,6 +7,8 @@ leader (tandem/actors/lane_roles.py). A colocated drafter lives in bundle 0.
 """
 from __future__ import annotations
 
+from tandem.actors.core_process import CoreProcess
+from tandem.actors.lane_core import LaneCore
 from tandem.actors.lane_roles import LaneSpec, run_leader
 from tandem.actors.workers import LaneWorkers
 from tandem.cluster.config import AppConfig
@@ -50,3 +52,18 @@ def build_lane_batch(cfg: AppConfig) -> tuple[SpecBatch, LaneWorkers]:
     workers.start()
     batch = run_leader(spec, workers.addresses, stop_ids(cfg), respawn=workers.respawn_drafter)
     return batch, workers
+
+
+def start_lane(cfg: AppConfig):
+    """The lane's workers and its step loop: a LaneCore in this process, or (lane.core_process) a
+    CoreProcess, rank 0 in a process of its own (tandem/actors/core_process.py)."""
+    lane = cfg.lane
+    if not lane.core_process:
+        batch, workers = build_lane_batch(cfg)
+        return LaneCore(batch, lane.max_queued, lane.max_batch_size, cfg.request_timeout_s), workers
+    spec = lane_spec(cfg)
+    workers = LaneWorkers(spec, lane_bundles(cfg))
+    workers.start()
+    core = CoreProcess(spec, workers.addresses, stop_ids(cfg), lane.max_queued, lane.max_batch_size,
+                       cfg.request_timeout_s, respawn=workers.respawn_drafter)
+    return core, workers

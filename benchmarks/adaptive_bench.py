@@ -4,7 +4,7 @@
     python benchmarks/adaptive_bench.py --device cpu --dtype float32 --requests 4 --max-tokens 12 \
         --concurrency 1,2 --mixed-scale 0.1                                                   # smoke run
 
-Each cell (domain x temperature x concurrency) runs `--requests` requests (held-out code, or
+Each cell (domain x temperature x concurrency) runs `--requests` requests, at least 4n (held-out code, or
 English instructions: `benchmarks/data/serve_prompts.json`) of `--max-tokens` tokens, n at a time
 (continuous batching: a finished request's place goes to the next), once per setting: AR, SD
 k=3/5/8, PEARL γ=4/6 and auto. Then a **mixed** run: requests of every temperature and domain
@@ -118,7 +118,7 @@ def cells(args, b: gb.Bench, runner: Runner, prompts: dict, report: gb.Report) -
         for t in (float(x) for x in args.temperatures.split(",")):
             for n in args.concurrency:
                 jobs = [(pool[rng.randrange(len(pool))], SamplingParams(args.max_tokens, t, seed=i, ignore_eos=True))
-                        for i in range(args.requests)]
+                        for i in range(max(args.requests, 4 * n))]  # n in flight for most of the row
                 warm = [(p, SamplingParams(min(16, args.max_tokens), t, seed=i, ignore_eos=True)) for i, (p, _) in enumerate(jobs[:n])]
                 for name, spec, _ in SETTINGS:
                     if b.budget.left() <= 0:

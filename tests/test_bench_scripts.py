@@ -188,3 +188,15 @@ def test_adaptive_bench_runs_every_setting_in_every_cell_and_the_mixed_load(tmp_
     goals = data["goals"]
     assert set(goals["by_cell"]) == {f"code T={t} n={n}" for t in (0, 1) for n in (1, 2)}
     assert {"auto_vs_best", "auto_vs_ar", "mixed_auto_vs_best"} <= set(goals)
+
+
+def test_controller_sim_runs_the_real_controller_against_every_static_setting(tmp_path):
+    out = tmp_path / "sim.json"
+    rc = load_script("controller_sim").main(["--requests", "8", "--tokens", "24", "--concurrency", "1,4",
+                                             "--workloads", "code_t0", "--out", str(out)])
+    cells = json.loads(out.read_text())["cells"]
+    assert rc == 0 and [c["cell"] for c in cells] == ["code_t0 n=1", "code_t0 n=4", "mixed ramp 1-4-16-64-16-4-1"]
+    for c in cells:
+        assert set(c["rows"]) == {"ar", "sd k=3", "sd k=5", "sd k=8", "sd+adaedl (cap 16)", "auto (default)"}
+        assert all(r["tokens_per_s"] > 0 for r in c["rows"].values())
+        assert c["rows"]["ar"]["drafted_per_step"] == 0 and c["rows"]["sd k=8"]["drafted_per_step"] > 0

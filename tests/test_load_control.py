@@ -15,19 +15,19 @@ from tandem.spec.load_control import (
     LoadController,
     Round,
     StepObservation,
-    _Line,
+    _Fit,
 )
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [42]]
 
 
 def test_line_fit_recovers_a_line_and_shrinks_an_unseen_slope():
-    line = _Line(forget=1.0, shrink=0.2)
+    line = _Fit(1, forget=1.0, shrink=0.2)
     for x in range(1, 200, 7):
         line.add(x, 0.5 + 0.01 * x)
     a, b = line.coefficients()
     assert b == pytest.approx(0.01, rel=0.05) and a == pytest.approx(0.5, abs=0.05)  # shrunk by ~2%
-    flat = _Line(forget=0.98, shrink=0.2)
+    flat = _Fit(1, forget=0.98, shrink=0.2)
     for _ in range(50):
         flat.add(64, 3.0)  # one batch size only: nothing says the cost grows with it
     assert flat.coefficients() == pytest.approx((3.0, 0.0))
@@ -83,9 +83,10 @@ def test_adaedl_requests_are_judged_at_the_length_they_stop_at():
     assert ctl.decide(candidates(1, 16, adaedl=True)) is None
 
 
-def test_no_cap_before_the_lane_has_been_watched():
-    ctl = LoadController()
-    assert ctl.decide(candidates(64, 16)) is None
+def test_before_the_lane_has_been_watched_the_cap_is_the_start_cap():
+    assert LoadController().decide(candidates(64, 16)) == 5  # LoadControlConfig.start_cap: never far from the best
+    assert LoadController().decide(candidates(64, 4)) is None  # windows within it stay as asked
+    assert LoadController(LoadControlConfig(start_cap=None)).decide(candidates(64, 16)) is None
 
 
 @pytest.mark.parametrize("spec", [SpecParams("sd", 6, adaedl=False), SpecParams("sd", 8, adaedl=True),
@@ -123,8 +124,20 @@ def test_a_cap_measured_slower_than_another_gives_way_to_it():
         for _ in range(14):  # the first 4 of each are start-up (captures, compiles): not counted
             ctl.observe(StepObservation(4, 4, 0, 0, 0.0, seconds, emitted=emitted, step_s=seconds), [])
     ctl.cap = None
-    assert ctl.decide(candidates(4, 8)[:3] + [Candidate("new", 8, False, False)]) == 0
+    caps = [ctl.decide(candidates(4, 8)[:3] + [Candidate("new", 8, False, False)]) for _ in range(ctl.config.every)]
+    assert caps[-1] == 0  # at the next decision
     assert ctl.state()["measured_tokens_per_s"] == {"batch<=4 cap=0": 4000.0, "batch<=4 cap=none": 2000.0}
+
+
+def test_a_decision_holds_for_its_steps_unless_the_batch_size_changes_bucket():
+    ctl = Scripted([3, 5, 2, 4])
+    ctl.config = LoadControlConfig(every=8)
+    assert ctl.decide(candidates(4, 8)) == 3
+    # requests come and go (continuous batching): a decision lasts its `every` steps, so that
+    # what it measures (and a probe) is measured; a request that joins drafts to the cap
+    assert [ctl.decide(candidates(4, 8)[1:] + [Candidate(f"n{i}", 8, False, False)]) for i in range(7)] == [3] * 7
+    assert ctl.decide(candidates(4, 8)) == 5
+    assert ctl.decide(candidates(9, 8)) == 2  # 4 -> 9 requests: decided again at once
 
 
 def test_cap_zero_is_probed_only_where_the_model_predicts_little_gain():
@@ -233,9 +246,7 @@ def test_the_verify_cost_tells_a_request_from_a_row():
     """rest = 1 ms + 20 us per request + 3 us per verified row. Fitted on rows alone, a batch of 64
     at k=4 would read the per-request cost as rows' (20/5 + 3 = 7 us a row); apart, long drafts
     stay cheap at a large batch."""
-    from tandem.spec.load_control import _Plane
-
-    plane = _Plane(forget=1.0, shrink=0.0)
+    plane = _Fit(2, forget=1.0, shrink=0.0)
     for batch in (8, 16, 32, 64):
         for k in (0, 2, 4, 8):
             rows = batch * (k + 1)
@@ -243,3 +254,52 @@ def test_the_verify_cost_tells_a_request_from_a_row():
     a, per_request, per_row = plane.coefficients()
     assert (a, per_request, per_row) == pytest.approx((1e-3, 20e-6, 3e-6), rel=1e-3)
     assert plane(64, 64 * 5) == pytest.approx(1e-3 + 20e-6 * 64 + 3e-6 * 320)
+
+
+def test_drafting_cost_tells_a_step_from_a_position():
+    """Drafting K positions for B requests costs 0.4 ms + 20 us per request a step (the catch-up
+    forward) and 0.2 ms + 3 us per request a position. Per position alone, a lane that drafted 3
+    would price 8 positions at 8/3 of 3's cost; apart, the fit prices them right. Until K varies
+    the split is unknown and the whole cost counts per position (long drafts over-priced)."""
+    def cost(k, b):
+        return 0.4e-3 + 20e-6 * b + k * (0.2e-3 + 3e-6 * b)
+
+    ctl = LoadController(LoadControlConfig(forget=1.0))
+    for b in (1, 8, 64):
+        for _ in range(10):
+            ctl.observe(StepObservation(b, b * 4, b, 3, cost(3, b), 1e-3), [])
+    assert ctl._draft(8, 64) == pytest.approx(8 / 3 * cost(3, 64), rel=0.02)  # K never varied
+    for _ in range(3):
+        for b in (1, 8, 64):
+            for k in (1, 2, 3, 5, 8, 12):
+                ctl.observe(StepObservation(b, b * (k + 1), b, k, cost(k, b), 1e-3), [])
+    assert ctl._draft(8, 64) == pytest.approx(cost(8, 64), rel=0.05)
+    assert ctl._draft(16, 4) == pytest.approx(cost(16, 4), rel=0.1)
+
+
+def test_auto_lets_adaedl_stop_a_draft_only_where_one_request_drafts(monkeypatch):
+    # in a batch the drafter runs as many positions as the longest draft: a stop saves nothing there
+    from tandem.actors.drafter import LocalDrafter
+    from tandem.spec.batch import SpecBatch
+
+    seen = []
+    propose = LocalDrafter.propose
+    monkeypatch.setattr(LocalDrafter, "propose", lambda self, items: seen.append(
+        sorted((it.rid, it.adaedl) for it in items)) or propose(self, items))
+    target = random_llama(0)
+    pair = make_pair(target, random_llama(0, layers=1))
+    ref = [d.token_ids for d in generate(pair, PROMPTS[:2], SamplingParams(max_tokens=10), SpecParams("ar"))]
+    seen.clear()
+    batch = SpecBatch(pair.target, LocalDrafter(pair.draft), pair.stop_ids, None)
+    auto, pinned = SpecParams("auto", 4, adaedl=True), SpecParams("sd", 4, adaedl=True)
+    out = {"0": [], "1": []}
+    batch.add("0", PROMPTS[0], SamplingParams(max_tokens=10), auto)
+    for e in batch.step():
+        out[e.rid] += e.token_ids
+    batch.add("1", PROMPTS[1], SamplingParams(max_tokens=10), pinned)
+    while len(batch):
+        for e in batch.step():
+            out[e.rid] += e.token_ids
+    assert seen[0] == [("0", True)]  # alone: AdaEDL stops its draft
+    assert [("0", False), ("1", True)] in seen  # beside another: the auto request drafts its length; a pinned one keeps AdaEDL
+    assert [out["0"], out["1"]] == ref

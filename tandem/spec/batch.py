@@ -129,7 +129,10 @@ class SpecBatch:
     def _controlled_step(self, reqs: list[RequestState], rooms: list[int]):
         """The step under the load controller's cap, then what it measured fed back to it."""
         ctl = self.controller
-        ctl.decide([Candidate(r.rid, min(r.spec.max_draft, room) if r.spec.mode != "ar" else 0, r.spec.adaedl,
+        solo = sum(r.spec.mode != "ar" for r in reqs) == 1  # AdaEDL's stop pays where one request drafts
+        for r in reqs:
+            r.early_stop = solo or not r.adaptive
+        ctl.decide([Candidate(r.rid, min(r.spec.max_draft, room) if r.spec.mode != "ar" else 0, r.adaedl,
                               r.spec.mode == "pearl") for r, room in zip(reqs, rooms)])
         before = []
         for r in reqs:
@@ -137,7 +140,7 @@ class SpecBatch:
             before.append((r.stats.drafted, r.stats.checked, r.stats.accepted, r.window < r.spec.max_draft, len(r.pending)))
         gained, t = speculative_step(reqs, self.drafter, self.verifier, rooms)
         rounds = [Round(r.rid, r.stats.checked - checked, r.stats.accepted - accepted, r.stats.drafted - drafted,
-                        capped, r.spec.adaedl)
+                        capped, r.adaedl)
                   for r, (drafted, checked, accepted, capped, _) in zip(reqs, before)]
         # Rows the verify scored: SD its chunk + 1, PEARL its pending tokens + 1, AR 1.
         rows = sum(x.judged + 1 if r.spec.mode == "sd" else pending + 1

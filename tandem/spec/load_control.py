@@ -1,33 +1,40 @@
-"""Load control (docs/design.md §6): a lane-wide cap on draft length, chosen for the batch's goodput.
+"""Load control (docs/design.md §6): every speculating request's draft length, chosen for the batch's goodput.
 
 Speculation pays while the verifier is memory-bound: verifying k+1 tokens of a request costs
 about what decoding one does. As the batch grows the verify forward turns compute-bound and
 every drafted token costs verify time whether it is accepted or not: on one H200 with 64
 requests, modes that run 2x AR at batch 1 fall to AR's speed or below (BENCHMARKS.md). The
-controller picks, every few steps, the cap K that maximizes
+controller picks, every `every` steps (or at once when the batch size changes bucket), a batch
+depth K and each request's window w_r <= K for the highest predicted goodput
 
-    goodput(K) = sum_r E_r(w_r) / T(K),    w_r = min(K, L_r),    E_r(w) = (1 - a_r^(w+1)) / (1 - a_r)
+    goodput = sum_r E_r(w_r) / T,    E_r(w) = (1 - a_r^(w+1)) / (1 - a_r)
 
-    T(K) = F(B, sum_r (w_r + 1)) + K' * (d0 + d1 * B')     (SD: one after the other)
-    T(K) = max(F(...), K' * (d0 + d1 * B'))               (PEARL only: drafting beside verifying)
+    T = F(B, sum_r (w_r + 1)) + D(K', B')        (SD: one after the other)
+    T = max(F(...), D(K', B'))                  (PEARL only: drafting beside verifying)
+    D(K, B') = K * (d0 + d1 * B') + e0 + e1 * B'
 
-(PEARL: w - 1 judged tokens, no bonus, on w verified rows) with a_r request r's per-token acceptance (the geometric estimate: accepted tokens over accepted
-tokens plus rejections, from a prior of the lane's own), L_r the window the request drafts
-without a cap (its max_draft, or for AdaEDL its recent mean chunk length, since AdaEDL stops
-inside the cap anyway), F(B, N) the step's cost apart from drafting as a function of the batch
-and the tokens verified, and drafting K' = max_r w_r positions for the B' requests that draft at d0 + d1 * B'
-per position. F (a plane) and the per-position cost (a line) are fitted online by least squares with
-forgetting from the lane's own steps, their slopes shrunk towards 0 (memory-bound) until the
-batch has varied enough to show them: with no evidence the controller keeps what requests ask
-for. K = 0 turns speculation off for the step (the requests decode as AR). A cap falls at once
-but rises at most to double per decision, so when the fits forget why they capped (a lane that
-only decodes sees no verify of many tokens) the probe is a short window, not every request's
-whole one. The model's choice is then checked against what the lane measured: a cap that ran
-slower at this batch size than another did (tokens/s over recent steps, per batch bucket) gives
-way to it, and where the model predicts under 1.5x over plain decoding, cap 0 is measured every
-64 steps, so a wrong cost model costs a probe, not the lane's throughput. Among caps within
-`tolerance` of the best the largest is kept, so a cap is only imposed where it is predicted to
-pay. Output stays lossless at any cap: it changes how many tokens are proposed, never which.
+(PEARL: w - 1 judged tokens, no bonus, on w verified rows), with a_r request r's per-token
+acceptance (accepted tokens over accepted tokens plus rejections, from a prior of the lane's
+own), F the step's cost apart from drafting by requests and verified rows, and D the drafting of
+K' = max_r w_r positions for the B' requests that draft: a part per position and a part per step
+(the drafter's catch-up forward, launches), both growing with B'. F and D are fitted online by
+least squares with forgetting from the lane's own steps (`_Fit`), slopes never negative and
+shrunk towards 0 until the steps have varied enough to show them. For each K the windows are
+chosen jointly by Dinkelbach's method: at the batch's rate lam, a request takes the w that
+maximizes E(w) - lam * (its rows and its share of drafting); w = 0 means it decodes this step.
+A window left at a request's whole (uncapped) length lets AdaEDL stop it; L_r for an AdaEDL
+request is its recent mean chunk length.
+
+Before the fits have seen enough steps the cap is `start_cap`, the static length that is never
+far from the best. A cap falls at once but rises at most to double per decision, so when the
+fits forget why they capped (a lane that only decodes sees no verify of many tokens) the probe
+is a short window, not every request's whole one. The model's choice is then checked against
+what the lane measured (tokens/s per batch bucket and cap): a cap measured slower than another
+(by more than `tolerance`) gives way to it, a cap once measured faster is measured again when
+its rate is old, and where the model predicts under `probe_below` over plain decoding, cap 0 is
+measured every probe_every * every steps, so a wrong cost model costs a probe, not the lane's
+throughput. Among caps within `tolerance` of the best the largest is kept. Output stays lossless
+at any length: the controller changes how many tokens are proposed, never which.
 """
 from __future__ import annotations
 
@@ -43,9 +50,11 @@ CAPS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 @dataclass
 class LoadControlConfig:
     every: int = 8  # re-decide every this many steps (and whenever the batch's requests change)
-    warmup_steps: int = 8  # steps observed before the first cap
+    warmup_steps: int = 8  # steps observed before the model's first cap
+    start_cap: int | None = 5  # the cap until then: the static length that is never far from the best
     forget: float = 0.98  # per-step weight kept by the fits' running sums (~50 steps of memory)
     shrink: float = 0.2  # slope prior, in units of the mean regressor squared
+    step_shrink: float = 5.0  # the prior on drafting's per-step slopes, likewise
     tolerance: float = 0.03  # caps predicted within 3% of the best goodput count as ties
     prior_acceptance: float = 0.7  # per-token acceptance before a lane has seen any
     prior_weight: float = 4.0  # pseudo-tokens of the lane's acceptance in each request's estimate
@@ -55,72 +64,76 @@ class LoadControlConfig:
     per_request: bool = True  # under the cap, each request's own length (False: the cap for all)
 
 
-class _Line:
-    """y = a + b * x by weighted least squares with forgetting; b shrunk towards 0."""
+class _Fit:
+    """y = a + sum_i b_i * x_i by weighted least squares with forgetting, the slopes shrunk towards
+    0 (by `shrink` times the regressor's mean squared) until the data vary enough to show them, and
+    never negative (a cost never falls with more work: a slope that would is dropped and the rest
+    refitted). With one regressor a line, with two a plane. shrink: one for all slopes, or one each."""
 
-    def __init__(self, forget: float, shrink: float) -> None:
-        self.forget, self.shrink = forget, shrink
-        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+    def __init__(self, n: int, forget: float, shrink: float | tuple[float, ...]) -> None:
+        self.n, self.forget = n, forget
+        self.shrink = tuple(shrink) if isinstance(shrink, tuple) else (shrink,) * n
+        self.w = 0.0
+        self.sx, self.sy = [0.0] * n, 0.0
+        self.sxx = [[0.0] * n for _ in range(n)]
+        self.sxy = [0.0] * n
 
-    def add(self, x: float, y: float) -> None:
+    def add(self, *xy: float) -> None:
+        *x, y = xy
         f = self.forget
-        self.w, self.sx, self.sy = f * self.w + 1, f * self.sx + x, f * self.sy + y
-        self.sxx, self.sxy = f * self.sxx + x * x, f * self.sxy + x * y
+        self.w, self.sy = f * self.w + 1, f * self.sy + y
+        for i in range(self.n):
+            self.sx[i] = f * self.sx[i] + x[i]
+            self.sxy[i] = f * self.sxy[i] + x[i] * y
+            for j in range(self.n):
+                self.sxx[i][j] = f * self.sxx[i][j] + x[i] * x[j]
 
     @property
     def seen(self) -> bool:
         return self.w > 0
 
-    def coefficients(self) -> tuple[float, float]:
-        mx, my = self.sx / self.w, self.sy / self.w
-        var = self.sxx - self.w * mx * mx  # centred sums: the slope's evidence
-        cov = self.sxy - self.w * mx * my
-        b = max(0.0, cov / (var + self.shrink * mx * mx + 1e-12))  # a cost never falls with more work
-        return my - b * mx, b
+    def coefficients(self) -> tuple[float, ...]:
+        """(a, b_1, ..., b_n)."""
+        w = self.w
+        mx, my = [s / w for s in self.sx], self.sy / w
+        # centred sums: the slopes' evidence, each shrunk by its prior
+        cov = [[self.sxx[i][j] - w * mx[i] * mx[j] + (self.shrink[i] * mx[i] * mx[i] + 1e-12 if i == j else 0.0)
+                for j in range(self.n)] for i in range(self.n)]
+        rhs = [self.sxy[i] - w * mx[i] * my for i in range(self.n)]
+        free = list(range(self.n))
+        b = [0.0] * self.n
+        while free:
+            sol = _solve([[cov[i][j] for j in free] for i in free], [rhs[i] for i in free])
+            b = [0.0] * self.n
+            for i, v in zip(free, sol):
+                b[i] = v
+            worst = min(free, key=lambda i: b[i])
+            if b[worst] >= 0:
+                break
+            free.remove(worst)
+            b[worst] = 0.0
+        return (my - sum(bi * m for bi, m in zip(b, mx)), *b)
 
-    def __call__(self, x: float) -> float:
-        a, b = self.coefficients()
-        return max(0.0, a + b * x)
+    def __call__(self, *x: float) -> float:
+        a, *b = self.coefficients()
+        return max(0.0, a + sum(bi * xi for bi, xi in zip(b, x)))
 
 
-class _Plane:
-    """y = a + b1 * x1 + b2 * x2 by weighted least squares with forgetting, slopes shrunk towards 0
-    and never negative. The step's cost apart from drafting: x1 the requests in the batch (each
-    costs host work and a KV read whatever it verifies), x2 the rows verified. With rows alone a
-    batch's per-request cost would be read as a per-row cost (rows = batch x (k + 1) at a fixed k),
-    and long drafts would look dear at a large batch."""
-
-    def __init__(self, forget: float, shrink: float) -> None:
-        self.forget, self.shrink = forget, shrink
-        self.s = [0.0] * 9  # w, s1, s2, sy, s11, s22, s12, s1y, s2y
-
-    def add(self, x1: float, x2: float, y: float) -> None:
-        f = self.forget
-        terms = (1.0, x1, x2, y, x1 * x1, x2 * x2, x1 * x2, x1 * y, x2 * y)
-        self.s = [f * old + t for old, t in zip(self.s, terms)]
-
-    @property
-    def seen(self) -> bool:
-        return self.s[0] > 0
-
-    def coefficients(self) -> tuple[float, float, float]:
-        w, s1, s2, sy, s11, s22, s12, s1y, s2y = self.s
-        m1, m2, my = s1 / w, s2 / w, sy / w
-        v11 = s11 - w * m1 * m1 + self.shrink * m1 * m1 + 1e-12
-        v22 = s22 - w * m2 * m2 + self.shrink * m2 * m2 + 1e-12
-        v12 = s12 - w * m1 * m2
-        c1, c2 = s1y - w * m1 * my, s2y - w * m2 * my
-        det = v11 * v22 - v12 * v12
-        b1, b2 = (c1 * v22 - c2 * v12) / det, (c2 * v11 - c1 * v12) / det
-        if b2 < 0:  # a cost never falls with more work: fit the other slope alone
-            b1, b2 = max(0.0, c1 / v11), 0.0
-        elif b1 < 0:
-            b1, b2 = 0.0, max(0.0, c2 / v22)
-        return my - b1 * m1 - b2 * m2, b1, b2
-
-    def __call__(self, x1: float, x2: float) -> float:
-        a, b1, b2 = self.coefficients()
-        return max(0.0, a + b1 * x1 + b2 * x2)
+def _solve(m: list[list[float]], v: list[float]) -> list[float]:
+    """m z = v by Gaussian elimination with partial pivoting (m small, symmetric positive definite)."""
+    n = len(v)
+    a = [row[:] + [v[i]] for i, row in enumerate(m)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(a[r][c]))
+        a[c], a[p] = a[p], a[c]
+        for r in range(c + 1, n):
+            f = a[r][c] / a[c][c]
+            for k in range(c, n + 1):
+                a[r][k] -= f * a[c][k]
+    z = [0.0] * n
+    for r in reversed(range(n)):
+        z[r] = (a[r][n] - sum(a[r][k] * z[k] for k in range(r + 1, n))) / a[r][r]
+    return z
 
 
 @dataclass
@@ -176,8 +189,16 @@ class LoadController:
 
     def __post_init__(self) -> None:
         c = self.config
-        self.rest = _Plane(c.forget, c.shrink)  # F(B, N): seconds against requests and verified rows
-        self.per_position = _Line(c.forget, c.shrink)  # draft seconds per position against drafting batch
+        # F(B, N): seconds against requests and verified rows. Rows alone would read a batch's
+        # per-request cost as a per-row cost (rows = batch x (k + 1) at a fixed k): long drafts
+        # would look dear at a large batch.
+        self.rest = _Fit(2, c.forget, c.shrink)
+        # Drafting K positions for B' requests: K * (d0 + d1 * B') + e0 + e1 * B', the e part a
+        # step's own (the drafter's catch-up forward, launches). Fitted per position, against
+        # (B', 1 / K, B' / K): with the e slopes shrunk to 0 until K has varied, a cost the fit
+        # cannot yet split counts per position, which over-prices long drafts, not short ones (B' / K
+        # and B' are one regressor while K is fixed: the per-step slope is shrunk harder).
+        self.per_position = _Fit(3, c.forget, (c.shrink, c.step_shrink, c.step_shrink))
         self.requests: dict[str, _Acceptance] = {}
         self.lane = _Acceptance()
         self.steps = 0
@@ -185,7 +206,7 @@ class LoadController:
         self.cap: int | None = None  # None: no cap (what requests ask for)
         self.base: int | None = None  # the cap the next rise starts from (the cap, unless it was a probe)
         self.lengths: dict[str, int] = {}  # each request's length under the cap, where the model chose one
-        self._since, self._rids = 0, frozenset()
+        self._since = 0
         self.last_goodput: dict[int, float] = {}
         self.realized: dict[tuple[int, int], _Rate] = {}  # (batch bucket, cap or -1 for none): measured
         self._last_probe = -(1 << 30)  # the step of the last probe of cap 0
@@ -208,7 +229,8 @@ class LoadController:
             self.rest.add(step.batch, step.verified_tokens, step.rest_s)
         if step.positions > 0 and step.drafting > 0:
             if self._position_typical.accept(step.draft_s / step.positions):
-                self.per_position.add(step.drafting, step.draft_s / step.positions)
+                k, b = step.positions, step.drafting
+                self.per_position.add(b, 1 / k, b / k, step.draft_s / k)
                 self._drafted_at = self.steps
             self.overlap = 0.9 * self.overlap + 0.1 * float(step.concurrent)
         for rid, judged, accepted, drafted, capped, adaedl in rounds:
@@ -236,11 +258,10 @@ class LoadController:
         """The cap for the next steps (None: none), re-decided every `every` steps or when the
         batch's requests change: the model's choice, its rise limited, then checked against the
         rates the lane measured."""
-        rids = frozenset(c.rid for c in candidates)
         self._since += 1
-        if rids == self._rids and self._since < self.config.every:
-            return self.cap
-        self._since, self._rids = 0, rids
+        if self._batch and _bucket(len(candidates)) == _bucket(self._batch) and self._since < self.config.every:
+            return self.cap  # a request that joined meanwhile drafts to the cap
+        self._since = 0
         speculating = [c for c in candidates if c.window > 0]
         if not speculating:  # nothing to cap: keep the cap for when drafting requests come back
             return self.cap
@@ -267,7 +288,8 @@ class LoadController:
     def _choose(self, candidates: list[Candidate], speculating: list[Candidate]) -> tuple[int | None, float]:
         """The model's cap (None: none) and its predicted goodput over cap 0's."""
         if self.steps < self.config.warmup_steps or not self.per_position.seen:
-            return None, math.inf
+            start = self.config.start_cap
+            return (None if start is None or start >= max(x.window for x in speculating) else start), math.inf
         c = self.config
         seen = self.lane.accepted + self.lane.rejected
         lane_alpha = self.lane.alpha(c.prior_acceptance, c.prior_weight) if seen else c.prior_acceptance
@@ -301,7 +323,7 @@ class LoadController:
             tokens += _expected(alphas[x.rid], judged)
             rows += judged + 1
         drafting = sum(w > 0 for w in windows)
-        draft = max(windows) * self.per_position(drafting) if drafting else 0.0
+        draft = self._draft(max(windows), drafting) if drafting else 0.0
         rest = self.rest(fixed + len(speculating), rows)
         step = max(rest, draft) if overlapped else rest + draft
         return tokens / step if step > 0 else 0.0
@@ -314,7 +336,7 @@ class LoadController:
         drafting request when w > 0); lam is then the plan's own rate, until it stops rising. A
         request whose acceptance does not pay for its rows decodes (w = 0) while others draft."""
         _, _, b = self.rest.coefficients()  # per verified row
-        d0, d1 = self.per_position.coefficients()
+        _, d1, _, e1 = self.per_position.coefficients()  # per drafting request: per position, per step
         windows = list(ceilings)
         lam = self._goodput(speculating, windows, alphas, fixed, False)
         for _ in range(6):
@@ -324,7 +346,7 @@ class LoadController:
                 best_w, best_v = 0, 1.0  # w = 0: one token (AR), one row (counted in both)
                 for w in range(1, ceiling + 1):
                     judged = w - 1 if pearl else w
-                    value = _expected(alpha, judged) - lam * (b * judged + d1 * k)
+                    value = _expected(alpha, judged) - lam * (b * judged + d1 * k + e1)
                     if value > best_v:
                         best_v, best_w = value, w
                 plan.append(best_w)
@@ -335,24 +357,35 @@ class LoadController:
         return windows
 
     def _measured(self, batch: int, chosen: int | None, predicted_gain: float) -> int | None:
-        """A cap measured slower at this batch size than another (by more than `tolerance`)
-        gives way to it; where the model predicts little gain over decoding, cap 0 is measured
-        every probe_every * every steps."""
+        """The measured rates (tokens/s per batch bucket and cap) overrule the model: a cap measured
+        slower than another (by more than `tolerance`) gives way to it, and a cap measured faster
+        than the one kept, but long ago, is measured again. Where the model predicts little gain
+        over decoding, cap 0 is measured every probe_every * every steps."""
         c, bucket = self.config, _bucket(batch)
-        rates = {k: r.rate for (b, k), r in self.realized.items()
-                 if b == bucket and r.count >= c.every and self.steps - r.last < c.fresh_steps}
+        seen = {k: r for (b, k), r in self.realized.items() if b == bucket and r.count >= c.every // 2}
+        fresh = {k: r.rate for k, r in seen.items() if self.steps - r.last < c.fresh_steps}
         key = -1 if chosen is None else chosen
-        if (key != 0 and 0 not in rates and predicted_gain < c.probe_below
+        if (key != 0 and 0 not in fresh and predicted_gain < c.probe_below
                 and self.steps - self._last_probe >= c.probe_every * c.every):
             self._last_probe = self.steps
             return 0  # probe: what does decoding alone give at this batch size now?
         if key == 0 and self.steps - self._drafted_at >= c.fresh_steps and self.steps - self._last_probe >= c.every:
             self._last_probe = self._drafted_at = self.steps
             return 2  # probe: drafting's cost is old news; measure it again
-        faster = max(rates, key=rates.get, default=None)
-        if faster is not None and key in rates and rates[faster] > (1 + c.tolerance) * rates[key]:
-            return None if faster == -1 else faster
-        return chosen
+        best = max(fresh, key=fresh.get, default=None)
+        if best is not None and key in fresh and fresh[best] > (1 + c.tolerance) * fresh[key]:
+            key = best
+        if key in fresh and self.steps - self._last_probe >= 2 * c.every:
+            stale = [k for k, r in seen.items() if k not in fresh and r.rate > (1 + c.tolerance) * fresh[key]]
+            if stale:  # it was faster here once: is it still?
+                self._last_probe = self.steps
+                key = max(stale, key=lambda k: seen[k].rate)
+        return None if key == -1 else key
+
+    def _draft(self, positions: int, drafting: int) -> float:
+        """Predicted drafting seconds: `positions` positions for `drafting` requests."""
+        d0, d1, e0, e1 = self.per_position.coefficients()
+        return max(0.0, positions * (d0 + d1 * drafting) + e0 + e1 * drafting)
 
     def _uncapped(self, x: Candidate) -> int:
         mean = self.requests.get(x.rid, _Acceptance()).mean_len if x.adaedl else None
@@ -361,7 +394,7 @@ class LoadController:
     def state(self) -> dict:
         """For the lane's load() and metrics: the cap, the fitted costs and what was compared."""
         rest = self.rest.coefficients() if self.rest.seen else (None, None, None)
-        pos = self.per_position.coefficients() if self.per_position.seen else (None, None)
+        pos = self.per_position.coefficients() if self.per_position.seen else (None, None, None, None)
         depth = self.cap if self.cap is not None else max((int(k) for k in self.last_goodput), default=None)
         now = self.realized.get((_bucket(self._batch), -1 if self.cap is None else self.cap))
         return {"cap": self.cap, "lengths": dict(self.lengths), "steps_observed": self.steps,
@@ -369,6 +402,7 @@ class LoadController:
                 "measured_tokens_per_s_now": now.rate if now is not None and now.count else None,
                 "rest_ms": {"fixed": _ms(rest[0]), "per_request": _ms(rest[1]), "per_token": _ms(rest[2])},
                 "draft_position_ms": {"fixed": _ms(pos[0]), "per_request": _ms(pos[1])},
+                "draft_step_ms": {"fixed": _ms(pos[2]), "per_request": _ms(pos[3])},
                 "lane_acceptance": self.lane.alpha(self.config.prior_acceptance, self.config.prior_weight),
                 "goodput_tokens_per_s": {str(k): round(v, 1) for k, v in self.last_goodput.items()},
                 "measured_tokens_per_s": {f"batch<={b} cap={'none' if k == -1 else k}": round(r.rate, 1)

@@ -25,7 +25,7 @@ class SDMode:
 
     def draft_item(self, r: RequestState, room: int) -> DraftItem:
         k = min(r.window, room)
-        return DraftItem(r.rid, r.draft_slot, r.seq, k, r.sampling, r.spec.adaedl, r.spec.send_draft_probs)
+        return DraftItem(r.rid, r.draft_slot, r.seq, k, r.sampling, r.adaedl, r.spec.send_draft_probs)
 
     def verify_item(self, r: RequestState, chunk: DraftChunk) -> VerifyItem:
         # Feeds [last verified] + chunk; the k+1 logits judge the chunk and give the bonus.
@@ -67,7 +67,7 @@ class PearlMode:
     def draft_item(self, r: RequestState, room: int) -> DraftItem:
         gamma = min(r.window, max(room - len(r.pending), 0))
         seq = r.seq + r.pending
-        return DraftItem(r.rid, r.draft_slot, seq, gamma, r.sampling, r.spec.adaedl, r.spec.send_draft_probs)
+        return DraftItem(r.rid, r.draft_slot, seq, gamma, r.sampling, r.adaedl, r.spec.send_draft_probs)
 
     def verify_item(self, r: RequestState, chunk: DraftChunk | None = None) -> VerifyItem:
         # Independent of this step's chunk: [last verified] + pending, len(pending)+1 logits.

@@ -29,6 +29,16 @@ class RequestState:
     started_at: float = 0.0
     draft_cap: int | None = None  # the lane's load controller's cap on the window (None: none)
     adaptive: bool = False  # mode "auto": the lane chose its mode, and chooses its window every step
+    early_stop: bool = True  # AdaEDL may stop this step's draft (the lane's choice for "auto" requests)
+
+    @property
+    def adaedl(self) -> bool:
+        """Whether AdaEDL stops this step's draft early: the request asked for it and the lane
+        has not turned it off. An "auto" request's lane turns it off while other requests draft
+        beside it: a batch drafts as many positions as its longest draft, so a stop saves no
+        drafting time there and costs tokens that would have been accepted; the lengths the load
+        controller chooses per request do that job."""
+        return self.spec.adaedl and self.early_stop
 
     @property
     def window(self) -> int:

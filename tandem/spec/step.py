@@ -144,5 +144,5 @@ def _count(r: RequestState, chunk: DraftChunk, checked: int, accepted: int) -> N
     s.drafted += len(chunk.ids)
     s.checked += checked
     s.accepted += accepted
-    if chunk.lam is not None and r.spec.adaedl and r.spec.mode != "ar":
+    if chunk.lam is not None and r.adaedl and r.spec.mode != "ar":
         s.adaedl_lambda = chunk.lam

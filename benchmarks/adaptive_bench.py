@@ -5,7 +5,7 @@
         --concurrency 1,2 --mixed-scale 0.1                                                   # smoke run
 
 Each cell (domain x temperature x concurrency) runs `--requests` requests, at least 4n (held-out code, or
-English instructions: `benchmarks/data/serve_prompts.json`) of `--max-tokens` tokens, n at a time
+English instructions: `benchmarks/data/serve_prompts.json`) of `--max-tokens`/2 to `--max-tokens` tokens, n at a time
 (continuous batching: a finished request's place goes to the next), once per setting: AR, SD
 k=3/5/8, PEARL γ=4/6 and auto. Then a **mixed** run: requests of every temperature and domain
 together while the load ramps 1 → 4 → 16 → 64 → 16 → 4 → 1 requests in flight, once per setting,
@@ -23,6 +23,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,18 +61,24 @@ class Runner:
         batch = SpecBatch(b.pair.target, self.drafters[name], b.pair.stop_ids, self.controller if name == AUTO else None,
                           control_all=False)
         starts, first, last, gaps, steps, tokens = {}, {}, {}, [], [], 0
+        joined, caps = [], Counter()  # per step: whether a request joined (its prompt was fed); auto's cap
         waiting = list(enumerate(jobs))
         b.sync()
         t0 = time.perf_counter()
         while waiting or len(batch):
+            joins = 0
             while waiting and batch.free_slots and len(batch) < inflight[waiting[0][0]]:
                 i, (prompt, sampling) = waiting.pop(0)
                 batch.add(str(i), prompt, sampling, spec)
                 starts[str(i)] = time.perf_counter()
+                joins += 1
             s = time.perf_counter()
             emissions = batch.step()
             now = time.perf_counter()
             steps.append(now - s)
+            joined.append(joins > 0)
+            if name == AUTO:
+                caps["none" if self.controller.cap is None else str(self.controller.cap)] += 1
             for e in emissions:
                 n = len(e.token_ids)
                 tokens += n
@@ -83,10 +90,19 @@ class Runner:
                     last[e.rid] = now
         b.sync()
         seconds = time.perf_counter() - t0
-        return {"name": name, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                "ttft_ms": _pcts(list(first.values())), "step_ms": _pcts(steps, with_max=True),
-                "itl_ms": _pcts(gaps), "stalls": sum(x > 3 * statistics.median(steps) for x in steps[len(steps) // 10:]),
-                "steps": len(steps)}
+        median = statistics.median(steps)
+        slow = [(x > 3 * median, j) for x, j in list(zip(steps, joined))[len(steps) // 10:]]
+        row = {"name": name, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+               "ttft_ms": _pcts(list(first.values())), "step_ms": _pcts(steps, with_max=True),
+               "itl_ms": _pcts(gaps), "stalls": sum(x for x, _ in slow),
+               "stalls_with_a_join": sum(x and j for x, j in slow), "steps": len(steps),
+               "join_steps": sum(joined), "join_step_ms": _pcts([x for x, j in zip(steps, joined) if j]),
+               "other_step_ms": _pcts([x for x, j in zip(steps, joined) if not j])}
+        if name == AUTO:  # what the controller chose and what it believed
+            state = self.controller.state()
+            row["controller"] = {"caps": dict(caps), **{k: state.get(k) for k in (
+                "rest_ms", "draft_position_ms", "draft_step_ms", "lane_acceptance", "measured_tokens_per_s")}}
+        return row
 
 
 def add(report: gb.Report, section: str, row: dict) -> None:
@@ -117,8 +133,11 @@ def cells(args, b: gb.Bench, runner: Runner, prompts: dict, report: gb.Report) -
         pool = prompts[domain]
         for t in (float(x) for x in args.temperatures.split(",")):
             for n in args.concurrency:
-                jobs = [(pool[rng.randrange(len(pool))], SamplingParams(args.max_tokens, t, seed=i, ignore_eos=True))
-                        for i in range(max(args.requests, 4 * n))]  # n in flight for most of the row
+                # n in flight for most of the row; lengths spread as a service's are (all equal,
+                # requests that decode in lockstep would join in waves: one prefill step per wave)
+                jobs = [(pool[rng.randrange(len(pool))],
+                         SamplingParams(rng.randint(args.max_tokens // 2, args.max_tokens), t, seed=i, ignore_eos=True))
+                        for i in range(max(args.requests, 4 * n))]
                 warm = [(p, SamplingParams(min(16, args.max_tokens), t, seed=i, ignore_eos=True)) for i, (p, _) in enumerate(jobs[:n])]
                 for name, spec, _ in SETTINGS:
                     if b.budget.left() <= 0:

@@ -22,6 +22,7 @@ import json
 import math
 import random
 import sys
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,14 +48,19 @@ class Costs:
     pos0: float  # per position
     pos_req: float  # per position, per drafting request
     noise: float = 0.03  # relative spread of each step's time (lognormal)
+    join_verify: float = 0.0  # a step where requests join: their prompts' prefill in the verify forward
+    join_draft: float = 0.0  # and in the drafter's
 
-    def step(self, batch: int, rows: int, drafting: int, positions: int, rng: random.Random) -> tuple[float, float]:
+    def step(self, batch: int, rows: int, drafting: int, positions: int, rng: random.Random,
+             joined: int = 0) -> tuple[float, float]:
         """(drafting, the rest) in seconds."""
         jitter = lambda: math.exp(rng.gauss(0.0, self.noise))  # noqa: E731
         rest = (self.verify0 + self.verify_row * rows + self.other_req * batch + self.other_row * rows) * jitter()
         draft = 0.0
         if drafting and positions:
             draft = (self.draft0 + self.draft_req * drafting + positions * (self.pos0 + self.pos_req * drafting)) * jitter()
+        if joined:
+            rest, draft = rest + self.join_verify, draft + (self.join_draft if drafting else 0.0)
         return draft / 1000, rest / 1000
 
 
@@ -65,6 +71,10 @@ COSTS = {
     "h200_t1": Costs(verify0=1.01, verify_row=0.0063, other_req=0.02, other_row=0.0073,
                      draft0=0.45, draft_req=0.065, pos0=0.232, pos_req=0.0072),
 }
+# Eager prefill of a 150-200-token prompt on the same H200: ~10-14 ms of host time for the target
+# (benchmarks/results/prefill_probe_eager_h200_2026-12-04.txt), a few ms for the 4-layer draft.
+for _name in list(COSTS):
+    COSTS[_name + "_joins"] = dataclasses.replace(COSTS[_name], join_verify=12.0, join_draft=3.0)
 
 
 @dataclass(frozen=True)
@@ -193,7 +203,9 @@ def simulate(setting: Setting, costs: Costs, jobs: list[tuple[Workload, int]], i
     running: list[_Req] = []
     clock = tokens = steps = drafted_total = 0.0
     while waiting or running:
+        joined = 0
         while waiting and len(running) < inflight[min(waiting[0][0], len(inflight) - 1)]:
+            joined += 1
             i, (work, n) = waiting.pop(0)
             running.append(_Req(f"r{i}", work.request_alpha(random.Random(seed * 100003 + i)), work, n))
         rooms = [max(0, r.left - 1) for r in running]
@@ -220,14 +232,14 @@ def simulate(setting: Setting, costs: Costs, jobs: list[tuple[Workload, int]], i
             accepted_all.append(accepted)
             rounds.append(Round(r.rid, drafted, accepted, drafted, w < u, adaedl))
         drafting = sum(x.drafted > 0 for x in rounds)
-        draft_s, rest_s = costs.step(len(running), rows, drafting, positions, rng)
+        draft_s, rest_s = costs.step(len(running), rows, drafting, positions, rng, joined)
         drafter.update(running, ents, accepted_all, windows, draft_s, rest_s, positions)
         clock += draft_s + rest_s
         tokens += emitted
         steps += 1
         if ctl is not None:
             ctl.observe(StepObservation(len(running), rows, drafting, positions, draft_s, rest_s,
-                                        emitted=emitted, step_s=draft_s + rest_s), rounds)
+                                        emitted=emitted, step_s=draft_s + rest_s, joined=joined), rounds)
         for r in [r for r in running if r.left <= 0]:
             running.remove(r)
             if ctl is not None:
@@ -246,11 +258,13 @@ def _run(setting: Setting, costs: str, jobs: list, inflight: list[int], seed: in
 def cells(costs: str, requests: int, tokens: int, concurrency: list[int], workloads: list[str], seed: int,
           controllers: dict) -> list[dict]:
     """Every setting in every (workload, concurrency) cell: tokens/s and auto / best static.
-    A cell runs at least 4n requests, so that n are in flight for most of it."""
-    out = []
+    A cell runs at least 4n requests, so that n are in flight for most of it, of tokens/2 to
+    tokens tokens each."""
+    out, rng = [], random.Random(seed)
     for wname in workloads:
         for n in concurrency:
-            jobs = [(WORKLOADS[wname], tokens)] * max(requests, 4 * n)
+            # lengths spread as a service's are (all equal, requests would join in waves)
+            jobs = [(WORKLOADS[wname], rng.randint(tokens // 2, tokens)) for _ in range(max(requests, 4 * n))]
             rows = {s.name: _run(s, costs, jobs, [n], seed, controllers) for s in SETTINGS}
             out.append(_cell(f"{wname} n={n}", rows))
     return out

@@ -23,6 +23,8 @@
 #   hbm           AR at batch 1 against the HBM floor (hbm_floor.py)
 #   adaptive      auto against every fixed setting, cells and the mixed ramp (adaptive_bench.py;
 #                 ADAPTIVE_ARGS adds arguments, e.g. --domains code --temperatures 0)
+#   serve         open-loop load through the cluster (serve_bench.py) on deploy/cluster-1gpu.yaml
+#                 with the benchmark pair: AR, SD k=5 and auto at rising request rates (SERVE_RATES)
 #   tests         the GPU-marked tests
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
@@ -33,6 +35,7 @@ BUDGET=${BUDGET:-585}  # seconds of the call; each section's deadline is what is
 left() { echo $((BUDGET - SECONDS)); }
 quiet() { grep -v "^\[\|^!!\|WARNING\|INFO\|pid=\|nanobind\|leaked\|^$" | cut -c1-200; }
 ray_carried() {
+  ls .devcarry/ray-*.tar.xz > /dev/null 2>&1 || { echo "no .devcarry: build it (../shared/device/pack-ray.sh) and carry it"; exit 2; }
   for f in .devcarry/ray-*.tar.xz; do tar -C /tmp -xJf "$f"; done
   export PYTHONPATH=/tmp/raypack:$PWD
 }
@@ -85,6 +88,22 @@ adaptive() {
   pair
   python benchmarks/adaptive_bench.py --target $B/target --draft $B/draft --deadline-s "$(left)" ${ADAPTIVE_ARGS:-} \
     --out "$OUT/adaptive_bench.json" 2>&1 | quiet | grep -v "^\[" | tail -40
+}
+
+serve() {
+  pair; ray_carried
+  sed -e "s#tandem:tiny/target#$B/target#; s#tandem:tiny/draft#$B/draft#; s/max_batch_size: 32/max_batch_size: 64/" \
+    deploy/cluster-1gpu.yaml > /tmp/serve.yaml
+  python -m tandem.cli serve /tmp/serve.yaml > "$OUT/serve_server.log" 2>&1 &
+  local server=$!
+  for _ in $(seq 240); do grep -q "is up" "$OUT/serve_server.log" && break; kill -0 $server 2>/dev/null || break; sleep 1; done
+  grep "is up" "$OUT/serve_server.log" || { tail -20 "$OUT/serve_server.log"; kill $server; return 1; }
+  for mode in ${SERVE_MODES:-ar sd auto}; do
+    timeout "$(left)" python benchmarks/serve_bench.py --mode "$mode" --rates "${SERVE_RATES:-16,64,inf}" \
+      --num-prompts "${SERVE_PROMPTS:-128}" --output-len 64 --output-len-sigma 0.3 --max-output-len 88 \
+      --out "$OUT/serve_$mode.json" 2>&1 | grep -v "^\[\|it/s\]" | tail -8
+  done
+  kill $server; wait $server 2>/dev/null
 }
 
 [ $# -gt 0 ] || { sed -n 2,30p "$0"; exit 2; }

@@ -26,6 +26,27 @@ def test_ragged_batch_matches_transformers_forward(engine_cls, target_model):
 
 
 @pytest.mark.parametrize("engine_cls", ENGINES)
+def test_a_prompt_beside_short_rows_is_prefilled_apart(engine_cls, target_model, monkeypatch):
+    # else every row of the batch is padded to the prompt's length (continuous batching: a
+    # request joins a running batch at almost every step)
+    eng = engine_cls(target_model, max_slots=4)
+    slots = [eng.allocate() for _ in range(3)]
+    running = [[1, 2, 3], [4, 5, 6, 7]]
+    eng.forward(slots[:2], running, [1, 1])
+    widths = []
+    forward = eng._forward
+    monkeypatch.setattr(eng, "_forward", lambda sl, st, tok, n: widths.append([len(t) for t in tok]) or forward(sl, st, tok, n))
+    prompt = list(range(10, 50))
+    seqs = [running[0] + [8, 9], running[1] + [3], prompt]
+    out = eng.forward(slots, seqs, [2, 1, 1])
+    assert widths == [[39], [2, 1, 1]]  # the prompt alone, then every row's own few tokens
+    ref = torch.cat([hf_logits(target_model, seqs[0])[-2:], hf_logits(target_model, seqs[1])[-1:],
+                     hf_logits(target_model, seqs[2])[-1:]])
+    assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
+    assert eng.cached_length(slots[2]) == 40
+
+
+@pytest.mark.parametrize("engine_cls", ENGINES)
 def test_incremental_feeding_and_rollback(engine_cls, target_model):
     eng = engine_cls(target_model, max_slots=2)
     slot = eng.allocate()

@@ -30,7 +30,10 @@ def test_buckets_round_up_and_large_shapes_run_eagerly(target_model):
     assert runner.batch_buckets == [1, 2, 4, 6]
     assert runner.bucket(Shape(3, 5, 20)) == Shape(4, 8, 128)
     assert runner.bucket(Shape(1, 1, 150)) == Shape(1, 1, 200)  # the span never passes the context
-    assert runner.bucket(Shape(1, 33, 40)) is None  # a prompt: eager
+    assert runner.bucket(Shape(1, 33, 40)) == Shape(1, 64, 128)  # a prompt: a prefill bucket
+    assert runner.bucket(Shape(2, 150, 160)) == Shape(2, 192, 200)
+    assert runner.bucket(Shape(3, 33, 40)) is None  # many prompts at once: eager
+    assert runner.bucket(Shape(1, 199, 199)) is None  # past the largest bucket within the context
     assert runner.bucket(Shape(7, 1, 40)) is None
 
 
@@ -40,7 +43,7 @@ def test_bucketed_path_matches_eager_with_rollback(target_model):
     assert bucketed.graphs is not None
     slots = [eager.allocate() for _ in range(3)]
     assert [bucketed.allocate() for _ in range(3)] == slots
-    steps = [  # ragged batches: prompts (eager), then decode / verify shapes with a rollback
+    steps = [  # ragged batches: prompts, then decode / verify shapes with a rollback
         ([list(range(1, 12)), [5, 6, 7], list(range(40, 70))], [3, 1, 5]),
         ([list(range(1, 13)), [5, 6, 7, 8, 9, 10], list(range(40, 71))], [1, 3, 1]),
         ([list(range(1, 13)) + [3], [5, 6, 7, 8, 2], list(range(40, 71)) + [1, 2, 3]], [2, 2, 4]),
@@ -51,7 +54,9 @@ def test_bucketed_path_matches_eager_with_rollback(target_model):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
         ref = torch.cat([hf_logits(target_model, s)[-k:] for s, k in zip(seqs, n)])
         assert torch.allclose(b, ref, atol=1e-4)
-    assert len(bucketed.graphs.graphs) == 2  # the two decode/verify steps; the prompts ran eagerly
+    # the 30-token prompt prefilled apart from the short rows (Engine._prefill_apart), then the
+    # batch's own forwards: every forward in a bucket, none eager
+    assert set(bucketed.graphs.graphs) == {Shape(1, 32, 128), Shape(4, 16, 128), Shape(4, 4, 128)}
 
 
 @pytest.mark.parametrize("spec", [SpecParams("pearl", 4, adaedl=True), SpecParams("sd", 4, adaedl=False)])
@@ -206,3 +211,19 @@ def test_greedy_judge_equals_rejection_sampling():
         accepted, emitted = judge_greedy(checks, targets)
         assert accepted == verdict.num_accepted.tolist()
         assert emitted == [o[:k] for o, k in zip(verdict.output_ids.tolist(), verdict.num_emitted.tolist())]
+
+
+def test_a_prompt_runs_in_a_prefill_bucket_that_computes_only_the_rows_asked_for(target_model):
+    from tandem.engine.graphs import PREFILL_ROWS
+
+    eager = LlamaEngine(target_model, max_slots=2)
+    bucketed = LlamaEngine(target_model, max_slots=2, cuda_graphs=True)
+    for n_logits in (1, 5):
+        seq = [3 + (7 * i) % 60 for i in range(40 + n_logits)]
+        a, b = eager.allocate(), bucketed.allocate()
+        want, got = eager.forward([a], [seq], [n_logits]), bucketed.forward([b], [seq], [n_logits])
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+        eager.release(a), bucketed.release(b)
+    g = bucketed.graphs.graphs[Shape(1, 64, 128)]
+    assert g.rows_inside and g.inputs[0].numel() == 3 * 64 + 1 + PREFILL_ROWS
+    assert bucketed.graphs.bucket(Shape(1, 100, 100), rows=PREFILL_ROWS + 1) is None  # more logits: eager

@@ -303,3 +303,25 @@ def test_auto_lets_adaedl_stop_a_draft_only_where_one_request_drafts(monkeypatch
     assert seen[0] == [("0", True)]  # alone: AdaEDL stops its draft
     assert [("0", False), ("1", True)] in seen  # beside another: the auto request drafts its length; a pinned one keeps AdaEDL
     assert [out["0"], out["1"]] == ref
+
+
+def test_a_prompts_prefill_is_fitted_apart_from_the_verify_and_the_draft():
+    """Under continuous batching most steps feed a prompt (12 ms in the verify, 3 ms in the draft
+    when eager on a GPU). Priced apart, the costs of the lengths come out as without joins."""
+    def rest(b, rows):
+        return 1.7e-3 + 5e-6 * b + 13e-6 * rows
+
+    def draft(k, b):
+        return 0.4e-3 + 20e-6 * b + k * (0.2e-3 + 3e-6 * b)
+
+    ctl = LoadController(LoadControlConfig(forget=1.0))
+    for i, (b, k) in enumerate(itertools.product((4, 16, 64), (1, 2, 3, 5, 8))):
+        for j in range(6):
+            joined = (i + j) % 3  # 0, 1 or 2 prompts this step
+            ctl.observe(StepObservation(b, b * (k + 1), b, k, draft(k, b) + 3e-3 * joined,
+                                        rest(b, b * (k + 1)) + 12e-3 * joined, joined=joined), [])
+    a, per_request, per_row, per_prompt = ctl.rest.coefficients()
+    assert per_row == pytest.approx(13e-6, rel=0.05) and per_prompt == pytest.approx(12e-3, rel=0.05)
+    assert ctl.rest(64, 64 * 6, 0) == pytest.approx(rest(64, 64 * 6), rel=0.05)
+    assert ctl._draft(8, 64) == pytest.approx(draft(8, 64), rel=0.05)
+    assert ctl.state()["rest_ms"]["per_prompt"] == pytest.approx(12.0, rel=0.05)

@@ -5,8 +5,12 @@ hundred kernel launches; replaying a captured graph removes the launch gaps. Sha
 bucketed: batch size and query length (1 for decode, k+1 for verify) round up to the next
 bucket, and the attention span up to the next power of two. Padding rows write to the
 engine's scratch slot / column and are never read. A graph is captured the first time its
-bucket is used (`warmup` captures ahead of time); shapes past the largest bucket (prefill of a
-long prompt) run eagerly.
+bucket is used (`warmup` captures ahead of time). Prompts are graphed too: a forward of at most
+PREFILL_BATCH requests rounds its query length up to a PREFILL_QUERY bucket. Eagerly, a 1B
+target's 24 layers cost ~14 ms of host time (launches, cuBLAS's per-shape heuristics) for
+~3 ms of device work (H200, 150-200 tokens: benchmarks/prefill_probe.py), and under continuous
+batching a request joins at almost every step. Larger shapes (many long prompts at once, longer
+prompts) run eagerly.
 
 Two kinds of program are captured: a forward (`run`: logits of the rows asked for) and a
 multi-step draft (`draft`: tandem/engine/draft_steps.py, a whole draft window in one replay).
@@ -42,15 +46,21 @@ from tandem.engine.layout import HostBatch, Shape
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 QUERY_BUCKETS = (1, 2, 4, 8, 16, 32)
+PREFILL_BATCH = 2  # prefill forwards of up to this many requests are graphed, in query buckets of:
+PREFILL_QUERY = (64, 128, 192, 256, 384, 512)
+PREFILL_ROWS = 72  # logits a prompt's graph computes (its static rows); a call asking more runs eagerly
 MIN_SPAN = 128
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (see the module docstring)
 
 
 class _Graph:
-    """One bucket's static inputs and outputs. Off CUDA `graph` is None and replay reruns fn."""
+    """One bucket's static inputs and outputs. Off CUDA `graph` is None and replay reruns fn.
+    rows_inside: the graph computes only the logits of the rows its input lists (a prompt's
+    graph: PREFILL_ROWS of them, not all B x Q), in order."""
 
-    def __init__(self, graph, inputs: tuple, outputs, fn: Callable) -> None:
+    def __init__(self, graph, inputs: tuple, outputs, fn: Callable, rows_inside: bool = False) -> None:
         self.graph, self.inputs, self.outputs, self._fn = graph, inputs, outputs, fn
+        self.rows_inside = rows_inside
 
     def replay(self):
         if self.graph is not None:
@@ -71,10 +81,13 @@ class GraphRunner:
         # This runner's own capture stream, hence its own cuBLAS workspace (module docstring).
         self.stream = torch.cuda.Stream(device=engine.device) if self.capture else None
 
-    def bucket(self, shape: Shape) -> Shape | None:
-        """The graph shape that covers this forward, or None (run it eagerly)."""
+    def bucket(self, shape: Shape, rows: int = 0) -> Shape | None:
+        """The graph shape that covers this forward (asking for `rows` logits), or None (run it
+        eagerly)."""
         batch = next((b for b in self.batch_buckets if b >= shape.batch), None)
         query = next((q for q in self.query_buckets if q >= shape.query), None)
+        if query is None and shape.batch <= PREFILL_BATCH and rows <= PREFILL_ROWS:  # a prompt (module docstring)
+            query = next((q for q in PREFILL_QUERY if q >= shape.query and q <= self.engine.max_context), None)
         if batch is None or query is None:
             return None
         span = max(MIN_SPAN, 1 << (shape.span - 1).bit_length())
@@ -90,6 +103,8 @@ class GraphRunner:
             data = g.inputs[0]
             data[:n].copy_(batch.data, non_blocking=True)
             logits = g.replay()
+            if g.rows_inside:
+                return logits[: batch.num_rows].clone()  # the next replay overwrites its output
             return logits.index_select(0, data[n - batch.num_rows : n])
 
     def draft(self, bucket: DraftShape, data: torch.Tensor, temperature: torch.Tensor, fill_noise):
@@ -111,7 +126,7 @@ class GraphRunner:
             for b in batch_sizes or self.batch_buckets:
                 for q in query_lens or self.query_buckets:
                     bucket = self.bucket(Shape(b, q, s))
-                    if bucket is not None and bucket not in self.graphs:
+                    if bucket is not None and bucket.query <= bucket.span and bucket not in self.graphs:
                         with self._device():
                             self._capture_forward(bucket)
         return len(self.graphs)
@@ -135,10 +150,11 @@ class GraphRunner:
     def capture_at_start(self, max_draft: int, draft: bool) -> int:
         """Every graph a lane can ask for up to windows of max_draft, captured now (as vLLM does at
         start-up) instead of inside the step that first needs it: forwards of every bucket
-        (decode, verify, short prefills) and, for a drafter, its multi-step windows of
+        (decode, verify, prompts) and, for a drafter, its multi-step windows of
         1..max(max_draft, LONG_PIECE) steps, greedy and sampled. Returns how many graphs the
         engine holds."""
         self.warmup()
+        self.warmup(batch_sizes=[b for b in self.batch_buckets if b <= PREFILL_BATCH], query_lens=PREFILL_QUERY)
         if draft:
             self.warmup_drafts(self.batch_buckets, list(range(1, max(max_draft, LONG_PIECE) + 1)), sampled=(False, True))
         return len(self.graphs)
@@ -150,15 +166,18 @@ class GraphRunner:
     # -- capture -----------------------------------------------------------------------------
     def _capture_forward(self, bucket: Shape) -> _Graph:
         eng = self.engine
-        rows = bucket.batch * bucket.query  # room for every row index
+        prompt = bucket.query > self.query_buckets[-1]
+        rows = PREFILL_ROWS if prompt else bucket.batch * bucket.query  # room for every row index
         data = _static_ints(bucket, eng.scratch, rows, eng.device)
         split = HostBatch(bucket, data, rows).split
 
         def forward(data):
-            ids, positions, writes, slots, _ = split(data)
-            return eng.run(ids, positions, writes, slots, bucket.span)
+            ids, positions, writes, slots, wanted = split(data)
+            # a prompt's graph: the logits of the rows asked for only (B x Q x V would be
+            # 512 x 128k floats for a Llama 3 vocabulary); decode / verify graphs: every row's
+            return eng.run(ids, positions, writes, slots, bucket.span, wanted if prompt else None)
 
-        return self._capture(bucket, (data,), forward)
+        return self._capture(bucket, (data,), forward, rows_inside=prompt)
 
     def _capture_draft(self, key: DraftShape) -> _Graph:
         eng, first = self.engine, key.first
@@ -173,9 +192,9 @@ class GraphRunner:
         return self._capture(key, (data, temperature, noise), draft)
 
     @torch.inference_mode()
-    def _capture(self, key, inputs: tuple, fn: Callable) -> _Graph:
+    def _capture(self, key, inputs: tuple, fn: Callable, rows_inside: bool = False) -> _Graph:
         if not self.capture:
-            g = _Graph(None, inputs, None, fn)
+            g = _Graph(None, inputs, None, fn, rows_inside)
             self.graphs[key] = g
             return g
         with _CAPTURE_LOCK:
@@ -187,7 +206,7 @@ class GraphRunner:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                 outputs = fn(*inputs)
             torch.cuda.current_stream().wait_stream(self.stream)
-        g = _Graph(graph, inputs, outputs, fn)
+        g = _Graph(graph, inputs, outputs, fn, rows_inside)
         self.graphs[key] = g
         # A capture leaves thousands of long-lived Python objects behind; out of the collector's
         # reach (as the start-up heap is: tandem/kernels/warmup.py), a later full collection does

@@ -80,7 +80,7 @@ class LlamaEngine(Engine):
     def _forward(self, slots, starts, tokens, num_logits) -> torch.Tensor:
         shape = Shape.of(starts, tokens)
         if self.graphs is not None:
-            bucket = self.graphs.bucket(shape)
+            bucket = self.graphs.bucket(shape, sum(num_logits))
             if bucket is not None:
                 batch = HostBatch.build(slots, starts, tokens, num_logits, bucket, self.scratch)
                 return self.graphs.run(bucket, batch)

@@ -138,6 +138,7 @@ class SpecBatch:
         for r in reqs:
             r.draft_cap = ctl.length(r.rid) if r.spec.mode != "ar" and (self.control_all or r.adaptive) else None
             before.append((r.stats.drafted, r.stats.checked, r.stats.accepted, r.window < r.spec.max_draft, len(r.pending)))
+        joined = sum(r.stats.steps == 0 for r in reqs)  # their prompts are fed in this step
         gained, t = speculative_step(reqs, self.drafter, self.verifier, rooms)
         rounds = [Round(r.rid, r.stats.checked - checked, r.stats.accepted - accepted, r.stats.drafted - drafted,
                         capped, r.adaedl)
@@ -150,7 +151,7 @@ class SpecBatch:
             batch=len(reqs), verified_tokens=rows, drafting=sum(x.drafted > 0 for x in rounds),
             positions=max(x.drafted for x in rounds), draft_s=t.draft,
             rest_s=t.total - (t.wait if concurrent else t.draft),
-            concurrent=concurrent, emitted=sum(len(g) for g in gained), step_s=t.total), rounds)
+            concurrent=concurrent, emitted=sum(len(g) for g in gained), step_s=t.total, joined=joined), rounds)
         return gained, t
 
     def cancel(self, rid: str) -> Emission | None:

@@ -19,7 +19,9 @@ own), F the step's cost apart from drafting by requests and verified rows, and D
 K' = max_r w_r positions for the B' requests that draft: a part per position and a part per step
 (the drafter's catch-up forward, launches), both growing with B'. F and D are fitted online by
 least squares with forgetting from the lane's own steps (`_Fit`), slopes never negative and
-shrunk towards 0 until the steps have varied enough to show them. For each K the windows are
+shrunk towards 0 until the steps have varied enough to show them; a step that fed prompts pays
+their prefill on top, which both fits take as a regressor of its own (prompts fed) and leave
+out of their predictions, since every request pays its prefill once whatever its lengths. For each K the windows are
 chosen jointly by Dinkelbach's method: at the batch's rate lam, a request takes the w that
 maximizes E(w) - lam * (its rows and its share of drafting); w = 0 means it decodes this step.
 A window left at a request's whole (uncapped) length lets AdaEDL stop it; L_r for an AdaEDL
@@ -173,6 +175,7 @@ class StepObservation:
     concurrent: bool = False  # drafting ran beside the verify (PEARL with a drafter of its own)
     emitted: int = 0  # tokens the step gave its requests
     step_s: float = 0.0  # the step's wall time
+    joined: int = 0  # requests whose prompt this step fed (their first step): a prefill's time
 
 
 @dataclass
@@ -192,13 +195,13 @@ class LoadController:
         # F(B, N): seconds against requests and verified rows. Rows alone would read a batch's
         # per-request cost as a per-row cost (rows = batch x (k + 1) at a fixed k): long drafts
         # would look dear at a large batch.
-        self.rest = _Fit(2, c.forget, c.shrink)
+        self.rest = _Fit(3, c.forget, (c.shrink, c.shrink, 0.01))  # + prompts fed (observe)
         # Drafting K positions for B' requests: K * (d0 + d1 * B') + e0 + e1 * B', the e part a
         # step's own (the drafter's catch-up forward, launches). Fitted per position, against
         # (B', 1 / K, B' / K): with the e slopes shrunk to 0 until K has varied, a cost the fit
         # cannot yet split counts per position, which over-prices long drafts, not short ones (B' / K
         # and B' are one regressor while K is fixed: the per-step slope is shrunk harder).
-        self.per_position = _Fit(3, c.forget, (c.shrink, c.step_shrink, c.step_shrink))
+        self.per_position = _Fit(4, c.forget, (c.shrink, c.step_shrink, c.step_shrink, 0.01))
         self.requests: dict[str, _Acceptance] = {}
         self.lane = _Acceptance()
         self.steps = 0
@@ -225,14 +228,23 @@ class LoadController:
             rate = self.realized.setdefault(key, _Rate())
             if rate.typical.accept(step.step_s / max(step.emitted, 1)):
                 rate.add(step.emitted, step.step_s, self.steps, self.config.forget)
-        if self._rest_typical.accept(step.rest_s / max(step.verified_tokens, 1)):
-            self.rest.add(step.batch, step.verified_tokens, step.rest_s)
+        # A step that fed prompts pays their prefill on top (10+ ms on a GPU when eager), in the
+        # verify and in drafting; under continuous batching most steps admit a request. The fits
+        # give it a regressor of its own (prompts fed) and predict for steps that feed none: every
+        # request pays its prefill once whatever the lengths. Such steps skip the stall filter,
+        # which compares a step with the recent median of steps that fed none.
+        j = step.joined
+        if j or self._rest_typical.accept(step.rest_s / max(step.verified_tokens, 1)):
+            self.rest.add(step.batch, step.verified_tokens, j, step.rest_s)
         if step.positions > 0 and step.drafting > 0:
-            if self._position_typical.accept(step.draft_s / step.positions):
+            if j or self._position_typical.accept(step.draft_s / step.positions):
                 k, b = step.positions, step.drafting
-                self.per_position.add(b, 1 / k, b / k, step.draft_s / k)
+                self.per_position.add(b, 1 / k, b / k, j / k, step.draft_s / k)
                 self._drafted_at = self.steps
             self.overlap = 0.9 * self.overlap + 0.1 * float(step.concurrent)
+        self._acceptance(rounds)
+
+    def _acceptance(self, rounds: list[Round]) -> None:
         for rid, judged, accepted, drafted, capped, adaedl in rounds:
             if judged > 0:
                 rejected = 1.0 if accepted < judged else 0.0
@@ -324,7 +336,7 @@ class LoadController:
             rows += judged + 1
         drafting = sum(w > 0 for w in windows)
         draft = self._draft(max(windows), drafting) if drafting else 0.0
-        rest = self.rest(fixed + len(speculating), rows)
+        rest = self.rest(fixed + len(speculating), rows, 0)
         step = max(rest, draft) if overlapped else rest + draft
         return tokens / step if step > 0 else 0.0
 
@@ -335,8 +347,8 @@ class LoadController:
         maximizes E(w) - lam * (its cost: w more verified rows, and k draft positions of one more
         drafting request when w > 0); lam is then the plan's own rate, until it stops rising. A
         request whose acceptance does not pay for its rows decodes (w = 0) while others draft."""
-        _, _, b = self.rest.coefficients()  # per verified row
-        _, d1, _, e1 = self.per_position.coefficients()  # per drafting request: per position, per step
+        _, _, b, _ = self.rest.coefficients()  # per verified row
+        _, d1, _, e1, _ = self.per_position.coefficients()  # per drafting request: per position, per step
         windows = list(ceilings)
         lam = self._goodput(speculating, windows, alphas, fixed, False)
         for _ in range(6):
@@ -384,7 +396,7 @@ class LoadController:
 
     def _draft(self, positions: int, drafting: int) -> float:
         """Predicted drafting seconds: `positions` positions for `drafting` requests."""
-        d0, d1, e0, e1 = self.per_position.coefficients()
+        d0, d1, e0, e1, _ = self.per_position.coefficients()
         return max(0.0, positions * (d0 + d1 * drafting) + e0 + e1 * drafting)
 
     def _uncapped(self, x: Candidate) -> int:
@@ -393,16 +405,17 @@ class LoadController:
 
     def state(self) -> dict:
         """For the lane's load() and metrics: the cap, the fitted costs and what was compared."""
-        rest = self.rest.coefficients() if self.rest.seen else (None, None, None)
-        pos = self.per_position.coefficients() if self.per_position.seen else (None, None, None, None)
+        rest = self.rest.coefficients() if self.rest.seen else (None,) * 4
+        pos = self.per_position.coefficients() if self.per_position.seen else (None,) * 5
         depth = self.cap if self.cap is not None else max((int(k) for k in self.last_goodput), default=None)
         now = self.realized.get((_bucket(self._batch), -1 if self.cap is None else self.cap))
         return {"cap": self.cap, "lengths": dict(self.lengths), "steps_observed": self.steps,
                 "predicted_tokens_per_s": self.last_goodput.get(depth),
                 "measured_tokens_per_s_now": now.rate if now is not None and now.count else None,
-                "rest_ms": {"fixed": _ms(rest[0]), "per_request": _ms(rest[1]), "per_token": _ms(rest[2])},
+                "rest_ms": {"fixed": _ms(rest[0]), "per_request": _ms(rest[1]), "per_token": _ms(rest[2]),
+                            "per_prompt": _ms(rest[3])},
                 "draft_position_ms": {"fixed": _ms(pos[0]), "per_request": _ms(pos[1])},
-                "draft_step_ms": {"fixed": _ms(pos[2]), "per_request": _ms(pos[3])},
+                "draft_step_ms": {"fixed": _ms(pos[2]), "per_request": _ms(pos[3]), "per_prompt": _ms(pos[4])},
                 "lane_acceptance": self.lane.alpha(self.config.prior_acceptance, self.config.prior_weight),
                 "goodput_tokens_per_s": {str(k): round(v, 1) for k, v in self.last_goodput.items()},
                 "measured_tokens_per_s": {f"batch<={b} cap={'none' if k == -1 else k}": round(r.rate, 1)

@@ -103,7 +103,7 @@ def test_graphs_match_transformers_forward_on_gpu(dtype):
     assert eng.graphs is not None
     seqs = [list(range(1, 30)), [5, 6, 7], list(range(40, 90))]
     slots = [eng.allocate() for _ in seqs]
-    eng.forward(slots, seqs, [1, 1, 1])  # prompts: eager
+    eng.forward(slots, seqs, [1, 1, 1])  # three prompts at once: eager
     for extra, n in (([3], 1), ([3, 4, 5], 3), ([9, 8], 2)):  # decode / verify: graphs
         seqs = [s + extra for s in seqs]
         out = eng.forward(slots, seqs, [n] * 3).float()
@@ -111,6 +111,16 @@ def test_graphs_match_transformers_forward_on_gpu(dtype):
         err = (out - ref).norm() / ref.norm()
         assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
     assert len(eng.graphs.graphs) >= 2
+    # a request joins: its prompt in a prompt graph of its own, then the batch's verify graph
+    eng.release(slots[1])
+    slots[1] = eng.allocate()
+    seqs = [seqs[0] + [4], list(range(100, 177)), seqs[2] + [4]]
+    for n in (1, 2):
+        out = eng.forward(slots, seqs, [1, n, 1]).float()
+        ref = torch.cat([hf_logits(model, s)[-k:] for s, k in zip(seqs, (1, n, 1))])
+        assert (out - ref).norm() / ref.norm() < (1e-5 if dtype == torch.float32 else 2e-2)
+        seqs = [s + [7] for s in seqs]
+    assert any(k.query >= 64 and g.graph is not None for k, g in eng.graphs.graphs.items())
 
 
 @gpu
@@ -226,4 +236,6 @@ def test_a_prompt_runs_in_a_prefill_bucket_that_computes_only_the_rows_asked_for
         eager.release(a), bucketed.release(b)
     g = bucketed.graphs.graphs[Shape(1, 64, 128)]
     assert g.rows_inside and g.inputs[0].numel() == 3 * 64 + 1 + PREFILL_ROWS
+    bucketed.forward([bucketed.allocate()], [list(range(1, 101))], [1])  # a 128 bucket
+    assert bucketed.graphs.graphs[Shape(1, 128, 128)].outputs is g.outputs  # one output for all prompt graphs
     assert bucketed.graphs.bucket(Shape(1, 100, 100), rows=PREFILL_ROWS + 1) is None  # more logits: eager

@@ -76,6 +76,7 @@ class GraphRunner:
         self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [min(max_batch, BATCH_BUCKETS[-1])]
         self.query_buckets = QUERY_BUCKETS
         self.graphs: dict[Shape | DraftShape, _Graph] = {}
+        self._prompt_logits: torch.Tensor | None = None  # the prompt graphs' shared output
         self.capture = engine.device.type == "cuda"  # elsewhere the same padded path runs eagerly (tests)
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         # This runner's own capture stream, hence its own cuBLAS workspace (module docstring).
@@ -175,9 +176,19 @@ class GraphRunner:
             ids, positions, writes, slots, wanted = split(data)
             # a prompt's graph: the logits of the rows asked for only (B x Q x V would be
             # 512 x 128k floats for a Llama 3 vocabulary); decode / verify graphs: every row's
-            return eng.run(ids, positions, writes, slots, bucket.span, wanted if prompt else None)
+            logits = eng.run(ids, positions, writes, slots, bucket.span, wanted if prompt else None)
+            return self._prompt_output(logits).copy_(logits) if prompt else logits
 
         return self._capture(bucket, (data,), forward, rows_inside=prompt)
+
+    def _prompt_output(self, logits: torch.Tensor) -> torch.Tensor:
+        """One output tensor for every prompt graph (made by the first one's warm-up, outside any
+        capture): an engine replays one graph at a time and `run` copies the rows out, so ~50
+        prompt graphs need not hold 50 outputs (72 x 128k floats each for a Llama 3 vocabulary)."""
+        out = self._prompt_logits
+        if out is None or out.shape != logits.shape or out.dtype != logits.dtype:
+            out = self._prompt_logits = torch.empty_like(logits)
+        return out
 
     def _capture_draft(self, key: DraftShape) -> _Graph:
         eng, first = self.engine, key.first

@@ -1,7 +1,7 @@
 """The load controller (`mode: auto`) against a simulated lane: no GPU, no model, seconds to run.
 
     python benchmarks/controller_sim.py                       # every cell and the mixed ramp
-    python benchmarks/controller_sim.py --costs h200_t1 --requests 256 --out /tmp/sim.json
+    python benchmarks/controller_sim.py --costs h200_t1_joins --seeds 3 --out /tmp/sim.json
 
 A lane's step is replaced by a model of it: step costs as fitted to one H200's measured steps
 (`benchmarks/results/gpu_bench_auto2_h200_2026-12-04.json`, milliseconds; drafting costs a part
@@ -297,14 +297,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="runs (seed, seed+1, ...) whose tokens/s are averaged")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
-    controllers: dict[str, LoadController] = {}
-    results = cells(a.costs, a.requests, a.tokens, [int(x) for x in a.concurrency.split(",")],
-                    a.workloads.split(","), a.seed, controllers)
-    results.append(mixed(a.costs, a.requests * 2, a.tokens, (1, 4, 16, 64, 16, 4, 1), a.seed, controllers))
+    runs = []
+    for seed in range(a.seed, a.seed + a.seeds):
+        controllers: dict[str, LoadController] = {}  # one per run, as a lane keeps its own
+        run = cells(a.costs, a.requests, a.tokens, [int(x) for x in a.concurrency.split(",")],
+                    a.workloads.split(","), seed, controllers)
+        run.append(mixed(a.costs, a.requests * 2, a.tokens, (1, 4, 16, 64, 16, 4, 1), seed, controllers))
+        runs.append(run)
+    results = [_cell(c["cell"], {k: {**v, "tokens_per_s": sum(r[i]["rows"][k]["tokens_per_s"] for r in runs) / len(runs)}
+                                 for k, v in c["rows"].items()}) for i, c in enumerate(runs[0])]
     names = [s.name for s in SETTINGS]
-    print(f"simulated lane, costs {a.costs}: tokens/s (simulated clock)")
+    print(f"simulated lane, costs {a.costs}: tokens/s (simulated clock, mean of {a.seeds} run(s))")
     print(f"{'cell':28s}" + "".join(f"{n[:14]:>15s}" for n in names) + f"{'auto/best':>11s}{'auto/ar':>9s}")
     for c in results:
         print(f"{c['cell']:28s}" + "".join(f"{c['rows'][n]['tokens_per_s']:15.0f}" for n in names)

@@ -325,3 +325,17 @@ def test_a_prompts_prefill_is_fitted_apart_from_the_verify_and_the_draft():
     assert ctl.rest(64, 64 * 6, 0) == pytest.approx(rest(64, 64 * 6), rel=0.05)
     assert ctl._draft(8, 64) == pytest.approx(draft(8, 64), rel=0.05)
     assert ctl.state()["rest_ms"]["per_prompt"] == pytest.approx(12.0, rel=0.05)
+
+
+def test_a_request_that_joins_between_decisions_drafts_a_planned_requests_median_window(monkeypatch):
+    # at 64 requests a few join every step; drafting them to the cap made the cap decide
+    ctl = trained(rest=lambda n: 1.5e-3 + 2e-5 * n, per_position=lambda b: 5e-5 * b, alpha=0.85, batch=5)
+    monkeypatch.setattr(ctl, "_lengths", lambda k, spec, windows, alphas, fixed: [min(k, w) for w in (0, 0, 2, 3, 3)])
+    cap = ctl.decide(candidates(5, 8))
+    planned = [ctl.length(str(r)) for r in range(5)]
+    assert cap == max(planned) and planned[:2] == [0, 0]  # the cap is the plan's own depth
+    assert ctl.length("joined-since") == sorted(planned)[2]  # the median planned window
+    monkeypatch.setattr(ctl, "_lengths", lambda k, spec, windows, alphas, fixed: [0] * 5)
+    for _ in range(ctl.config.every):
+        cap = ctl.decide(candidates(5, 8))
+    assert cap == 0 and ctl.length("joined-since") == 0  # every request decodes: so do newcomers

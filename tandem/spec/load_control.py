@@ -209,6 +209,8 @@ class LoadController:
         self.cap: int | None = None  # None: no cap (what requests ask for)
         self.base: int | None = None  # the cap the next rise starts from (the cap, unless it was a probe)
         self.lengths: dict[str, int] = {}  # each request's length under the cap, where the model chose one
+        self.newcomer: int | None = None  # the length of a request that joined since (None: the cap)
+        self._decided: frozenset[str] = frozenset()  # the requests the last decision planned for
         self._since = 0
         self.last_goodput: dict[int, float] = {}
         self.realized: dict[tuple[int, int], _Rate] = {}  # (batch bucket, cap or -1 for none): measured
@@ -259,8 +261,9 @@ class LoadController:
         self.requests.pop(rid, None)
 
     def length(self, rid: str) -> int | None:
-        """The draft length for a request this step: its own under the cap, else the cap (None: none)."""
-        own = self.lengths.get(rid)
+        """The draft length for a request this step: its own under the cap; for a request that
+        joined since the decision, a planned request's typical length; else the cap (None: none)."""
+        own = self.lengths.get(rid, None if rid in self._decided else self.newcomer)
         if own is None:
             return self.cap
         return own if self.cap is None else min(own, self.cap)
@@ -310,19 +313,31 @@ class LoadController:
         top = max(lengths.values())
         overlapped = all(x.pearl for x in speculating) and self.overlap > 0.5
         fixed = len(candidates) - len(speculating)  # AR requests: one token each, one verified row
-        goodput, plans = {}, {}  # built apart, then swapped in: state() may read them from another thread
+        goodput, plans, all_windows = {}, {}, {}  # built apart, then swapped in: state() may read them from another thread
         for k in [k for k in CAPS if k < top] + [top]:
             windows = [min(k, lengths[x.rid]) for x in speculating]
             if c.per_request and not overlapped and k > 0:
                 windows = self._lengths(k, speculating, windows, alphas, fixed)
             # a request left its whole (uncapped) window gets no length of its own: AdaEDL stops it
             plans[k] = {x.rid: w for x, w in zip(speculating, windows) if w < lengths[x.rid]}
+            all_windows[k] = windows
             goodput[k] = self._goodput(speculating, windows, alphas, fixed, overlapped)
         self.last_goodput = goodput
         best = max(goodput.values())
         chosen = max(k for k, g in goodput.items() if g >= (1 - c.tolerance) * best)
-        self.lengths = plans[chosen] if c.per_request else {}
-        return (None if chosen >= top else chosen), goodput[chosen] / max(goodput[0], 1e-12)
+        gain = goodput[chosen] / max(goodput[0], 1e-12)
+        if c.per_request:
+            self.lengths, self._decided = plans[chosen], frozenset(x.rid for x in candidates)
+            # A request that joins before the next decision drafts what a planned request
+            # typically does (the median window), and the cap is the plan's own depth: past its
+            # longest window it would only lengthen newcomers' drafts (at 64 requests a few join
+            # every step). The median did better in benchmarks/controller_sim.py than the window
+            # the plan would give a request of the lane's mean acceptance.
+            self.newcomer = statistics.median_low(all_windows[chosen])
+            chosen = min(chosen, max(all_windows[chosen]))
+        else:
+            self.lengths, self.newcomer = {}, None
+        return (None if chosen >= top else chosen), gain
 
     def _goodput(self, speculating: list[Candidate], windows: list[int], alphas: dict, fixed: int,
                  overlapped: bool) -> float:
@@ -347,26 +362,28 @@ class LoadController:
         maximizes E(w) - lam * (its cost: w more verified rows, and k draft positions of one more
         drafting request when w > 0); lam is then the plan's own rate, until it stops rising. A
         request whose acceptance does not pay for its rows decodes (w = 0) while others draft."""
-        _, _, b, _ = self.rest.coefficients()  # per verified row
-        _, d1, _, e1, _ = self.per_position.coefficients()  # per drafting request: per position, per step
         windows = list(ceilings)
         lam = self._goodput(speculating, windows, alphas, fixed, False)
         for _ in range(6):
-            plan = []
-            for x, ceiling in zip(speculating, ceilings):
-                alpha, pearl = alphas[x.rid], x.pearl
-                best_w, best_v = 0, 1.0  # w = 0: one token (AR), one row (counted in both)
-                for w in range(1, ceiling + 1):
-                    judged = w - 1 if pearl else w
-                    value = _expected(alpha, judged) - lam * (b * judged + d1 * k + e1)
-                    if value > best_v:
-                        best_v, best_w = value, w
-                plan.append(best_w)
+            plan = [self._window(alphas[x.rid], x.pearl, ceiling, k, lam) for x, ceiling in zip(speculating, ceilings)]
             rate = self._goodput(speculating, plan, alphas, fixed, False)
             if rate <= lam * (1 + 1e-6):
                 break
             windows, lam = plan, rate
         return windows
+
+    def _window(self, alpha: float, pearl: bool, ceiling: int, k: int, lam: float) -> int:
+        """The window w <= ceiling maximizing E(w) - lam * (w verified rows, and k draft positions
+        of one more drafting request when w > 0); 0: decode."""
+        _, _, b, _ = self.rest.coefficients()  # per verified row
+        _, d1, _, e1, _ = self.per_position.coefficients()  # per drafting request: per position, per step
+        best_w, best_v = 0, 1.0  # w = 0: one token (AR), one row (counted in both)
+        for w in range(1, ceiling + 1):
+            judged = w - 1 if pearl else w
+            value = _expected(alpha, judged) - lam * (b * judged + d1 * k + e1)
+            if value > best_v:
+                best_v, best_w = value, w
+        return best_w
 
     def _measured(self, batch: int, chosen: int | None, predicted_gain: float) -> int | None:
         """The measured rates (tokens/s per batch bucket and cap) overrule the model: a cap measured

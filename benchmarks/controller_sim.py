@@ -6,14 +6,17 @@
 A lane's step is replaced by a model of it: step costs as fitted to one H200's measured steps
 (`benchmarks/results/gpu_bench_auto2_h200_2026-12-04.json`, milliseconds; drafting costs a part
 per step, the drafter's catch-up forward, and a part per position, both growing with the
-drafting batch; verifying costs by rows), and per-token acceptance drawn per request and per
-token (so some requests, and some stretches of one, deserve longer drafts than others), with an
-AdaEDL-like stop that sees each token's acceptance through noise. The real `LoadController` runs
-against it exactly as `SpecBatch` drives it, and so do the static settings (AR, SD k=3/5/8, SD +
-AdaEDL). The simulated clock gives tokens/s; the ratios auto / best static are what
-`adaptive_bench.py` measures on the GPU, here without the GPU's noise, so a change to the
-controller can be judged (and regressions caught: tests/test_load_control.py) before a GPU run.
-The simulation decides nothing on its own: the GPU run is the judge.
+drafting batch; verifying costs by rows; the `_joins` cost sets add an eager prompt prefill to
+every step that admits requests), and per-token acceptance drawn per request and per token (so
+some requests, and some stretches of one, deserve longer drafts than others). AdaEDL is the
+drafter's own (tandem/spec/adaedl.py: the piece rule, the acceptance table, the cost ratio
+measured as the drafter measures it), seeing each token's acceptance through noise as an
+entropy. The real `LoadController` runs against it exactly as `SpecBatch` drives it, and so do
+the static settings (AR, SD k=3/5/8, SD + AdaEDL). The simulated clock gives tokens/s; the
+ratios auto / best static are what `adaptive_bench.py` measures on the GPU, here without the
+GPU's noise, so a change to the controller can be judged before a GPU run
+(tests/test_bench_scripts.py runs it small). The simulation decides nothing on its own: the GPU
+run is the judge.
 """
 from __future__ import annotations
 

@@ -21,11 +21,13 @@ K' = max_r w_r positions for the B' requests that draft: a part per position and
 least squares with forgetting from the lane's own steps (`_Fit`), slopes never negative and
 shrunk towards 0 until the steps have varied enough to show them; a step that fed prompts pays
 their prefill on top, which both fits take as a regressor of its own (prompts fed) and leave
-out of their predictions, since every request pays its prefill once whatever its lengths. For each K the windows are
-chosen jointly by Dinkelbach's method: at the batch's rate lam, a request takes the w that
-maximizes E(w) - lam * (its rows and its share of drafting); w = 0 means it decodes this step.
-A window left at a request's whole (uncapped) length lets AdaEDL stop it; L_r for an AdaEDL
-request is its recent mean chunk length.
+out of their predictions, since every request pays its prefill once whatever its lengths.
+
+For each K the windows are chosen jointly by Dinkelbach's method: at the batch's rate lam, a
+request takes the w that maximizes E(w) - lam * (its rows and its share of drafting); w = 0
+means it decodes this step. A window left at a request's whole (uncapped) length lets AdaEDL
+stop it; L_r for an AdaEDL request is its recent mean chunk length. The cap is the plan's
+longest window, and a request that joins before the next decision drafts the plan's median.
 
 Before the fits have seen enough steps the cap is `start_cap`, the static length that is never
 far from the best. A cap falls at once but rises at most to double per decision, so when the
@@ -51,7 +53,7 @@ CAPS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 
 @dataclass
 class LoadControlConfig:
-    every: int = 8  # re-decide every this many steps (and whenever the batch's requests change)
+    every: int = 8  # re-decide every this many steps (and when the batch size crosses a power of two)
     warmup_steps: int = 8  # steps observed before the model's first cap
     start_cap: int | None = 5  # the cap until then: the static length that is never far from the best
     forget: float = 0.98  # per-step weight kept by the fits' running sums (~50 steps of memory)
@@ -271,8 +273,9 @@ class LoadController:
     # -- deciding ----------------------------------------------------------------------------
     def decide(self, candidates: list[Candidate]) -> int | None:
         """The cap for the next steps (None: none), re-decided every `every` steps or when the
-        batch's requests change: the model's choice, its rise limited, then checked against the
-        rates the lane measured."""
+        batch size crosses a power of two (requests joining and leaving do not re-decide: a
+        decision's steps are what its measured rate and probes need): the model's choice, its
+        rise limited, then checked against the rates the lane measured."""
         self._since += 1
         if self._batch and _bucket(len(candidates)) == _bucket(self._batch) and self._since < self.config.every:
             return self.cap  # a request that joined meanwhile drafts to the cap
@@ -313,7 +316,8 @@ class LoadController:
         top = max(lengths.values())
         overlapped = all(x.pearl for x in speculating) and self.overlap > 0.5
         fixed = len(candidates) - len(speculating)  # AR requests: one token each, one verified row
-        goodput, plans, all_windows = {}, {}, {}  # built apart, then swapped in: state() may read them from another thread
+        # built apart, then swapped in: state() may read them from another thread
+        goodput, plans, all_windows = {}, {}, {}
         for k in [k for k in CAPS if k < top] + [top]:
             windows = [min(k, lengths[x.rid]) for x in speculating]
             if c.per_request and not overlapped and k > 0:

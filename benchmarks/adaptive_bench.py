@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_bench as gb  # noqa: E402  (shared: loading, graphs, the report, the heap freeze)
 import torch  # noqa: E402
 
-from tandem.kernels.warmup import freeze_heap, warm_kernels  # noqa: E402
+from tandem.kernels.warmup import freeze_heap, record_compiles, warm_kernels  # noqa: E402
 from tandem.params import SamplingParams, SpecParams  # noqa: E402
 from tandem.spec.batch import SpecBatch  # noqa: E402
 from tandem.spec.load_control import LoadController  # noqa: E402
@@ -54,6 +54,7 @@ class Runner:
         self.b = b
         self.drafters = {name: gb.make_drafter(b, overlap) for name, _, overlap in SETTINGS}
         self.controller = LoadController()
+        self.compiles = record_compiles()  # Triton kernels compiled since: a slow step's suspect
 
     def run(self, name: str, spec: SpecParams, jobs: list[tuple[list[int], SamplingParams]], inflight: list[int]) -> dict:
         """The jobs, at most inflight[i] at a time while job i waits to start; timed per step and emission."""
@@ -62,6 +63,9 @@ class Runner:
                           control_all=False)
         starts, first, last, gaps, steps, tokens = {}, {}, {}, [], [], 0
         joined, caps = [], Counter()  # per step: whether a request joined (its prompt was fed); auto's cap
+        compiled, captured = [], []  # per step: Triton compiles and CUDA graph captures in it
+        runners = [r for r in (gb.graphs_of(b.pair.target), gb.graphs_of(b.pair.draft)) if r is not None]
+        held = lambda: sum(len(r.graphs) for r in runners)  # noqa: E731
         waiting = list(enumerate(jobs))
         b.sync()
         t0 = time.perf_counter()
@@ -72,11 +76,14 @@ class Runner:
                 batch.add(str(i), prompt, sampling, spec)
                 starts[str(i)] = time.perf_counter()
                 joins += 1
+            before, graphs = len(self.compiles), held()
             s = time.perf_counter()
             emissions = batch.step()
             now = time.perf_counter()
             steps.append(now - s)
             joined.append(joins > 0)
+            compiled.append(self.compiles[before:])
+            captured.append(held() - graphs)
             if name == AUTO:
                 caps["none" if self.controller.cap is None else str(self.controller.cap)] += 1
             for e in emissions:
@@ -97,7 +104,12 @@ class Runner:
                "itl_ms": _pcts(gaps), "stalls": sum(x for x, _ in slow),
                "stalls_with_a_join": sum(x and j for x, j in slow), "steps": len(steps),
                "join_steps": sum(joined), "join_step_ms": _pcts([x for x, j in zip(steps, joined) if j]),
-               "other_step_ms": _pcts([x for x, j in zip(steps, joined) if not j])}
+               "other_step_ms": _pcts([x for x, j in zip(steps, joined) if not j]),
+               "compiles": [name for c in compiled for name in c], "captures": sum(captured),
+               # the slowest steps and what they did: a join, Triton compiles, CUDA graph captures
+               "slowest": [{"step": i, "ms": 1000 * steps[i], "joined": joined[i], "compiled": compiled[i],
+                            "captured": captured[i]}
+                           for i in sorted(range(len(steps)), key=steps.__getitem__)[-3:]]}
         if name == AUTO:  # what the controller chose and what it believed
             state = self.controller.state()
             row["controller"] = {"caps": dict(caps), **{k: state.get(k) for k in (

@@ -15,6 +15,7 @@ from tandem.spec.load_control import (
     LoadController,
     Round,
     StepObservation,
+    _expected,
     _Fit,
 )
 
@@ -208,6 +209,43 @@ def test_joint_lengths_give_long_drafts_where_they_are_accepted():
     long = lengths["g0"] if lengths["g0"] is not None else 8
     assert long >= 3 and all(lengths[c.rid] == lengths["g0"] for c in good)
     assert all(lengths[c.rid] == 0 for c in poor), lengths
+
+
+def test_the_window_rule_matches_trying_every_window():
+    """`_window` (a logarithm) against `_window_scan` (every w): the same value of
+    E(w) - lam * cost, over acceptances, prices, depths and both modes."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        b, d1, e1 = rng.uniform(1e-6, 1e-4), rng.uniform(0, 1e-4), rng.uniform(0, 1e-3)
+        ctl = trained(rest=lambda n, b=b: 1e-3 + b * n, per_position=lambda m, d1=d1: 1e-4 + d1 * m,
+                      alpha=0.8, batch=rng.choice([4, 16, 64]))
+        _, _, fb, _ = ctl.rest.coefficients()
+        _, fd1, _, fe1, _ = ctl.per_position.coefficients()
+        for _ in range(50):
+            alpha, pearl = rng.choice([0.0, 0.05, 0.5, 0.8, 0.95, 0.99]), rng.random() < 0.3
+            ceiling, k, lam = rng.randint(0, 16), rng.randint(1, 16), rng.uniform(0, 4e4)
+
+            def value(w):
+                j = w - 1 if pearl and w else w
+                return 1.0 if w == 0 else _expected(alpha, j) - lam * (fb * j + fd1 * k + fe1)
+
+            fast, slow = ctl._window(alpha, pearl, ceiling, k, lam), ctl._window_scan(alpha, pearl, ceiling, k, lam)
+            assert value(fast) == pytest.approx(value(slow), rel=1e-9, abs=1e-9), (alpha, pearl, ceiling, k, lam)
+
+
+def test_a_decision_at_64_requests_solves_each_fit_once():
+    """Each fit is solved once per observation, not once per request, cap and round of a decision
+    (at 64 requests that was ~100 ms of host time inside a step on an H200)."""
+    ctl = trained(rest=lambda n: 1e-3 + 2e-5 * n, per_position=lambda b: 1e-4 + 2e-6 * b, alpha=0.8, batch=64)
+    solves = []
+    for fit in (ctl.rest, ctl.per_position):
+        solve = fit._solve
+        fit._solve = lambda solve=solve: solves.append(1) or solve()
+        fit._coefficients = None
+    ctl.decide(candidates(64, 16))
+    assert len(solves) == 2
 
 
 def test_a_stall_does_not_stop_a_lane_from_drafting():

@@ -19,8 +19,8 @@ except ImportError:  # CPU-only install: the torch paths are used
     triton = None
     tl = None
 
-    def jit(fn):
-        return fn
+    def jit(fn=None, **options):  # @jit and @jit(do_not_specialize=...) alike
+        return fn if fn is not None else (lambda f: f)
 
 
 @functools.cache

@@ -47,6 +47,24 @@ def warm_kernels(vocab: int, device, max_draft: int = MAX_DRAFT, rejection: bool
     return launches
 
 
+def record_compiles() -> list[str]:
+    """From now on, append the name of every Triton kernel variant this process compiles (or loads
+    from the disk cache) to the returned list: benchmarks attribute a slow step to a compile.
+    Empty (nothing recorded) without Triton or without its runtime hooks."""
+    log: list[str] = []
+    try:
+        from triton import knobs
+    except ImportError:
+        return log
+
+    def hook(*args, fn=None, repr=None, **kwargs):
+        log.append(getattr(fn, "name", None) or str(repr).split("[")[0])
+        return None  # compile as usual
+
+    knobs.runtime.jit_cache_hook = hook
+    return log
+
+
 def freeze_heap() -> int:
     """Collect once, then put every object alive now out of the cyclic collector's reach.
 

@@ -81,10 +81,12 @@ class _Fit:
         self.sx, self.sy = [0.0] * n, 0.0
         self.sxx = [[0.0] * n for _ in range(n)]
         self.sxy = [0.0] * n
+        self._coefficients: tuple[float, ...] | None = None  # solved once per add, not per use
 
     def add(self, *xy: float) -> None:
         *x, y = xy
         f = self.forget
+        self._coefficients = None
         self.w, self.sy = f * self.w + 1, f * self.sy + y
         for i in range(self.n):
             self.sx[i] = f * self.sx[i] + x[i]
@@ -97,7 +99,13 @@ class _Fit:
         return self.w > 0
 
     def coefficients(self) -> tuple[float, ...]:
-        """(a, b_1, ..., b_n)."""
+        """(a, b_1, ..., b_n). A decision asks thousands of times between two adds (64 requests x
+        caps x Dinkelbach rounds), so the solve is kept until the next add."""
+        if self._coefficients is None:
+            self._coefficients = self._solve()
+        return self._coefficients
+
+    def _solve(self) -> tuple[float, ...]:
         w = self.w
         mx, my = [s / w for s in self.sx], self.sy / w
         # centred sums: the slopes' evidence, each shrunk by its prior
@@ -378,10 +386,32 @@ class LoadController:
 
     def _window(self, alpha: float, pearl: bool, ceiling: int, k: int, lam: float) -> int:
         """The window w <= ceiling maximizing E(w) - lam * (w verified rows, and k draft positions
-        of one more drafting request when w > 0); 0: decode."""
+        of one more drafting request when w > 0); 0: decode. E is concave in the judged tokens j
+        (its step from j - 1 to j is alpha^j) and each costs lam * b, so the best j >= 1 is the
+        last with alpha^j > lam * b: a logarithm, not a scan over windows (a decision at 64
+        requests evaluates this thousands of times; `_window_scan` is the reference)."""
         _, _, b, _ = self.rest.coefficients()  # per verified row
         _, d1, _, e1, _ = self.per_position.coefficients()  # per drafting request: per position, per step
-        best_w, best_v = 0, 1.0  # w = 0: one token (AR), one row (counted in both)
+        extra = 1 if pearl else 0  # PEARL judges w - 1 of its w rows
+        if ceiling <= extra or alpha <= 0.0:
+            return 0
+        price = lam * b  # what one more judged token costs, in tokens
+        if price <= 0.0 or alpha >= 1.0:
+            judged = ceiling - extra
+        elif price >= 1.0:
+            judged = 1
+        else:
+            judged = max(1, math.ceil(math.log(price) / math.log(alpha) - 1e-12) - 1)
+        w = min(judged + extra, ceiling)
+        judged = w - extra
+        value = _expected(alpha, judged) - lam * (b * judged + d1 * k + e1)
+        return w if value > 1.0 else 0  # w = 0: one token (AR), one row (counted in both)
+
+    def _window_scan(self, alpha: float, pearl: bool, ceiling: int, k: int, lam: float) -> int:
+        """`_window` by trying every w (the slow reference the tests compare it with)."""
+        _, _, b, _ = self.rest.coefficients()
+        _, d1, _, e1, _ = self.per_position.coefficients()
+        best_w, best_v = 0, 1.0
         for w in range(1, ceiling + 1):
             judged = w - 1 if pearl else w
             value = _expected(alpha, judged) - lam * (b * judged + d1 * k + e1)

@@ -209,13 +209,13 @@ def warm_graphs(b: Bench, batch_sizes: list[int], draft_steps=range(1, 17), samp
     target forwards (decode and verify shapes), prompts (tandem/engine/graphs.py's PREFILL_QUERY
     buckets, for both engines), draft forwards (prefill tails) and the draft's multi-step
     windows (tandem/engine/draft_steps.py) of every length a row can ask for."""
-    from tandem.engine.graphs import PREFILL_BATCH, PREFILL_QUERY
+    from tandem.engine.graphs import PREFILL_BATCH
 
     start = time.perf_counter()
     for name, engine in (("target", b.pair.target), ("draft", b.pair.draft)):
         if graphs_of(engine) is not None:
             engine.graphs.warmup(batch_sizes=[s for s in batch_sizes if s <= PREFILL_BATCH] or [1],
-                                 query_lens=list(PREFILL_QUERY))
+                                 query_lens=engine.graphs.prompt_buckets)
             n = engine.graphs.warmup(batch_sizes=batch_sizes, query_lens=[1, 2, 4, 8, 16, 32])
             if name == "draft":
                 n = engine.graphs.warmup_drafts(batch_sizes, list(draft_steps), sampled=sampled)

@@ -92,15 +92,17 @@ adaptive() {
 
 serve() {
   pair; ray_carried
-  sed -e "s#tandem:tiny/target#$B/target#; s#tandem:tiny/draft#$B/draft#; s/max_batch_size: 32/max_batch_size: 64/" \
+  # every CUDA graph captured before the server says it is up (else the first rate pays for captures)
+  sed -e "s#tandem:tiny/target#$B/target#; s#tandem:tiny/draft#$B/draft#" \
+      -e "s/max_batch_size: 32 /max_batch_size: 64\n        cuda_graphs_at_start: true/" \
     deploy/cluster-1gpu.yaml > /tmp/serve.yaml
   python -m tandem.cli serve /tmp/serve.yaml > "$OUT/serve_server.log" 2>&1 &
   local server=$!
-  for _ in $(seq 240); do grep -q "is up" "$OUT/serve_server.log" && break; kill -0 $server 2>/dev/null || break; sleep 1; done
+  for _ in $(seq 400); do grep -q "is up" "$OUT/serve_server.log" && break; kill -0 $server 2>/dev/null || break; sleep 1; done
   grep "is up" "$OUT/serve_server.log" || { tail -20 "$OUT/serve_server.log"; kill $server; return 1; }
   for mode in ${SERVE_MODES:-ar sd auto}; do
-    timeout "$(left)" python benchmarks/serve_bench.py --mode "$mode" --rates "${SERVE_RATES:-16,64,inf}" \
-      --num-prompts "${SERVE_PROMPTS:-128}" --output-len 64 --output-len-sigma 0.3 --max-output-len 88 \
+    timeout "$(left)" python benchmarks/serve_bench.py --mode "$mode" --rates "${SERVE_RATES:-8,16,32,64,128,inf}" \
+      --num-prompts "${SERVE_PROMPTS:-200}" --output-len 64 --output-len-sigma 0.3 --max-output-len 88 \
       --out "$OUT/serve_$mode.json" 2>&1 | grep -v "^\[\|it/s\]" | tail -8
   done
   kill $server; wait $server 2>/dev/null

@@ -184,8 +184,9 @@ def test_capture_at_start_covers_every_bucket_a_lane_can_ask_for():
     model = random_llama(6, hidden=32, layers=1, vocab=40, tied=False, init=0.3)
     verifier = LlamaEngine(model, max_slots=4, max_context=200, cuda_graphs=True).graphs
     n = verifier.capture_at_start(max_draft=5, draft=False)
-    # decode / verify buckets at every span; prompts of 64 and 128 at span 128, of 64-192 at 200
-    prompts = 2 * (2 + 3)  # batch 1 and 2
+    # decode / verify buckets at every span; prompts of 64 and 128 at span 128, of 64-192 and
+    # the context (200) at span 200
+    prompts = 3 * (2 + 4)  # batch 1, 2 and 4
     assert n == len(verifier.batch_buckets) * len(verifier.query_buckets) * len(verifier._spans(None)) + prompts
     assert not any(isinstance(k, DraftShape) for k in verifier.graphs)
     drafter = LlamaEngine(model, max_slots=4, max_context=200, cuda_graphs=True).graphs

@@ -32,8 +32,10 @@ def test_buckets_round_up_and_large_shapes_run_eagerly(target_model):
     assert runner.bucket(Shape(1, 1, 150)) == Shape(1, 1, 200)  # the span never passes the context
     assert runner.bucket(Shape(1, 33, 40)) == Shape(1, 64, 128)  # a prompt: a prefill bucket
     assert runner.bucket(Shape(2, 150, 160)) == Shape(2, 192, 200)
-    assert runner.bucket(Shape(3, 33, 40)) is None  # many prompts at once: eager
-    assert runner.bucket(Shape(1, 199, 199)) is None  # past the largest bucket within the context
+    assert runner.bucket(Shape(3, 33, 40)) == Shape(4, 64, 128)  # up to PREFILL_BATCH prompts at once
+    assert runner.bucket(Shape(1, 199, 199)) == Shape(1, 200, 200)  # the context is the last prompt bucket
+    big = GraphRunner(LlamaEngine(target_model, max_slots=16, max_context=200), max_batch=16)
+    assert big.bucket(Shape(9, 33, 40)) is None  # more prompts than PREFILL_BATCH: eager
     assert runner.bucket(Shape(7, 1, 40)) is None
 
 

@@ -6,11 +6,13 @@ bucketed: batch size and query length (1 for decode, k+1 for verify) round up to
 bucket, and the attention span up to the next power of two. Padding rows write to the
 engine's scratch slot / column and are never read. A graph is captured the first time its
 bucket is used (`warmup` captures ahead of time). Prompts are graphed too: a forward of at most
-PREFILL_BATCH requests rounds its query length up to a PREFILL_QUERY bucket. Eagerly, a 1B
-target's 24 layers cost ~14 ms of host time (launches, cuBLAS's per-shape heuristics) for
-~3 ms of device work (H200, 150-200 tokens: benchmarks/prefill_probe.py), and under continuous
-batching a request joins at almost every step. Larger shapes (many long prompts at once, longer
-prompts) run eagerly.
+PREFILL_BATCH requests rounds its query length up to a PREFILL_QUERY bucket (or the context, if
+shorter). Eagerly, a 1B target's 24 layers cost ~14 ms of host time (launches, cuBLAS's
+per-shape heuristics) for ~3 ms of device work (H200, 150-200 tokens:
+benchmarks/prefill_probe.py), whatever the number of prompts; under continuous batching
+requests join at almost every step, at 64 requests three or four at a time (a join step took
+24 ms against 7 for the others with SD k=5 when only two were graphed). Larger shapes (more
+prompts at once, longer prompts) run eagerly.
 
 Two kinds of program are captured: a forward (`run`: logits of the rows asked for) and a
 multi-step draft (`draft`: tandem/engine/draft_steps.py, a whole draft window in one replay).
@@ -46,7 +48,7 @@ from tandem.engine.layout import HostBatch, Shape
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 QUERY_BUCKETS = (1, 2, 4, 8, 16, 32)
-PREFILL_BATCH = 2  # prefill forwards of up to this many requests are graphed, in query buckets of:
+PREFILL_BATCH = 8  # prefill forwards of up to this many requests are graphed, in query buckets of:
 PREFILL_QUERY = (64, 128, 192, 256, 384, 512)
 PREFILL_ROWS = 72  # logits a prompt's graph computes (its static rows); a call asking more runs eagerly
 MIN_SPAN = 128
@@ -88,11 +90,18 @@ class GraphRunner:
         batch = next((b for b in self.batch_buckets if b >= shape.batch), None)
         query = next((q for q in self.query_buckets if q >= shape.query), None)
         if query is None and shape.batch <= PREFILL_BATCH and rows <= PREFILL_ROWS:  # a prompt (module docstring)
-            query = next((q for q in PREFILL_QUERY if q >= shape.query and q <= self.engine.max_context), None)
+            query = next((q for q in self.prompt_buckets if q >= shape.query), None)
         if batch is None or query is None:
             return None
         span = max(MIN_SPAN, 1 << (shape.span - 1).bit_length())
         return Shape(batch, query, min(span, self.engine.max_context))
+
+    @property
+    def prompt_buckets(self) -> list[int]:
+        """A prompt forward's query buckets: PREFILL_QUERY below the context, then the context
+        itself where it is shorter than the largest (a 300-token prompt in a 310-token context)."""
+        limit = self.engine.max_context
+        return [q for q in PREFILL_QUERY if q < limit] + ([limit] if limit <= PREFILL_QUERY[-1] else [])
 
     def _device(self):
         return torch.cuda.device(self.engine.device) if self.capture else nullcontext()
@@ -155,7 +164,7 @@ class GraphRunner:
         1..max(max_draft, LONG_PIECE) steps, greedy and sampled. Returns how many graphs the
         engine holds."""
         self.warmup()
-        self.warmup(batch_sizes=[b for b in self.batch_buckets if b <= PREFILL_BATCH], query_lens=PREFILL_QUERY)
+        self.warmup(batch_sizes=[b for b in self.batch_buckets if b <= PREFILL_BATCH], query_lens=self.prompt_buckets)
         if draft:
             self.warmup_drafts(self.batch_buckets, list(range(1, max(max_draft, LONG_PIECE) + 1)), sampled=(False, True))
         return len(self.graphs)

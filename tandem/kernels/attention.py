@@ -171,11 +171,13 @@ def _sm_count(device: torch.device) -> int:
 # ---- kernels -------------------------------------------------------------------------------
 
 
-# Triton compiles a variant per integer argument that equals 1 or divides by 16. The span, the
-# query length and the tile count follow the shapes: an eager prefill (several prompts, or a long
-# one) would meet new variants at run time and compile each inside a step (a second or so).
-# They are plain runtime integers here (chunk is a multiple of BLOCK_N anyway).
-@jit(do_not_specialize=["span", "chunk", "query_len", "tiles"])
+# Triton compiles a variant per integer argument that equals 1 or divides by 16, and per pointer
+# that is or is not 16-byte aligned. The span, the query length and the tile count follow the
+# shapes, and slots / positions are views into a step's one index tensor at offsets that follow
+# its row count: an eager prefill (several prompts, or a long one) would meet new variants at run
+# time and compile each inside a step (1.6 s on an H200). They are plain runtime values here.
+@jit(do_not_specialize=["span", "chunk", "query_len", "tiles"],
+     do_not_specialize_on_alignment=["slots_ptr", "positions_ptr"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, slots_ptr, positions_ptr, out_ptr, work_ptr,
     span, qk_scale, chunk, query_len, tiles,

@@ -73,7 +73,7 @@ def softmax_entropy_triton(
     return probs, h, argmax
 
 
-@jit
+@jit(do_not_specialize_on_alignment=["temp_ptr"])  # a view at any offset (rejection.py says why)
 def _softmax_entropy_kernel(
     logits_ptr, temp_ptr, probs_ptr, h_ptr, argmax_ptr, V, stride_row, BLOCK_V: tl.constexpr
 ):

@@ -254,7 +254,9 @@ def _kernels() -> SimpleNamespace:
         next_power_of_2=triton.next_power_of_2,
         rms_norm=triton.jit(_rms_norm_kernel),
         silu_mul=triton.jit(_silu_mul_kernel),
-        rope_and_cache=triton.jit(_rope_and_cache_kernel),
+        # slots / positions: views into a step's index tensor, aligned or not by its row count (an
+        # alignment is a compiled variant of its own: tandem/kernels/attention.py)
+        rope_and_cache=triton.jit(_rope_and_cache_kernel, do_not_specialize_on_alignment=["slots_ptr", "positions_ptr"]),
     )
 
 

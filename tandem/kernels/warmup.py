@@ -48,8 +48,9 @@ def warm_kernels(vocab: int, device, max_draft: int = MAX_DRAFT, rejection: bool
 
 
 def record_compiles() -> list[str]:
-    """From now on, append the name of every Triton kernel variant this process compiles (or loads
-    from the disk cache) to the returned list: benchmarks attribute a slow step to a compile.
+    """From now on, append every Triton kernel variant this process compiles (or loads from the
+    disk cache), with its arguments' specializations, to the returned list: benchmarks attribute a
+    slow step to a compile and name what differed from the warmed variants.
     Empty (nothing recorded) without Triton or without its runtime hooks."""
     log: list[str] = []
     try:
@@ -58,7 +59,7 @@ def record_compiles() -> list[str]:
         return log
 
     def hook(*args, fn=None, repr=None, **kwargs):
-        log.append(getattr(fn, "name", None) or str(repr).split("[")[0])
+        log.append(str(repr))  # name[options](argument: type and specialization, ...)
         return None  # compile as usual
 
     knobs.runtime.jit_cache_hook = hook

@@ -235,7 +235,10 @@ class LoadController:
     # -- observing ---------------------------------------------------------------------------
     def observe(self, step: StepObservation, rounds: list[Round]) -> None:
         self.steps += 1
-        if step.step_s > 0:
+        # The measured rates leave out steps that fed prompts: a prefill is the request's cost
+        # whatever the cap, and at 64 requests some 60% of steps feed one, 3x a normal step; in
+        # a decision's 8 steps, how many happened to was what a rate compared.
+        if step.step_s > 0 and not step.joined:
             key = (_bucket(step.batch), -1 if self.cap is None else self.cap)
             rate = self.realized.setdefault(key, _Rate())
             if rate.typical.accept(step.step_s / max(step.emitted, 1)):

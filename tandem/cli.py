@@ -87,6 +87,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--engine", default="auto", choices=["auto", "native", "hf"])
+    p.add_argument("--exact", action="store_true",
+                   help="the target's logits independent of batch and draft length: greedy output identical in every "
+                        "mode, also in bf16 (native engine; tandem/kernels/exact.py)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--url", default=None, metavar="HOST:PORT",
                    help="generate on a running tandem server over gRPC (e.g. 127.0.0.1:9000) instead of "
@@ -109,7 +112,8 @@ def run_generate(args: argparse.Namespace) -> int:
     spec = SpecParams(args.mode, args.max_draft, args.adaedl, not args.one_hot_drafts).validate()
     lam = {} if args.adaedl_lambda is None else {"lambda0": args.adaedl_lambda}
     adaedl = AdaEDLConfig(stop=args.adaedl_stop, cost_ratio=args.adaedl_cost_ratio, **lam)
-    pair = load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, engine=args.engine, max_slots=1)
+    pair = load_pair(args.target, args.draft, device=args.device, dtype=args.dtype, engine=args.engine, max_slots=1,
+                     exact=args.exact)
     prompt = pair.tokenizer.encode(args.prompt, add_special_tokens=False)
     # PEARL drafts on a background CUDA stream while the verifier runs (in-process overlap).
     overlap = spec.mode == "pearl" and pair.draft.device.type == "cuda"

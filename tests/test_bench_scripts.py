@@ -200,3 +200,14 @@ def test_controller_sim_runs_the_real_controller_against_every_static_setting(tm
         assert set(c["rows"]) == {"ar", "sd k=3", "sd k=5", "sd k=8", "sd+adaedl (cap 16)", "auto (default)"}
         assert all(r["tokens_per_s"] > 0 for r in c["rows"].values())
         assert c["rows"]["ar"]["drafted_per_step"] == 0 and c["rows"]["sd k=8"]["drafted_per_step"] > 0
+
+
+def test_exact_bench_compares_exact_mode_with_the_default(tmp_path):
+    out = tmp_path / "exact.json"
+    rc = load_script("exact_bench").main(["--device", "cpu", "--dtype", "float32", "--prompts", "3", "--max-tokens",
+                                          "6", "--concurrency", "1,2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]["rows"]
+    assert rc == 0 and {(r["target"], r["mode"], r["concurrency"]) for r in rows} == {
+        (t, m, n) for t in ("default", "exact") for m in ("ar", "sd k=5") for n in (1, 2)}
+    exact = [r for r in rows if r["target"] == "exact"]
+    assert all(r["tokens_per_s"] > 0 and r["identical_to_ar_batch_1"] == r["compared"] == 3 for r in exact)

@@ -54,6 +54,7 @@ class LaneSpec:
     max_draft: int = 8  # the longest window those graphs cover
     load_control: bool = False  # cap every request's draft length by the lane's load (tandem/spec/load_control.py)
     drafter_own_device: bool = False  # drafters on GPUs of their own: "auto" requests run PEARL
+    exact: bool = False  # the target's logits independent of batch and draft length (tandem/kernels/exact.py)
 
     @property
     def processes(self) -> int:
@@ -98,10 +99,11 @@ def _target_engine(spec: LaneSpec, rank: int, group):
     from tandem.engine.llama import LlamaEngine
 
     if spec.tp == 1:
-        return load_engine(spec.target, spec.device, spec.dtype, spec.engine, spec.max_slots, spec.max_context)
+        return load_engine(spec.target, spec.device, spec.dtype, spec.engine, spec.max_slots, spec.max_context,
+                           exact=spec.exact)
     model = load_hf_model(spec.target, spec.device, spec.dtype)
     shard_llama(model, rank, spec.tp)
-    return LlamaEngine(model, tp_group=group, **_kwargs(spec))
+    return LlamaEngine(model, tp_group=group, exact=spec.exact, **_kwargs(spec))
 
 
 def _adaedl(spec: LaneSpec) -> AdaEDLConfig:

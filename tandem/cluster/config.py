@@ -29,6 +29,10 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
     engine: Literal["auto", "native", "hf"] = Field("auto", description="native: batched Llama-family engine")
     max_context: int | None = Field(None, ge=16, description="cap on tokens per sequence (default: the model's)")
+    exact: bool = Field(False, description="the verifier's logits for a position are the same bits whatever else the "
+                        "step computes (other requests, draft length, graph bucket): greedy output then never depends "
+                        "on mode, batch or load, also in bf16; every matmul runs at one shape, attention at one tile "
+                        "shape (native engine only; costs some speed, BENCHMARKS.md)")
 
     @field_validator("target", "draft")
     @classmethod
@@ -160,4 +164,7 @@ class AppConfig(_Strict):
                              "leave lane.drafter_gpus and lane.drafter_resources unset")
         if tp > 1 and self.model.engine == "hf":
             raise ValueError("lane.tensor_parallel_size > 1 needs model.engine 'native' or 'auto' (Llama family)")
+        if self.model.exact and (self.model.engine == "hf" or cfg.get("model_type") not in models.NATIVE_MODEL_TYPES):
+            raise ValueError(f"model.exact needs the native engine: a Llama-family target {models.NATIVE_MODEL_TYPES} "
+                             f"and model.engine 'native' or 'auto' (the target is {cfg.get('model_type')!r})")
         return self

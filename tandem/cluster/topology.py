@@ -42,7 +42,8 @@ def lane_spec(cfg: AppConfig) -> LaneSpec:
         adaedl_lambda0=s.adaedl_lambda0, adaedl_stop=s.adaedl_stop, adaedl_cost_ratio=s.adaedl_cost_ratio,
         colocate_drafter=lane.colocate_drafter, num_drafters=lane.num_drafters,
         graphs_at_start=lane.cuda_graphs_at_start, max_draft=s.max_draft, load_control=s.load_control,
-        drafter_own_device=lane.device == "cuda" and not lane.colocate_drafter and lane.drafter_gpus >= 1)
+        drafter_own_device=lane.device == "cuda" and not lane.colocate_drafter and lane.drafter_gpus >= 1,
+        exact=m.exact)
 
 
 def build_lane_batch(cfg: AppConfig) -> tuple[SpecBatch, LaneWorkers]:

@@ -11,6 +11,9 @@ RMSNorm, RoPE + KV-cache write, SiLU·mul) and attention reads K/V straight from
 length bucketed, attention span bucketed) replay CUDA graphs (tandem/engine/graphs.py); prefill and
 other large shapes run eagerly. Rotary embeddings are transformers' own module, so any RoPE
 scaling the checkpoint uses is computed by transformers.
+exact=True: every matmul at one shape, attention at one tile shape, tensor-parallel sums in rank
+order, so a position's logits are the same bits whatever else the forward computes
+(tandem/kernels/exact.py).
 Checked against transformers' own forward and generate in tests/test_engines.py.
 """
 from __future__ import annotations
@@ -26,19 +29,24 @@ import torch.nn.functional as F
 from tandem.engine.base import Engine
 from tandem.engine.layout import HostBatch, Shape
 from tandem.kernels._triton import pick_triton
-from tandem.kernels.attention import slot_attention
+from tandem.errors import TandemError
+from tandem.kernels.attention import slot_attention, slot_attention_reference
+from tandem.kernels.exact import fixed_rows_linear, ordered_all_reduce
 from tandem.kernels.layer_ops import rms_norm, rope_and_cache, silu_mul
+from tandem.models import NATIVE_MODEL_TYPES
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = NATIVE_MODEL_TYPES
 
 
 class LlamaEngine(Engine):
     drafts_windows = True
 
     def __init__(
-        self, hf_model, max_slots: int, max_context: int | None = None, tp_group=None, cuda_graphs: bool | None = None
+        self, hf_model, max_slots: int, max_context: int | None = None, tp_group=None, cuda_graphs: bool | None = None,
+        exact: bool = False,
     ) -> None:
         super().__init__(max_slots)
+        self.exact = exact
         self.tp_group = tp_group  # set: the model is sharded (tandem/engine/tensor_parallel.py)
         tp = dist.get_world_size(tp_group) if tp_group is not None else 1
         cfg = hf_model.config
@@ -64,6 +72,9 @@ class LlamaEngine(Engine):
         # TANDEM_TRITON_ATTENTION=0: gather + SDPA instead of the slot-attention kernel (to rule it
         # out when an output looks wrong); read here, once, not per forward.
         self.triton_attention = os.environ.get("TANDEM_TRITON_ATTENTION", "1") != "0"
+        if exact and self.device.type == "cuda" and not (self.triton_attention and pick_triton(self.k_cache, None)):
+            raise TandemError("exact mode needs the Triton attention kernel on CUDA (Triton installed, "
+                              "TANDEM_TRITON and TANDEM_TRITON_ATTENTION not 0): SDPA picks kernels by shape")
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and tp_group is None
         # cuda_graphs=True off CUDA runs the same bucketed, padded path without capture (tests).
@@ -110,7 +121,11 @@ class LlamaEngine(Engine):
             # one kernel reads K/V straight from the slots
             flat_positions = positions.flatten()
             attend = functools.partial(
-                slot_attention, slots=token_slots, positions=flat_positions, span=span, query_len=q_len)
+                slot_attention, slots=token_slots, positions=flat_positions, span=span, query_len=q_len,
+                exact=self.exact)
+        elif self.exact:  # (CPU) every row against the whole context, in a shape no step changes
+            attend = functools.partial(
+                slot_attention_reference, slots=token_slots, positions=positions.flatten(), span=self.max_context)
         else:  # gather each request's keys, then SDPA with a causal mask by position
             keys = torch.arange(span, device=ids.device)
             mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, Q, span]
@@ -119,7 +134,7 @@ class LlamaEngine(Engine):
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual = rms_norm(x, layer.input_norm, self.eps, residual)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [N, (H + 2 kvH) D]
+            qkv = self._linear(h, layer.qkv, layer.qkv_bias)  # [N, (H + 2 kvH) D]
             if layer.q_norm is not None:  # Qwen3 normalises q and k per head before RoPE
                 qkv = self._qk_norm(layer, qkv)
             q = rope_and_cache(
@@ -127,15 +142,21 @@ class LlamaEngine(Engine):
                 self.k_cache[i], self.v_cache[i], token_slots, write_positions,
             )  # [N, H, D]
             out = attend(q, self.k_cache[i], self.v_cache[i])  # [N, H*D]
-            x = self._reduce(F.linear(out, layer.o_proj))
+            x = self._reduce(self._linear(out, layer.o_proj))
             h, residual = rms_norm(x, layer.post_norm, self.eps, residual)
-            x = self._reduce(F.linear(silu_mul(F.linear(h, layer.gate_up)), layer.down))
+            x = self._reduce(self._linear(silu_mul(self._linear(h, layer.gate_up)), layer.down))
         if rows is not None:
             x, residual = x[rows], residual[rows]
         h, _ = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon, residual)
+        head = self.model.lm_head
+        if self.exact:
+            return fixed_rows_linear(h, head.weight, head.bias, torch.float32 if self.fp32_logits else None)
         if self.fp32_logits:  # bf16 logits tie often (0.0625 apart near 10): keep the argmax stable
-            return torch.mm(h, self.model.lm_head.weight.t(), out_dtype=torch.float32)
-        return self.model.lm_head(h)
+            return torch.mm(h, head.weight.t(), out_dtype=torch.float32)
+        return head(h)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return fixed_rows_linear(x, weight, bias) if self.exact else F.linear(x, weight, bias)
 
     def _sdpa(self, q, k_cache, v_cache, slot_ids, span: int, mask) -> torch.Tensor:  # [N, H*D]
         bsz, q_len = mask.shape[0], mask.shape[2]
@@ -150,6 +171,10 @@ class LlamaEngine(Engine):
     def _qk_norm(self, layer: _FusedLayer, qkv: torch.Tensor) -> torch.Tensor:
         n, d = qkv.shape[0], self.head_dim
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        if self.exact:  # one head row per program (torch's reductions pick their plan by size)
+            q = rms_norm(q.reshape(-1, d), layer.q_norm.weight, layer.q_norm.variance_epsilon)[0].view(n, -1)
+            k = rms_norm(k.reshape(-1, d), layer.k_norm.weight, layer.k_norm.variance_epsilon)[0].view(n, -1)
+            return torch.cat([q, k, v], dim=-1)
         q = layer.q_norm(q.view(n, -1, d)).flatten(1)
         k = layer.k_norm(k.view(n, -1, d)).flatten(1)
         return torch.cat([q, k, v], dim=-1)
@@ -157,6 +182,8 @@ class LlamaEngine(Engine):
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Row-parallel blocks leave partial sums on each rank: one all-reduce per block."""
         if self.tp_group is not None:
+            if self.exact:
+                return ordered_all_reduce(partial, self.tp_group)
             dist.all_reduce(partial, group=self.tp_group)
         return partial
 

@@ -43,9 +43,12 @@ def load_pair(
     max_context: int | None = None,
     cuda_graphs: bool | None = None,
     draft_device: str | None = None,
+    exact: bool = False,
 ) -> ModelPair:
     """Both engines of a pair. cuda_graphs: None = on for the native engine on CUDA.
-    draft_device: put the draft on another device (e.g. "cuda:1"); default: `device`."""
+    draft_device: put the draft on another device (e.g. "cuda:1"); default: `device`.
+    exact: the target's logits independent of batch and draft length (tandem/kernels/exact.py);
+    the draft needs no such thing (the output is the target's whatever it proposes)."""
     tokenizer = load_tokenizer(target)
     target_cfg, draft_cfg = read_config(target), read_config(draft)
     if target_cfg.get("vocab_size") != draft_cfg.get("vocab_size"):
@@ -56,7 +59,8 @@ def load_pair(
     _check_same_tokenizer(tokenizer, draft)
     kwargs = {"dtype": dtype, "engine": engine, "max_slots": max_slots, "max_context": max_context, "cuda_graphs": cuda_graphs}
     return ModelPair(
-        tokenizer, load_engine(target, device=device, **kwargs), load_engine(draft, device=draft_device or device, **kwargs)
+        tokenizer, load_engine(target, device=device, exact=exact, **kwargs),
+        load_engine(draft, device=draft_device or device, **kwargs),
     )
 
 
@@ -91,7 +95,7 @@ def _check_same_tokenizer(tokenizer, draft: str | Path) -> None:
 
 def load_engine(
     path: str | Path, device: str, dtype: str, engine: EngineKind, max_slots: int, max_context: int | None,
-    cuda_graphs: bool | None = None,
+    cuda_graphs: bool | None = None, exact: bool = False,
 ) -> Engine:
     from tandem.engine.hf_engine import HFEngine
     from tandem.engine.llama import SUPPORTED_MODEL_TYPES, LlamaEngine
@@ -100,9 +104,12 @@ def load_engine(
     native = cfg.get("model_type") in SUPPORTED_MODEL_TYPES
     if engine == "native" and not native:
         raise TandemError(f"the native engine supports {SUPPORTED_MODEL_TYPES}, not {cfg.get('model_type')!r}")
+    if exact and (not native or engine == "hf"):
+        raise TandemError(f"exact mode needs the native engine (Llama family), not {cfg.get('model_type')!r} on "
+                          f"engine {engine!r}")
     model = load_hf_model(path, device, dtype)
     if native and engine != "hf":
-        return LlamaEngine(model, max_slots=max_slots, max_context=max_context, cuda_graphs=cuda_graphs)
+        return LlamaEngine(model, max_slots=max_slots, max_context=max_context, cuda_graphs=cuda_graphs, exact=exact)
     return HFEngine(model, max_slots=max_slots, max_context=max_context)
 
 

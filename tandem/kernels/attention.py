@@ -50,10 +50,11 @@ def slot_attention(
     scale: float | None = None,  # default 1/sqrt(D)
     use_triton: bool | None = None,  # None: Triton for CUDA tensors when installed
     query_len: int = 1,  # Q: rows b*Q .. b*Q+Q-1 share slots[b*Q] (Triton reads K/V once for them)
+    exact: bool = False,  # Triton: one tile shape and no key splits (row results independent of the batch)
 ) -> torch.Tensor:  # [N, H*D] in q's dtype, contiguous
     """softmax(q k^T * scale + causal mask) v per row, GQA heads h -> h // (H / kvH)."""
     if pick_triton(q, use_triton):
-        return slot_attention_triton(q, k_cache, v_cache, slots, positions, span, scale, query_len)
+        return slot_attention_triton(q, k_cache, v_cache, slots, positions, span, scale, query_len, exact=exact)
     return slot_attention_reference(q, k_cache, v_cache, slots, positions, span, scale)
 
 
@@ -80,8 +81,13 @@ def slot_attention_triton(
     q, k_cache, v_cache, slots, positions, span: int, scale: float | None = None, query_len: int = 1,
     num_splits: int | None = None,  # None: enough to fill the GPU (tests force values)
     block_n: int | None = None,  # keys per loop step; None: 64 (fp32: 32)
+    exact: bool = False,
 ) -> torch.Tensor:
-    """The Triton kernels; shapes and semantics as slot_attention."""
+    """The Triton kernels; shapes and semantics as slot_attention. exact: every call runs tiles
+    of TILE_M // G rows whatever the query length, over all keys in one split, so a row's sums
+    run in the same order alone, in a verify of k + 1 rows or in any batch (tandem/kernels/exact.py).
+    Blocks of keys past a row's end, which a longer row in its tile makes the loop visit, add
+    exact zeros (p = 0, the running max unchanged)."""
     _check(q, k_cache, v_cache, slots, positions, span, query_len)
     n, heads, dim = q.shape
     group = heads // k_cache.shape[2]
@@ -92,7 +98,8 @@ def slot_attention_triton(
     # registers at 64 keys x 4 warps; 64 x 128 fp32 K and V tiles would also need 64 KB a stage.
     fp32 = q.dtype == torch.float32
     block_n = block_n or (32 if fp32 else 64)
-    plan = _Plan.of(n // query_len, query_len, group, k_cache.shape[2], dim, span, block_n, q.device, num_splits)
+    plan = _Plan.of(n // query_len, query_len, group, k_cache.shape[2], dim, span, block_n, q.device,
+                    1 if exact else num_splits, exact)
     # Split programs' outputs and log2-sum-exps, [N*H, splits, D + 1] (unused without splits)
     work = q.new_empty(n * heads, plan.splits, dim + 1, dtype=torch.float32) if plan.splits > 1 else out
     scale = dim**-0.5 if scale is None else scale
@@ -142,9 +149,10 @@ class _Plan:
     grid: tuple[int, int, int]  # (requests x tiles, kv heads, splits)
 
     @staticmethod
-    def of(batch, query_len, group, kv_heads, dim, span, block_n, device, num_splits) -> _Plan:
-        # e.g. G = 4, Q = 9: 9 rows (36 lanes) in one tile of 64; Q = 32: two tiles of 16 rows
-        rows = min(query_len, max(1, TILE_M // group))
+    def of(batch, query_len, group, kv_heads, dim, span, block_n, device, num_splits, exact=False) -> _Plan:
+        # e.g. G = 4, Q = 9: 9 rows (36 lanes) in one tile of 64; Q = 32: two tiles of 16 rows;
+        # exact: tiles of 16 rows at any Q (one tile shape)
+        rows = max(1, TILE_M // group) if exact else min(query_len, max(1, TILE_M // group))
         tiles = -(-query_len // rows)
         if num_splits is None:
             num_splits = _fill_splits(batch * tiles * kv_heads, span, device)

@@ -13,6 +13,7 @@ SHIPPED = Path(__file__).resolve().parent
 PREFIX = "tandem:"
 TINY_TARGET = f"{PREFIX}tiny/target"
 TINY_DRAFT = f"{PREFIX}tiny/draft"
+NATIVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # what the native engine runs (tandem/engine/llama.py)
 
 
 def resolve(path: str | Path) -> Path:

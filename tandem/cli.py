@@ -98,6 +98,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.url and args.exact:
+        print("tandem generate: --exact applies in process; a server is exact when its config sets model.exact",
+              file=sys.stderr)
+        return 2
     if args.url:
         return run_remote_generate(args)
     try:

@@ -175,6 +175,25 @@ def test_kernel_padding_rows_past_the_span(query_len):
 
 
 @kernel_test
+def test_kernel_exact_rows_are_the_same_bits_in_any_call():
+    """exact=True (one tile shape, no key splits): a row's output is the same bits alone (a
+    decode), inside a verify of 9 rows, in a batch of decodes of other slots and lengths, and
+    inside a verify padded past the span. bf16 (the interpreter's fp32 products depend on a
+    row's place in its tile; a GPU's do not)."""
+    q, k, v, slots, positions, span = attention_case(torch.bfloat16, 8, 2, 64, [3, 30], 9, span=64, seed=4)
+    want = 9 + 4  # request 1's row 4: position 34
+    alone = slot_attention_triton(q[want : want + 1], k, v, slots[want : want + 1], positions[want : want + 1], span,
+                                  query_len=1, exact=True, block_n=16)
+    verify = slot_attention_triton(q[9:], k, v, slots[9:], positions[9:], span, query_len=9, exact=True, block_n=16)
+    mixed = slot_attention_triton(q, k, v, slots, positions, span, query_len=1, exact=True, block_n=16)
+    padded_positions = positions.clone()
+    padded_positions[-2:] = 1000  # padding rows of a bucket: past the span
+    padded = slot_attention_triton(q, k, v, slots, padded_positions, span, query_len=9, exact=True, block_n=16)
+    for out in (verify[4:5], mixed[want : want + 1], padded[want : want + 1]):
+        assert torch.equal(out, alone)
+
+
+@kernel_test
 def test_kernel_head_dim_below_16_and_fp16():
     """D = 8 is padded to tl.dot's minimum of 16; fp16 takes the hi + lo path as bf16 does."""
     case = attention_case(torch.float16, 4, 1, 8, [5, 30], 3, span=40, seed=3)

@@ -106,6 +106,7 @@ def broken_checkpoints(tmp_path_factory):
         (["--top-p", "0"], "top_p must be in (0, 1]"),
         (["--prompt", "x = 1\n" * 2000], "does not fit the context"),
         (["--prompt", ""], "prompt is empty"),
+        (["--url", "127.0.0.1:1", "--exact"], "--exact applies in process"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, tandem):

@@ -97,13 +97,21 @@ def test_exact_logits_are_the_same_bits_however_a_position_is_computed(dtype):
         assert torch.equal(logits, first), (graphs, way, (logits - first).abs().max().item())
 
 
-def test_exact_mode_needs_the_native_engine(tiny_pair_paths):
+def test_exact_mode_needs_the_native_engine_and_a_rope_of_fixed_angles(tiny_pair_paths):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from tandem.engine.pair import load_engine
     from tandem.errors import TandemError
 
     target, _ = tiny_pair_paths
     with pytest.raises(TandemError, match="native engine"):
         load_engine(target, "cpu", "float32", "hf", 2, None, exact=True)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128,
+                      rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(TandemError, match="'dynamic' RoPE"):  # its angles follow the batch's longest row
+        LlamaEngine(LlamaForCausalLM(cfg), max_slots=2, exact=True)
+    LlamaEngine(LlamaForCausalLM(cfg), max_slots=2)  # fine without exact mode
 
 
 # ---- on a GPU: bf16, the Triton kernels, every mode ----------------------------------------

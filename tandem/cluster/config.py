@@ -167,4 +167,7 @@ class AppConfig(_Strict):
         if self.model.exact and (self.model.engine == "hf" or cfg.get("model_type") not in models.NATIVE_MODEL_TYPES):
             raise ValueError(f"model.exact needs the native engine: a Llama-family target {models.NATIVE_MODEL_TYPES} "
                              f"and model.engine 'native' or 'auto' (the target is {cfg.get('model_type')!r})")
+        if self.model.exact and models.rope_type(cfg) in models.BATCH_DEPENDENT_ROPE:
+            raise ValueError(f"model.exact cannot run the target's {models.rope_type(cfg)!r} RoPE: its angles follow "
+                             "the longest sequence in the batch")
         return self

@@ -33,9 +33,10 @@ from tandem.errors import TandemError
 from tandem.kernels.attention import slot_attention, slot_attention_reference
 from tandem.kernels.exact import fixed_rows_linear, ordered_all_reduce
 from tandem.kernels.layer_ops import rms_norm, rope_and_cache, silu_mul
-from tandem.models import NATIVE_MODEL_TYPES
+from tandem.models import BATCH_DEPENDENT_ROPE, NATIVE_MODEL_TYPES, rope_type
 
 SUPPORTED_MODEL_TYPES = NATIVE_MODEL_TYPES
+EXACT_REF_ROWS = 8  # rows per call of exact mode's CPU attention (_exact_reference)
 
 
 class LlamaEngine(Engine):
@@ -47,6 +48,9 @@ class LlamaEngine(Engine):
     ) -> None:
         super().__init__(max_slots)
         self.exact = exact
+        if exact and rope_type(hf_model.config.to_dict()) in BATCH_DEPENDENT_ROPE:
+            raise TandemError(f"exact mode cannot run a {rope_type(hf_model.config.to_dict())!r} RoPE: its angles follow "
+                              "the longest sequence in the batch")
         self.tp_group = tp_group  # set: the model is sharded (tandem/engine/tensor_parallel.py)
         tp = dist.get_world_size(tp_group) if tp_group is not None else 1
         cfg = hf_model.config
@@ -124,8 +128,7 @@ class LlamaEngine(Engine):
                 slot_attention, slots=token_slots, positions=flat_positions, span=span, query_len=q_len,
                 exact=self.exact)
         elif self.exact:  # (CPU) every row against the whole context, in a shape no step changes
-            attend = functools.partial(
-                slot_attention_reference, slots=token_slots, positions=positions.flatten(), span=self.max_context)
+            attend = functools.partial(self._exact_reference, slots=token_slots, positions=positions.flatten())
         else:  # gather each request's keys, then SDPA with a causal mask by position
             keys = torch.arange(span, device=ids.device)
             mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, Q, span]
@@ -157,6 +160,18 @@ class LlamaEngine(Engine):
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return fixed_rows_linear(x, weight, bias) if self.exact else F.linear(x, weight, bias)
+
+    def _exact_reference(self, q, k_cache, v_cache, slots, positions) -> torch.Tensor:  # [N, H*D]
+        """Exact mode off the Triton path: the reference attention over the whole context, in
+        blocks of EXACT_REF_ROWS rows (the last padded with row 0), so every call has one shape
+        and memory stays at a block's gather (rows x context x heads x dim)."""
+        n, block = q.shape[0], EXACT_REF_ROWS
+        out = q.new_empty(n, q.shape[1] * q.shape[2])
+        for start in range(0, n, block):
+            rows = torch.arange(start, start + block, device=q.device).clamp_max(n - 1)
+            part = slot_attention_reference(q[rows], k_cache, v_cache, slots[rows], positions[rows], self.max_context)
+            out[start : start + block] = part[: min(block, n - start)]
+        return out
 
     def _sdpa(self, q, k_cache, v_cache, slot_ids, span: int, mask) -> torch.Tensor:  # [N, H*D]
         bsz, q_len = mask.shape[0], mask.shape[2]

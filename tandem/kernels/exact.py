@@ -34,6 +34,7 @@ def fixed_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """x @ weight.T (+ bias) for x [N, K], computed EXACT_ROWS rows at a time, the last block
     zero-padded: row n's result does not depend on N or on the other rows. out_dtype: float32
     for fp32 outputs of 16-bit inputs (the logits), else x's dtype."""
+    assert x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [N, K] (cuBLAS picks by layout too), {tuple(x.shape)}"
     n = x.shape[0]
     out = torch.empty(n, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     pad = None

@@ -14,6 +14,15 @@ PREFIX = "tandem:"
 TINY_TARGET = f"{PREFIX}tiny/target"
 TINY_DRAFT = f"{PREFIX}tiny/draft"
 NATIVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # what the native engine runs (tandem/engine/llama.py)
+# RoPE scalings whose angles follow the longest sequence in the forward (transformers' dynamic
+# update): a position's embedding then depends on the batch, which exact mode cannot allow
+BATCH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_type(config: dict) -> str:
+    """The RoPE type a checkpoint's config.json names ("default" when none)."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return str(rope.get("rope_type") or rope.get("type") or "default")
 
 
 def resolve(path: str | Path) -> Path:

@@ -21,6 +21,11 @@ TINY = SHIPPED / "tiny"
 SERVICER = "tandem.protos.tandem_pb2_grpc.add_TandemServicer_to_server"
 
 
+def gpu(test):
+    """A GPU test: marked (`pytest -m gpu` on the GPU machine) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_llama
+from conftest import gpu, random_llama
 from scipy.stats import chisquare
 
 from tandem.actors.drafter import LocalDrafter
@@ -19,7 +19,7 @@ from tandem.params import SamplingParams
 from tandem.spec.adaedl import AdaEDLConfig
 from tandem.spec.messages import DraftItem
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
 GREEDY = SamplingParams(max_tokens=64)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, make_pair, random_llama
+from conftest import TINY, gpu, make_pair, random_llama
 
 from tandem.actors.offline import generate
 from tandem.engine.graphs import GraphRunner
@@ -16,7 +16,7 @@ from tandem.engine.layout import Shape
 from tandem.engine.llama import LlamaEngine
 from tandem.params import SamplingParams, SpecParams
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [42]]
 
 

@@ -79,6 +79,7 @@ class GraphRunner:
         self.query_buckets = QUERY_BUCKETS
         self.graphs: dict[Shape | DraftShape, _Graph] = {}
         self._prompt_logits: torch.Tensor | None = None  # the prompt graphs' shared output
+        self._warmed: set[tuple] = set()  # draft programs already run eagerly: (first shape, sampled)
         self.capture = engine.device.type == "cuda"  # elsewhere the same padded path runs eagerly (tests)
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         # This runner's own capture stream, hence its own cuBLAS workspace (module docstring).
@@ -209,10 +210,18 @@ class GraphRunner:
         def draft(data, temperature, noise):
             return draft_program(eng, *split(data), temperature, noise, key.steps, first.span)
 
-        return self._capture(key, (data, temperature, noise), draft)
+        # A window of n >= 2 steps runs the kernels, shapes and allocations of the window of 2 (its
+        # later steps repeat the second): once a window of two or more steps of this first shape
+        # has been run eagerly, the others capture without warming up (at start a drafter
+        # captures some 1300 windows, and the eager runs were most of that time).
+        family = (first, key.sampled)
+        warm = family not in self._warmed
+        if key.steps >= 2:
+            self._warmed.add(family)
+        return self._capture(key, (data, temperature, noise), draft, warm=warm)
 
     @torch.inference_mode()
-    def _capture(self, key, inputs: tuple, fn: Callable, rows_inside: bool = False) -> _Graph:
+    def _capture(self, key, inputs: tuple, fn: Callable, rows_inside: bool = False, warm: bool = True) -> _Graph:
         if not self.capture:
             g = _Graph(None, inputs, None, fn, rows_inside)
             self.graphs[key] = g
@@ -220,7 +229,7 @@ class GraphRunner:
         with _CAPTURE_LOCK:
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):  # warm up: allocator, cuBLAS workspace, lazy kernels
-                for _ in range(2):
+                for _ in range(2 if warm else 0):
                     fn(*inputs)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):

@@ -64,6 +64,7 @@ class Runner:
         starts, first, last, gaps, steps, tokens = {}, {}, {}, [], [], 0
         joined, caps = [], Counter()  # per step: whether a request joined (its prompt was fed); auto's cap
         compiled, captured = [], []  # per step: Triton compiles and CUDA graph captures in it
+        totals = Counter()  # the finished requests' stats: what drafting gave (where tokens were lost)
         runners = [r for r in (gb.graphs_of(b.pair.target), gb.graphs_of(b.pair.draft)) if r is not None]
         held = lambda: sum(len(r.graphs) for r in runners)  # noqa: E731
         waiting = list(enumerate(jobs))
@@ -87,6 +88,8 @@ class Runner:
             if name == AUTO:
                 caps["none" if self.controller.cap is None else str(self.controller.cap)] += 1
             for e in emissions:
+                if e.finish_reason is not None:
+                    totals.update({k: getattr(e.stats, k) for k in ("steps", "drafted", "checked", "accepted", "generated")})
                 n = len(e.token_ids)
                 tokens += n
                 if n and e.rid not in first:
@@ -106,6 +109,8 @@ class Runner:
                "join_steps": sum(joined), "join_step_ms": _pcts([x for x, j in zip(steps, joined) if j]),
                "other_step_ms": _pcts([x for x, j in zip(steps, joined) if not j]),
                "compiles": [name for c in compiled for name in c], "captures": sum(captured),
+               # per request and verify: tokens drafted, judged, accepted, emitted
+               "per_verify": {k: totals[k] / max(totals["steps"], 1) for k in ("drafted", "checked", "accepted", "generated")},
                # the slowest steps and what they did: a join, Triton compiles, CUDA graph captures
                "slowest": [{"step": i, "ms": 1000 * steps[i], "joined": joined[i], "compiled": compiled[i],
                             "captured": captured[i]}

@@ -4,8 +4,8 @@
     python benchmarks/exact_bench.py --device cpu --dtype float32 --prompts 4 --max-tokens 8 \
         --concurrency 1,2                                                                     # smoke run
 
-One pair, two targets built from the same weights: the default engine and exact mode
-(tandem/kernels/exact.py). For each, AR and SD k=5 (greedy) at each concurrency (n=1: the
+One pair, targets built from the same weights: the default engine and exact mode
+(tandem/kernels/exact.py) with each `--exact-rows` block size. For each, AR and SD k=5 (greedy) at each concurrency (n=1: the
 prompts one after another; n>1: n at a time, a continuous batch), tokens/s over wall time. Then,
 per target, how many prompts' greedy outputs equal AR's at batch 1 (the reference) in every
 other row: exact mode's goal is all of them. Prints a table and writes JSON.
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=64, help="held-out code prompts (n=1 rows run the first 16)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", default="1,64")
+    ap.add_argument("--exact-rows", default="64,128", help="exact targets to build: rows per matmul block of each")
     ap.add_argument("--deadline-s", type=float, default=None)
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/exact_bench.json"))
     args = ap.parse_args(argv)
@@ -66,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
                                nl_prompts=1, draft_device=None)
     b = gb.load(gargs, report, budget)
     default = b.pair
-    exact = ModelPair(default.tokenizer, LlamaEngine(default.target.model, max_slots=default.target.max_slots,
-                                                     max_context=default.target.max_context, exact=True),
-                      default.draft)
-    pairs = {"default": default, "exact": exact}
+    pairs = {"default": default}
+    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= max(concurrency)]  # a batch shrinks as it ends
+    for rows in [int(x) for x in args.exact_rows.split(",")]:  # the same weights, fused again
+        target = LlamaEngine(default.target.model, max_slots=default.target.max_slots,
+                             max_context=default.target.max_context, exact=True, exact_rows=rows)
+        pairs[f"exact{rows}"] = ModelPair(default.tokenizer, target, default.draft)
     report.data["meta"] = {"command": " ".join(["python", "benchmarks/exact_bench.py", *(argv or sys.argv[1:])]),
                            "device": gb.device_name(default.target.device), "dtype": args.dtype,
-                           "graph_warmup_s": sum(gb.warm_graphs(dataclasses.replace(b, pair=p), concurrency,
+                           "graph_warmup_s": sum(gb.warm_graphs(dataclasses.replace(b, pair=p), sizes,
                                                                 draft_steps=range(1, 6), sampled=(False,))
                                                  for p in pairs.values())}
     warm_kernels(default.target.vocab_size, default.target.device)
@@ -96,14 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             row["compared"] = min(len(out), len(reference))
         report.save()
     by = {(r["target"], r["mode"], r["concurrency"]): r for r in rows}
-    print(f"\n{'mode':<8} {'n':>4} {'default tok/s':>14} {'exact tok/s':>12} {'exact/default':>14} "
-          f"{'identical (default)':>20} {'identical (exact)':>18}")
-    for mode in MODES:
-        for n in concurrency:
-            d, e = by[("default", mode, n)], by[("exact", mode, n)]
-            print(f"{mode:<8} {n:>4} {d['tokens_per_s']:>14.0f} {e['tokens_per_s']:>12.0f} "
-                  f"{e['tokens_per_s'] / d['tokens_per_s']:>14.2f} "
-                  f"{d['identical_to_ar_batch_1']:>14}/{d['compared']:<5} {e['identical_to_ar_batch_1']:>12}/{e['compared']}")
+    print(f"\n{'target':<10} {'mode':<8} {'n':>4} {'tok/s':>9} {'vs default':>11} {'identical to AR at n=1':>23}")
+    for name in pairs:
+        for mode in MODES:
+            for n in concurrency:
+                r, d = by[(name, mode, n)], by[("default", mode, n)]
+                print(f"{name:<10} {mode:<8} {n:>4} {r['tokens_per_s']:>9.0f} {r['tokens_per_s'] / d['tokens_per_s']:>11.2f} "
+                      f"{r['identical_to_ar_batch_1']:>17}/{r['compared']}")
     print(f"wrote {args.out} in {budget.elapsed():.0f} s")
     return 0
 

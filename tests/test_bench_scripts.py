@@ -205,9 +205,9 @@ def test_controller_sim_runs_the_real_controller_against_every_static_setting(tm
 def test_exact_bench_compares_exact_mode_with_the_default(tmp_path):
     out = tmp_path / "exact.json"
     rc = load_script("exact_bench").main(["--device", "cpu", "--dtype", "float32", "--prompts", "3", "--max-tokens",
-                                          "6", "--concurrency", "1,2", "--out", str(out)])
+                                          "6", "--concurrency", "1,2", "--exact-rows", "64,4", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]["rows"]
     assert rc == 0 and {(r["target"], r["mode"], r["concurrency"]) for r in rows} == {
-        (t, m, n) for t in ("default", "exact") for m in ("ar", "sd k=5") for n in (1, 2)}
-    exact = [r for r in rows if r["target"] == "exact"]
+        (t, m, n) for t in ("default", "exact64", "exact4") for m in ("ar", "sd k=5") for n in (1, 2)}
+    exact = [r for r in rows if r["target"] != "default"]
     assert all(r["tokens_per_s"] > 0 and r["identical_to_ar_batch_1"] == r["compared"] == 3 for r in exact)

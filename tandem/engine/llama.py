@@ -31,7 +31,7 @@ from tandem.engine.layout import HostBatch, Shape
 from tandem.kernels._triton import pick_triton
 from tandem.errors import TandemError
 from tandem.kernels.attention import slot_attention, slot_attention_reference
-from tandem.kernels.exact import fixed_rows_linear, ordered_all_reduce
+from tandem.kernels.exact import EXACT_ROWS, fixed_rows_linear, ordered_all_reduce
 from tandem.kernels.layer_ops import rms_norm, rope_and_cache, silu_mul
 from tandem.models import BATCH_DEPENDENT_ROPE, NATIVE_MODEL_TYPES, rope_type
 
@@ -44,10 +44,10 @@ class LlamaEngine(Engine):
 
     def __init__(
         self, hf_model, max_slots: int, max_context: int | None = None, tp_group=None, cuda_graphs: bool | None = None,
-        exact: bool = False,
+        exact: bool = False, exact_rows: int = EXACT_ROWS,
     ) -> None:
         super().__init__(max_slots)
-        self.exact = exact
+        self.exact, self.exact_rows = exact, exact_rows  # exact: every matmul in blocks of exact_rows rows
         if exact and rope_type(hf_model.config.to_dict()) in BATCH_DEPENDENT_ROPE:
             raise TandemError(f"exact mode cannot run a {rope_type(hf_model.config.to_dict())!r} RoPE: its angles follow "
                               "the longest sequence in the batch")
@@ -153,13 +153,14 @@ class LlamaEngine(Engine):
         h, _ = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon, residual)
         head = self.model.lm_head
         if self.exact:
-            return fixed_rows_linear(h, head.weight, head.bias, torch.float32 if self.fp32_logits else None)
+            return fixed_rows_linear(h, head.weight, head.bias, torch.float32 if self.fp32_logits else None,
+                                     self.exact_rows)
         if self.fp32_logits:  # bf16 logits tie often (0.0625 apart near 10): keep the argmax stable
             return torch.mm(h, head.weight.t(), out_dtype=torch.float32)
         return head(h)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return fixed_rows_linear(x, weight, bias) if self.exact else F.linear(x, weight, bias)
+        return fixed_rows_linear(x, weight, bias, block=self.exact_rows) if self.exact else F.linear(x, weight, bias)
 
     def _exact_reference(self, q, k_cache, v_cache, slots, positions) -> torch.Tensor:  # [N, H*D]
         """Exact mode off the Triton path: the reference attention over the whole context, in

@@ -30,22 +30,22 @@ EXACT_ROWS = 64  # rows of every matmul in exact mode
 
 
 def fixed_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for x [N, K], computed EXACT_ROWS rows at a time, the last block
+                      out_dtype: torch.dtype | None = None, block: int = EXACT_ROWS) -> torch.Tensor:
+    """x @ weight.T (+ bias) for x [N, K], computed `block` rows at a time, the last block
     zero-padded: row n's result does not depend on N or on the other rows. out_dtype: float32
     for fp32 outputs of 16-bit inputs (the logits), else x's dtype."""
     assert x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [N, K] (cuBLAS picks by layout too), {tuple(x.shape)}"
     n = x.shape[0]
     out = torch.empty(n, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     pad = None
-    for start in range(0, n, EXACT_ROWS):
-        rows = min(EXACT_ROWS, n - start)
-        block = x[start : start + rows]
-        if rows < EXACT_ROWS:
-            pad = x.new_zeros(EXACT_ROWS, x.shape[1]) if pad is None else pad
-            pad[:rows].copy_(block)
-            block = pad
-        out[start : start + rows] = _matmul(block, weight, bias, out_dtype)[:rows]
+    for start in range(0, n, block):
+        rows = min(block, n - start)
+        part = x[start : start + rows]
+        if rows < block:
+            pad = x.new_zeros(block, x.shape[1]) if pad is None else pad
+            pad[:rows].copy_(part)
+            part = pad
+        out[start : start + rows] = _matmul(part, weight, bias, out_dtype)[:rows]
     return out
 
 

@@ -131,9 +131,10 @@ def test_exact_logits_on_the_gpu_in_bf16():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_greedy_output_of_every_mode_is_identical_in_exact_bf16():
-    """64 prompts x 96 tokens on a random bf16 pair (near-ties everywhere): AR at batch 1 is the
-    reference; SD k = 3, 8, 16, SD + AdaEDL, PEARL and auto, alone and in batches of 8 and 64,
-    give the same tokens."""
+    """64 prompts x 48 tokens on a random bf16 pair (near-ties everywhere): AR at batch 1 is the
+    reference; SD k = 3, 8, 16, SD + AdaEDL, PEARL and auto give the same tokens alone (the first
+    16 prompts) and in batches of 8 and 64 (all of them). benchmarks/exact_bench.py checks the
+    trained pair at full length."""
     def engine(seed, layers, exact):
         model = random_llama(seed, hidden=256, layers=layers, vocab=512, tied=False, init=0.05)
         return LlamaEngine(model.to("cuda", torch.bfloat16), max_slots=64, max_context=256, exact=exact)
@@ -141,17 +142,18 @@ def test_greedy_output_of_every_mode_is_identical_in_exact_bf16():
     pair = ModelPair(_NoTokenizer(), engine(5, 4, True), engine(6, 1, False))
     rng = random.Random(2)
     prompts = [[rng.randrange(512) for _ in range(rng.randint(4, 60))] for _ in range(64)]
-    greedy = SamplingParams(max_tokens=96, temperature=0.0)
+    greedy = SamplingParams(max_tokens=48, temperature=0.0)
     reference = [generate(pair, [p], greedy, SpecParams("ar"))[0].token_ids for p in prompts]
     specs = [SpecParams("sd", 3, adaedl=False), SpecParams("sd", 8, adaedl=False), SpecParams("sd", 16, adaedl=False),
              SpecParams("sd", 8, adaedl=True), SpecParams("pearl", 6, adaedl=False), SpecParams("auto", 16, adaedl=True)]
     for spec in specs:
         for group in (1, 8, 64):
+            batch = prompts[:16] if group == 1 else prompts
             out = []
-            for i in range(0, len(prompts), group):
-                out += [c.token_ids for c in generate(pair, prompts[i : i + group], greedy, spec)]
+            for i in range(0, len(batch), group):
+                out += [c.token_ids for c in generate(pair, batch[i : i + group], greedy, spec)]
             same = sum(a == b for a, b in zip(out, reference))
-            assert same == len(prompts), f"{spec} at batch {group}: {same}/{len(prompts)} identical"
+            assert same == len(batch), f"{spec} at batch {group}: {same}/{len(batch)} identical"
 
 
 class _NoTokenizer:

@@ -211,3 +211,42 @@ def test_exact_bench_compares_exact_mode_with_the_default(tmp_path):
         (t, m, n) for t in ("default", "exact64", "exact4") for m in ("ar", "sd k=5") for n in (1, 2)}
     exact = [r for r in rows if r["target"] != "default"]
     assert all(r["tokens_per_s"] > 0 and r["identical_to_ar_batch_1"] == r["compared"] == 3 for r in exact)
+
+
+def test_dashboard_snapshot_evaluates_every_panel_query(tmp_path):
+    """benchmarks/dashboard_snapshot.py draws deploy/grafana-tandem.json from scraped samples: on two
+    synthetic scrapes of every series the dashboard reads, each query gives a value, rates and
+    quantiles as Prometheus defines them, and every panel draws."""
+    snap = load_script("dashboard_snapshot")
+    dashboard = json.loads((REPO / "deploy" / "grafana-tandem.json").read_text())
+
+    def text(k: int) -> str:  # counters grow by k per scrape; the histogram's 2k observations split 1:1
+        lines = []
+        for name in ("generated_tokens", "accepted_tokens", "checked_tokens", "draft_tokens"):
+            lines += [f"# TYPE ray_tandem_{name}_total counter",
+                      f'ray_tandem_{name}_total{{mode="sd"}} {10.0 * k * (2 if name == "checked_tokens" else 1)}']
+        lines += ["# TYPE ray_tandem_requests_total counter", f'ray_tandem_requests_total{{finish_reason="length"}} {k}']
+        for name in ("time_to_first_token", "time_per_output_token", "inter_token_latency"):
+            h = f"ray_tandem_{name}_seconds"
+            lines += [f"# TYPE {h} histogram", f'{h}_bucket{{le="0.01"}} {k}', f'{h}_bucket{{le="0.1"}} {2 * k}',
+                      f'{h}_bucket{{le="+Inf"}} {2 * k}', f"{h}_count {2 * k}", f"{h}_sum {0.05 * k}"]
+        for name in ("lane_running", "lane_queued", "lane_free_slots", "lane_batch", "load_control_cap"):
+            lines += [f"# TYPE ray_tandem_{name} gauge", f'ray_tandem_{name}{{lane="a"}} 3']
+        lines += ["# TYPE ray_tandem_lane_step_ms gauge", 'ray_tandem_lane_step_ms{lane="a",part="verify"} 2.5',
+                  "# TYPE ray_tandem_load_control_tokens_per_s gauge",
+                  'ray_tandem_load_control_tokens_per_s{lane="a",kind="predicted"} 100']
+        return "\n".join(lines) + "\n"
+
+    scrapes = [(0.0, snap.parse(text(0))), (10.0, snap.parse(text(1)))]
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            assert snap.evaluate(target["expr"], scrapes, 1), (panel["title"], target["expr"])
+    by_mode = 'sum by (mode) (rate(ray_tandem_generated_tokens_total[1m]))'
+    assert snap.evaluate(by_mode, scrapes, 1) == {(("mode", "sd"),): 1.0}  # 10 tokens in 10 s
+    acceptance = dashboard["panels"][1]["targets"][0]["expr"]
+    assert snap.evaluate(acceptance, scrapes, 1) == {(("mode", "sd"),): 0.5}
+    p50 = "histogram_quantile(0.5, sum by (le) (rate(ray_tandem_time_to_first_token_seconds_bucket[5m])))"
+    assert snap.evaluate(p50, scrapes, 1) == {(): pytest.approx(0.01)}  # half the observations under 10 ms
+    if importlib.util.find_spec("matplotlib") is not None:  # the bench extra
+        drawn = snap.render(dashboard, scrapes, tmp_path / "d.png", "test")
+        assert (tmp_path / "d.png").stat().st_size > 0 and all(drawn.values()), drawn

@@ -104,13 +104,15 @@ serve() {
   # every CUDA graph captured before the server says it is up (else the first rate pays for captures)
   sed -e "s#tandem:tiny/target#$B/target#; s#tandem:tiny/draft#$B/draft#" \
       -e "s/max_batch_size: 32 /max_batch_size: 64\n        cuda_graphs_at_start: true/" \
+      -e "s/max_draft: 5 /max_draft: 16 /" \
     deploy/cluster-1gpu.yaml > /tmp/serve.yaml
   python -m tandem.cli serve /tmp/serve.yaml > "$OUT/serve_server.log" 2>&1 &
   local server=$!
   for _ in $(seq 400); do grep -q "is up" "$OUT/serve_server.log" && break; kill -0 $server 2>/dev/null || break; sleep 1; done
   grep "is up" "$OUT/serve_server.log" || { tail -20 "$OUT/serve_server.log"; kill $server; return 1; }
   for mode in ${SERVE_MODES:-ar sd auto}; do
-    timeout "$(left)" python benchmarks/serve_bench.py --mode "$mode" --rates "${SERVE_RATES:-8,16,32,64,128,inf}" \
+    local draft=5; [ "$mode" = auto ] && draft=16  # auto: lengths up to 16, as adaptive_bench runs it
+    timeout "$(left)" python benchmarks/serve_bench.py --mode "$mode" --max-draft $draft --rates "${SERVE_RATES:-8,16,32,64,128,inf}" \
       --num-prompts "${SERVE_PROMPTS:-200}" --output-len 64 --output-len-sigma 0.3 --max-output-len 88 \
       --out "$OUT/serve_$mode.json" 2>&1 | grep -v "^\[\|it/s\]" | tail -8
   done

@@ -92,6 +92,8 @@ class TandemBackend:
         self.kwargs = {"temperature": args.temperature, "ignore_eos": args.ignore_eos}
         if args.mode:
             self.kwargs["mode"] = args.mode
+        if args.max_draft:
+            self.kwargs["max_draft"] = args.max_draft
 
     async def run(self, prompt: str, max_tokens: int, out: Outcome) -> None:
         last = out.sent_at
@@ -300,6 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-output-len", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--mode", default=None, help="tandem: a decoding mode for every request (default: the server's)")
+    ap.add_argument("--max-draft", type=int, default=0,
+                    help="tandem: every request's draft length (auto: the longest); 0: the server's")
     ap.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                     help="generate max_tokens tokens (so lengths follow the distribution)")
     ap.add_argument("--slo-ttft-ms", type=float, default=500.0)

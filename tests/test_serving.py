@@ -658,7 +658,8 @@ def test_serve_bench_measures_the_cluster_over_grpc_and_http(server, tmp_path):
     sys.modules["serve_bench"] = bench  # its dataclasses look their module up
     spec.loader.exec_module(bench)
     common = ["--num-prompts", "6", "--output-len", "12", "--max-output-len", "24", "--warmup", "1"]
-    grpc_run = bench.main(["--url", server.grpc, "--rates", "inf,8", "--out", str(tmp_path / "g.json"), *common])
+    grpc_run = bench.main(["--url", server.grpc, "--rates", "inf,8", "--mode", "auto", "--max-draft", "8",
+                           "--out", str(tmp_path / "g.json"), *common])
     http_run = bench.main(["--backend", "openai", "--url", f"{server.http}/v1", "--concurrency", "3",
                            "--out", str(tmp_path / "h.json"), *common])
     for run in (grpc_run, http_run):

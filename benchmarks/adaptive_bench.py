@@ -62,7 +62,7 @@ class Runner:
         batch = SpecBatch(b.pair.target, self.drafters[name], b.pair.stop_ids, self.controller if name == AUTO else None,
                           control_all=False)
         starts, first, last, gaps, steps, tokens = {}, {}, {}, [], [], 0
-        joined, caps = [], Counter()  # per step: whether a request joined (its prompt was fed); auto's cap
+        joined, caps, trajectory = [], Counter(), []  # per step: a request joined (its prompt fed); auto's cap
         compiled, captured = [], []  # per step: Triton compiles and CUDA graph captures in it
         totals = Counter()  # the finished requests' stats: what drafting gave (where tokens were lost)
         runners = [r for r in (gb.graphs_of(b.pair.target), gb.graphs_of(b.pair.draft)) if r is not None]
@@ -86,7 +86,12 @@ class Runner:
             compiled.append(self.compiles[before:])
             captured.append(held() - graphs)
             if name == AUTO:
-                caps["none" if self.controller.cap is None else str(self.controller.cap)] += 1
+                cap = "none" if self.controller.cap is None else str(self.controller.cap)
+                caps[cap] += 1
+                if trajectory and trajectory[-1][0] == cap:  # runs of steps at one cap, in order
+                    trajectory[-1][1] += 1
+                else:
+                    trajectory.append([cap, 1])
             for e in emissions:
                 if e.finish_reason is not None:
                     totals.update({k: getattr(e.stats, k) for k in ("steps", "drafted", "checked", "accepted", "generated")})
@@ -117,7 +122,7 @@ class Runner:
                            for i in sorted(range(len(steps)), key=steps.__getitem__)[-3:]]}
         if name == AUTO:  # what the controller chose and what it believed
             state = self.controller.state()
-            row["controller"] = {"caps": dict(caps), **{k: state.get(k) for k in (
+            row["controller"] = {"caps": dict(caps), "trajectory": trajectory, **{k: state.get(k) for k in (
                 "rest_ms", "draft_position_ms", "draft_step_ms", "lane_acceptance", "measured_tokens_per_s")}}
         return row
 

@@ -76,8 +76,12 @@ COSTS = {
 }
 # Eager prefill of a 150-200-token prompt on the same H200: ~10-14 ms of host time for the target
 # (benchmarks/results/prefill_probe_eager_h200_2026-12-04.txt), a few ms for the 4-layer draft.
+# With prompt forwards of up to 8 requests in CUDA graphs (tandem/engine/graphs.py PREFILL_BATCH),
+# a join step should cost about the prompts' device time instead: a prediction (~3 ms of target
+# device time per 150-200 tokens, a few prompts a step at 64 requests), not yet a measurement.
 for _name in list(COSTS):
     COSTS[_name + "_joins"] = dataclasses.replace(COSTS[_name], join_verify=12.0, join_draft=3.0)
+    COSTS[_name + "_graphed_joins"] = dataclasses.replace(COSTS[_name], join_verify=4.0, join_draft=1.0)
 
 
 @dataclass(frozen=True)

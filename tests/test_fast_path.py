@@ -241,3 +241,22 @@ def test_a_prompt_runs_in_a_prefill_bucket_that_computes_only_the_rows_asked_for
     bucketed.forward([bucketed.allocate()], [list(range(1, 101))], [1])  # a 128 bucket
     assert bucketed.graphs.graphs[Shape(1, 128, 128)].outputs is g.outputs  # one output for all prompt graphs
     assert bucketed.graphs.bucket(Shape(1, 100, 100), rows=PREFILL_ROWS + 1) is None  # more logits: eager
+
+
+def test_many_prompts_at_once_prefill_in_graphed_groups(target_model):
+    """Eleven prompts in one step (a wave of joins, or a lane's first step): prefilled in forwards
+    of at most PREFILL_BATCH prompts, each a prompt graph, then the batch's own forward at a
+    decode shape; the logits are the eager engine's."""
+    from tandem.engine.graphs import PREFILL_BATCH
+
+    eager = LlamaEngine(target_model, max_slots=12)
+    bucketed = LlamaEngine(target_model, max_slots=12, cuda_graphs=True)
+    prompts = [list(range(1 + i, 21 + 2 * i)) for i in range(11)]  # 20 to 40 tokens
+    slots = [eager.allocate() for _ in prompts]
+    assert [bucketed.allocate() for _ in prompts] == slots
+    a = eager.forward(slots, prompts, [1] * len(prompts))
+    b = bucketed.forward(slots, prompts, [1] * len(prompts))
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    batches = sorted(s.batch for s in bucketed.graphs.graphs if s.query > 1)
+    assert batches == [4, PREFILL_BATCH]  # 8 + 3 prompts: two prompt graphs
+    assert any(s.query == 1 and s.batch == 12 for s in bucketed.graphs.graphs)  # then one row each

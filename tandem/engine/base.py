@@ -29,6 +29,9 @@ class Engine(ABC):
     # Drafts a whole window in one device program (tandem/engine/draft_steps.py); else a drafter
     # feeds one token per forward.
     drafts_windows: bool = False
+    # Prompts per prefill forward where that forward replays a graph (tandem/engine/graphs.py's
+    # PREFILL_BATCH); None: every prompt of a step in one forward.
+    prefill_group: int | None = None
 
     def __init__(self, max_slots: int) -> None:
         self.max_slots = max_slots
@@ -82,14 +85,20 @@ class Engine(ABC):
         """A batch is padded to its longest row: a prompt of 200 tokens joining 63 requests that
         verify a few tokens each would make the step 64 x 200 rows (on one H200, 50 ms against
         the step's 3-10). Where some rows, not all, feed more than PREFILL_APART tokens before
-        their logits, those tokens are fed in a forward of the long rows alone first; starts and
-        new_tokens are updated in place to what the batch's own forward then feeds."""
+        their logits, those tokens are fed in forwards of the long rows alone first, at most
+        `prefill_group` of them each (graphed prefills: twenty prompts joining at once run as
+        three graph replays, not one eager forward of ~15 ms of host time); where every row is
+        long, only when they are more than a group. starts and new_tokens are updated in place
+        to what the batch's own forward then feeds."""
         long = [b for b, (t, n) in enumerate(zip(new_tokens, num_logits)) if len(t) - n > PREFILL_APART]
-        if not long or len(long) == len(slots):
+        group = self.prefill_group or len(long)
+        if not long or (len(long) == len(slots) and len(long) <= group):
             return
         cut = {b: len(new_tokens[b]) - num_logits[b] for b in long}
-        self._forward([slots[b] for b in long], [starts[b] for b in long],
-                      [new_tokens[b][: cut[b]] for b in long], [1] * len(long))
+        for i in range(0, len(long), group):
+            part = long[i : i + group]
+            self._forward([slots[b] for b in part], [starts[b] for b in part],
+                          [new_tokens[b][: cut[b]] for b in part], [1] * len(part))
         for b, c in cut.items():
             starts[b] += c
             new_tokens[b] = new_tokens[b][c:]

@@ -84,10 +84,10 @@ class LlamaEngine(Engine):
         # cuda_graphs=True off CUDA runs the same bucketed, padded path without capture (tests).
         self.graphs = None
         if cuda_graphs:
-            from tandem.engine.graphs import GraphRunner
+            from tandem.engine.graphs import PREFILL_BATCH, GraphRunner
 
             self.graphs = GraphRunner(self, max_slots)
-
+            self.prefill_group = PREFILL_BATCH  # prompts beyond a graph's batch: more graphed prefills
     def _truncate(self, slot: int, length: int) -> None:
         pass  # positions past a slot's length are never read: the mask stops at the length
 

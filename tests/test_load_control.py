@@ -218,7 +218,7 @@ def test_the_window_rule_matches_trying_every_window():
 
     rng = random.Random(0)
     for _ in range(40):
-        b, d1, e1 = rng.uniform(1e-6, 1e-4), rng.uniform(0, 1e-4), rng.uniform(0, 1e-3)
+        b, d1 = rng.uniform(1e-6, 1e-4), rng.uniform(0, 1e-4)
         ctl = trained(rest=lambda n, b=b: 1e-3 + b * n, per_position=lambda m, d1=d1: 1e-4 + d1 * m,
                       alpha=0.8, batch=rng.choice([4, 16, 64]))
         _, _, fb, _ = ctl.rest.coefficients()
@@ -363,6 +363,18 @@ def test_a_prompts_prefill_is_fitted_apart_from_the_verify_and_the_draft():
     assert ctl.rest(64, 64 * 6, 0) == pytest.approx(rest(64, 64 * 6), rel=0.05)
     assert ctl._draft(8, 64) == pytest.approx(draft(8, 64), rel=0.05)
     assert ctl.state()["rest_ms"]["per_prompt"] == pytest.approx(12.0, rel=0.05)
+
+
+def test_the_measured_rates_leave_out_steps_that_fed_prompts():
+    """A prefill is a request's cost whatever the cap: a rate that counted join steps would compare
+    how many happened to fall in a decision's steps, not the caps."""
+    ctl = LoadController()
+    for i in range(24):
+        joined = i % 2  # every other step feeds a prompt and takes 3x as long
+        ctl.observe(StepObservation(64, 64, 0, 0, 0.0, 4e-3 * (1 + 2 * joined), emitted=64,
+                                    step_s=4e-3 * (1 + 2 * joined), joined=joined), [])
+    (rate,) = ctl.realized.values()
+    assert rate.count == 12 - 4 and rate.rate == pytest.approx(64 / 4e-3)  # (the first 4: start-up, skipped)
 
 
 def test_a_request_that_joins_between_decisions_drafts_a_planned_requests_median_window(monkeypatch):

@@ -33,7 +33,7 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Client, Listener
 
-from tandem.errors import LaneFull, LaneUnavailable, TandemError
+from tandem.actors.lane_core import check_room, checked_request
 from tandem.params import SamplingParams, SpecParams
 from tandem.spec.messages import Emission
 
@@ -80,19 +80,9 @@ class CoreProcess:
     # -- the request path (the replica's event loop) ----------------------------------------------
     def submit(self, rid: str, prompt: list[int], sampling: SamplingParams, spec: SpecParams, sink: Sink) -> None:
         """Queue a request; bad input and a full lane raise here, before anything is held."""
-        sampling, spec = sampling.validate(self.vocab_size), spec.validate()
-        if not prompt:
-            raise TandemError("prompt is empty: give at least one token")
-        if len(prompt) >= self.max_context:
-            raise TandemError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_context} tokens")
+        sampling, spec = checked_request(prompt, sampling, spec, self.vocab_size, self.max_context)
         with self._lock:
-            if self.error is not None:
-                raise LaneUnavailable(f"this lane failed ({type(self.error).__name__}) and is being replaced")
-            if rid in self._sinks:
-                raise TandemError(f"request id {rid!r} is already running")
-            if len(self._sinks) >= self.max_batch_size + self.max_queued:
-                raise LaneFull(f"lane is full: it holds {len(self._sinks)} requests, its limit (max_batch_size "
-                               f"{self.max_batch_size} running + max_queued {self.max_queued} waiting); retry later")
+            check_room(rid, self._sinks, self.error, self.max_batch_size, self.max_queued)
             self._sinks[rid] = sink
             self._send(("submit", rid, list(prompt), sampling, spec))
 

@@ -24,6 +24,29 @@ logger = logging.getLogger(__name__)
 MAX_FAILED_STEPS = 3  # steps in a row that fail every request: the lane, not a request, is broken
 
 
+def checked_request(prompt: list[int], sampling: SamplingParams, spec: SpecParams, vocab_size: int,
+                    max_context: int) -> tuple[SamplingParams, SpecParams]:
+    """The request's parameters as the lane runs them; bad input raises TandemError naming it."""
+    sampling, spec = sampling.validate(vocab_size), spec.validate()
+    if not prompt:
+        raise TandemError("prompt is empty: give at least one token")
+    if len(prompt) >= max_context:
+        raise TandemError(f"prompt of {len(prompt)} tokens does not fit the context of {max_context} tokens")
+    return sampling, spec
+
+
+def check_room(rid: str, held: dict, error: BaseException | None, max_batch_size: int, max_queued: int) -> None:
+    """Raise where the lane cannot take request `rid` now: it failed, the id is running, or it is
+    full (`held`: its running and queued requests by id). Called under the lane's lock."""
+    if error is not None:
+        raise LaneUnavailable(f"this lane failed ({type(error).__name__}) and is being replaced")
+    if rid in held:
+        raise TandemError(f"request id {rid!r} is already running")
+    if len(held) >= max_batch_size + max_queued:
+        raise LaneFull(f"lane is full: it holds {len(held)} requests, its limit (max_batch_size "
+                       f"{max_batch_size} running + max_queued {max_queued} waiting); retry later")
+
+
 @dataclass
 class _Pending:
     rid: str
@@ -56,19 +79,9 @@ class LaneCore:
     # -- called from other threads -------------------------------------------------------------
     def submit(self, rid: str, prompt: list[int], sampling: SamplingParams, spec: SpecParams, sink: Sink) -> None:
         """Queue a request; bad input and a full lane raise here, before anything is held."""
-        sampling, spec = sampling.validate(self.batch.vocab_size), spec.validate()
-        if not prompt:
-            raise TandemError("prompt is empty: give at least one token")
-        if len(prompt) >= self.batch.max_context:
-            raise TandemError(f"prompt of {len(prompt)} tokens does not fit the context of {self.batch.max_context} tokens")
+        sampling, spec = checked_request(prompt, sampling, spec, self.batch.vocab_size, self.batch.max_context)
         with self._lock:
-            if self.error is not None:
-                raise LaneUnavailable(f"this lane failed ({type(self.error).__name__}) and is being replaced")
-            if rid in self._sinks:
-                raise TandemError(f"request id {rid!r} is already running")
-            if len(self._sinks) >= self.max_batch_size + self.max_queued:  # _sinks: running + queued
-                raise LaneFull(f"lane is full: it holds {len(self._sinks)} requests, its limit (max_batch_size "
-                               f"{self.max_batch_size} running + max_queued {self.max_queued} waiting); retry later")
+            check_room(rid, self._sinks, self.error, self.max_batch_size, self.max_queued)  # _sinks: running + queued
             self._sinks[rid] = sink
             self._waiting.append(_Pending(rid, prompt, sampling, spec, sink, time.monotonic() + self.request_timeout_s))
             self._lock.notify()

@@ -79,7 +79,7 @@ class GraphRunner:
         self.query_buckets = QUERY_BUCKETS
         self.graphs: dict[Shape | DraftShape, _Graph] = {}
         self._prompt_logits: torch.Tensor | None = None  # the prompt graphs' shared output
-        self._warmed: set[tuple] = set()  # draft programs already run eagerly: (first shape, sampled)
+        self._warmed: set[tuple] = set()  # draft programs already run eagerly: (first shape, sampled, thread)
         self.capture = engine.device.type == "cuda"  # elsewhere the same padded path runs eagerly (tests)
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         # This runner's own capture stream, hence its own cuBLAS workspace (module docstring).
@@ -214,8 +214,10 @@ class GraphRunner:
         # later steps repeat the second): once a window of two or more steps of this first shape
         # has been run eagerly, the others capture without warming up (at start a drafter
         # captures some 1300 windows, 176 s on an H200 for the bench pair, and two of the three
-        # runs of each window were the eager warm-up).
-        family = (first, key.sampled)
+        # runs of each window were the eager warm-up). Per thread: PyTorch's cuBLAS handles and
+        # workspaces are per thread and stream, and an in-process PEARL drafter captures on its own
+        # thread; making them inside a capture invalidates it (seen on an H200).
+        family = (first, key.sampled, threading.get_ident())
         warm = family not in self._warmed
         if key.steps >= 2:
             self._warmed.add(family)

@@ -126,6 +126,19 @@ def test_graphs_match_transformers_forward_on_gpu(dtype):
 
 
 @gpu
+def test_a_failed_capture_runs_that_shape_eagerly_and_later_captures_work():
+    """Something not capturable (here a host sync) costs its shape the graph, not the engine: the
+    shape replays eagerly and the next capture works (PyTorch leaves a failed capture's pool
+    recording; without `_abandon_capture` every later capture failed)."""
+    eng = LlamaEngine(random_llama(3, hidden=128, layers=1, vocab=256).to("cuda"), max_slots=2)
+    x = torch.ones(4, device="cuda")
+    bad = eng.graphs._capture("bad", (x,), lambda v: v * float(v.sum().item()))
+    assert bad.graph is None and torch.equal(bad.replay(), x * 4)
+    good = eng.graphs._capture("good", (x,), lambda v: v * 2)
+    assert good.graph is not None and torch.equal(good.replay(), x * 2)
+
+
+@gpu
 @pytest.mark.parametrize("overlap", [False, True])
 def test_tiny_pair_lossless_on_gpu_with_graphs(overlap):
     from tandem.engine.pair import load_pair

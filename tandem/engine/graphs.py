@@ -31,6 +31,7 @@ bookkeeping are global).
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 from contextlib import nullcontext
 from typing import Callable
@@ -52,6 +53,7 @@ PREFILL_BATCH = 8  # prefill forwards of up to this many requests are graphed, i
 PREFILL_QUERY = (64, 128, 192, 256, 384, 512)
 PREFILL_ROWS = 72  # logits a prompt's graph computes (its static rows); a call asking more runs eagerly
 MIN_SPAN = 128
+log = logging.getLogger(__name__)
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (see the module docstring)
 
 
@@ -235,8 +237,12 @@ class GraphRunner:
                 for _ in range(2 if warm else 0):
                     fn(*inputs)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-                outputs = fn(*inputs)
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                    outputs = fn(*inputs)
+            except Exception as e:  # noqa: BLE001 - a failed capture costs this shape its graph, not the lane
+                graph, outputs = None, None
+                self._abandon_capture(key, e)
             torch.cuda.current_stream().wait_stream(self.stream)
         g = _Graph(graph, inputs, outputs, fn, rows_inside)
         self.graphs[key] = g
@@ -245,6 +251,19 @@ class GraphRunner:
         # not walk them inside some request's step (a 375 ms step on an H200 after lazy captures).
         gc.freeze()
         return g
+
+    def _abandon_capture(self, key, error: Exception) -> None:
+        """After a capture failed (something in it was not capturable): this shape runs eagerly
+        from now on. PyTorch ends a failed stream capture but leaves its allocator routing new
+        blocks to the graph's pool (cudaStreamEndCapture raises before endAllocateToPool), and
+        every later capture would fail with 'already recording to mempool_id': the routing is
+        ended here, and later captures use a pool of their own."""
+        log.warning("capturing %s failed (%s); that shape runs eagerly", key, str(error).splitlines()[0])
+        try:
+            torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), self.pool)
+        except RuntimeError:
+            pass  # the routing had ended
+        self.pool = torch.cuda.graph_pool_handle()
 
 
 def _static_ints(shape: Shape, scratch: tuple[int, int], extra: int, device) -> torch.Tensor:

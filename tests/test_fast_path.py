@@ -256,20 +256,52 @@ def test_a_prompt_runs_in_a_prefill_bucket_that_computes_only_the_rows_asked_for
     assert bucketed.graphs.bucket(Shape(1, 100, 100), rows=PREFILL_ROWS + 1) is None  # more logits: eager
 
 
-def test_many_prompts_at_once_prefill_in_graphed_groups(target_model):
-    """Eleven prompts in one step (a wave of joins, or a lane's first step): prefilled in forwards
-    of at most PREFILL_BATCH prompts, each a prompt graph, then the batch's own forward at a
-    decode shape; the logits are the eager engine's."""
+def test_many_prompts_at_once_prefill_in_graphed_groups_of_similar_lengths(target_model):
+    """Eleven prompts in one step (a wave of joins, or a lane's first step), seven short and four
+    long, arriving mixed: prefilled in forwards of at most PREFILL_BATCH prompts, each a prompt
+    graph, the short ones together and the long ones together (one forward pads every row to
+    its longest), then the batch's own forward at a decode shape; the logits are the eager
+    engine's."""
     from tandem.engine.graphs import PREFILL_BATCH
 
     eager = LlamaEngine(target_model, max_slots=12)
     bucketed = LlamaEngine(target_model, max_slots=12, cuda_graphs=True)
-    prompts = [list(range(1 + i, 21 + 2 * i)) for i in range(11)]  # 20 to 40 tokens
+    lengths = [40, 150, 41, 42, 160, 43, 44, 45, 170, 46, 180]
+    prompts = [[(7 * i + j) % 90 + 1 for j in range(n)] for i, n in enumerate(lengths)]
     slots = [eager.allocate() for _ in prompts]
     assert [bucketed.allocate() for _ in prompts] == slots
     a = eager.forward(slots, prompts, [1] * len(prompts))
     b = bucketed.forward(slots, prompts, [1] * len(prompts))
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
-    batches = sorted(s.batch for s in bucketed.graphs.graphs if s.query > 1)
-    assert batches == [4, PREFILL_BATCH]  # 8 + 3 prompts: two prompt graphs
+    prompt_graphs = sorted((s.batch, s.query) for s in bucketed.graphs.graphs if s.query > 1)
+    assert prompt_graphs == [(4, 192), (PREFILL_BATCH, 64)]  # not 8 x 192 + 4 x 192 in arrival order
     assert any(s.query == 1 and s.batch == 12 for s in bucketed.graphs.graphs)  # then one row each
+
+
+def test_a_prefill_plan_groups_similar_lengths_at_the_least_padding(target_model):
+    """`_prefill_plan` against trying every split of the sorted rows into runs."""
+    import itertools
+
+    eng = LlamaEngine(target_model, max_slots=16, cuda_graphs=True)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n = int(torch.randint(1, 11, (1,), generator=rng))
+        lengths = {b: int(torch.randint(17, 230, (1,), generator=rng)) for b in range(n)}
+        groups, cost = eng._prefill_plan(list(range(n)), lengths, lengths)
+        assert sorted(b for g in groups for b in g) == list(range(n))
+        order = sorted(range(n), key=lambda b: lengths[b])
+        best = min(
+            sum(eng.prefill_cost(len(run), lengths[run[-1]], lengths[run[-1]]) for run in runs)
+            for cuts in itertools.product([False, True], repeat=n - 1)
+            for runs in [_runs(order, cuts)] if all(len(r) <= eng.prefill_group for r in runs))
+        assert cost == best
+
+
+def _runs(order, cuts):
+    runs, run = [], [order[0]]
+    for b, cut in zip(order[1:], cuts):
+        if cut:
+            runs.append(run)
+            run = []
+        run.append(b)
+    return runs + [run]

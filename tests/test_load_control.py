@@ -256,7 +256,8 @@ def test_a_stall_does_not_stop_a_lane_from_drafting():
         draft = 0.4 if i in (0, 1, 2, 9, 30) else 8 * 2.5e-4  # captures, early and later
         rounds = [Round("0", 8, 6, 8, False, False)]
         ctl.observe(StepObservation(1, 9, 1, 8, draft, 1.5e-3, emitted=7, step_s=1.5e-3 + draft), rounds)
-    assert ctl.decide(candidates(1, 8)) is None  # batch 1, memory-bound: speculate in full
+    cap = ctl.decide(candidates(1, 8))  # batch 1, memory-bound: speculate (6 of 8 accepted: 5 or more)
+    assert cap is None or cap >= 5, cap
     assert ctl.state()["draft_position_ms"]["fixed"] < 1.0
 
 

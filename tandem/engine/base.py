@@ -11,6 +11,7 @@ tandem/engine/hf_engine.py for any other transformers causal LM) only implement 
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -18,6 +19,9 @@ import torch
 from tandem.errors import TandemError
 
 PREFILL_APART = 16  # tokens a row may feed beside others before its prefill runs apart (_prefill_apart)
+# A forward's fixed cost in fed tokens' worth: the weights are read once per forward whatever it
+# feeds (a 1B target on an H200: ~0.5 ms, what ~100 tokens of its compute take).
+FORWARD_TOKENS = 128
 
 
 class Engine(ABC):
@@ -85,23 +89,55 @@ class Engine(ABC):
         """A batch is padded to its longest row: a prompt of 200 tokens joining 63 requests that
         verify a few tokens each would make the step 64 x 200 rows (on one H200, 50 ms against
         the step's 3-10). Where some rows, not all, feed more than PREFILL_APART tokens before
-        their logits, those tokens are fed in forwards of the long rows alone first, at most
-        `prefill_group` of them each (graphed prefills: twenty prompts joining at once run as
-        three graph replays, not one eager forward of ~15 ms of host time); where every row is
-        long, only when they are more than a group. starts and new_tokens are updated in place
-        to what the batch's own forward then feeds."""
+        their logits, those tokens are fed first in forwards of the long rows alone; where every
+        row is long, likewise when that costs less than one forward of them all. The long rows
+        are grouped by `_prefill_plan` (similar lengths together, at most `prefill_group` a
+        forward). starts and new_tokens are updated in place to what the batch's own forward
+        then feeds."""
         long = [b for b, (t, n) in enumerate(zip(new_tokens, num_logits)) if len(t) - n > PREFILL_APART]
-        group = self.prefill_group or len(long)
-        if not long or (len(long) == len(slots) and len(long) <= group):
+        if not long:
             return
         cut = {b: len(new_tokens[b]) - num_logits[b] for b in long}
-        for i in range(0, len(long), group):
-            part = long[i : i + group]
+        reach = {b: starts[b] + cut[b] for b in long}
+        groups, cost = self._prefill_plan(long, cut, reach)
+        if len(long) == len(slots):  # all long: apart, plus a forward of the last tokens, or as one
+            whole = self.prefill_cost(len(slots), max(map(len, new_tokens)), max(s + len(t) for s, t in zip(starts, new_tokens)))
+            rest = self.prefill_cost(len(slots), max(num_logits), max(s + len(t) for s, t in zip(starts, new_tokens)))
+            if whole <= cost + rest:
+                return
+        for part in groups:
             self._forward([slots[b] for b in part], [starts[b] for b in part],
                           [new_tokens[b][: cut[b]] for b in part], [1] * len(part))
         for b, c in cut.items():
             starts[b] += c
             new_tokens[b] = new_tokens[b][c:]
+
+    def _prefill_plan(self, rows: list[int], lengths: dict[int, int], reach: dict[int, int]) -> tuple[list[list[int]], float]:
+        """The rows' prefills grouped into forwards at the least total `prefill_cost`: each forward
+        pads its rows to the longest (and, graphed, to a bucket), so rows of similar lengths go
+        together. Sorted by length, the best grouping is a split into runs, found by dynamic
+        programming over the split points (at most `prefill_group` rows a run). Returns the
+        groups and their cost."""
+        order = sorted(rows, key=lambda b: (lengths[b], reach[b]))
+        size = self.prefill_group or len(order)
+        best, cut_at = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+        for i in range(1, len(order) + 1):
+            for j in range(max(0, i - size), i):
+                run = order[j:i]
+                c = best[j] + self.prefill_cost(len(run), lengths[order[i - 1]], max(reach[b] for b in run))
+                if c < best[i]:
+                    best[i], cut_at[i] = c, j
+        groups, i = [], len(order)
+        while i:
+            groups.append(order[cut_at[i] : i])
+            i = cut_at[i]
+        return groups[::-1], best[-1]
+
+    def prefill_cost(self, rows: int, longest: int, span: int) -> float:
+        """What a forward of `rows` rows feeding at most `longest` tokens each (reaching position
+        `span`) costs, in fed tokens' worth: the padded rectangle plus FORWARD_TOKENS. An engine
+        that pads further (graph buckets) or costs more per forward (eager launches) says so."""
+        return FORWARD_TOKENS + rows * longest
 
     def forget(self, slots: list[int]) -> None:
         """The slots' KV is unknown (a forward failed part way): the next forward feeds each

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tandem.engine.base import Engine
+from tandem.engine.base import FORWARD_TOKENS, Engine
 from tandem.engine.layout import HostBatch, Shape
 from tandem.kernels._triton import pick_triton
 from tandem.errors import TandemError
@@ -36,6 +36,9 @@ from tandem.kernels.layer_ops import rms_norm, rope_and_cache, silu_mul
 from tandem.models import BATCH_DEPENDENT_ROPE, NATIVE_MODEL_TYPES, rope_type
 
 SUPPORTED_MODEL_TYPES = NATIVE_MODEL_TYPES
+# An eager forward's host time (launches, cuBLAS's per-shape heuristics: ~14 ms for a 24-layer
+# target on an H200) in fed tokens' worth (Engine.prefill_cost).
+EAGER_FORWARD_TOKENS = 3000
 EXACT_REF_ROWS = 8  # rows per call of exact mode's CPU attention (_exact_reference)
 
 
@@ -88,6 +91,15 @@ class LlamaEngine(Engine):
 
             self.graphs = GraphRunner(self, max_slots)
             self.prefill_group = PREFILL_BATCH  # prompts beyond a graph's batch: more graphed prefills
+    def prefill_cost(self, rows: int, longest: int, span: int) -> float:
+        """A graphed forward costs its bucket's rectangle; an eager one its rows plus the host's
+        launch time (24 layers: ~14 ms on an H200, EAGER_FORWARD_TOKENS)."""
+        if self.graphs is not None:
+            bucket = self.graphs.bucket(Shape(rows, longest, span), rows)
+            if bucket is not None:
+                return FORWARD_TOKENS + bucket.batch * bucket.query
+        return EAGER_FORWARD_TOKENS + rows * longest
+
     def _truncate(self, slot: int, length: int) -> None:
         pass  # positions past a slot's length are never read: the mask stops at the length
 

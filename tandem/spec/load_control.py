@@ -37,7 +37,10 @@ what the lane measured (tokens/s per batch bucket and cap): a cap measured slowe
 (by more than `tolerance`) gives way to it, a cap once measured faster is measured again when
 its rate is old, and where the model predicts under `probe_below` over plain decoding, cap 0 is
 measured every probe_every * every steps, so a wrong cost model costs a probe, not the lane's
-throughput. Among caps within `tolerance` of the best the largest is kept. Output stays lossless
+throughput. The model's cap is its best (of near-ties, within `tie`, the shortest: a long window's
+prediction rests on the most extrapolated acceptance and costs, and on one H200 the model's
+near-ties at 16 and 64 requests were 8-18% apart measured, the longer slower), but AdaEDL
+requests keep their own stops where those are within `tolerance` of the best. Output stays lossless
 at any length: the controller changes how many tokens are proposed, never which.
 """
 from __future__ import annotations
@@ -59,7 +62,8 @@ class LoadControlConfig:
     forget: float = 0.98  # per-step weight kept by the fits' running sums (~50 steps of memory)
     shrink: float = 0.2  # slope prior, in units of the mean regressor squared
     step_shrink: float = 5.0  # the prior on drafting's per-step slopes, likewise
-    tolerance: float = 0.03  # caps predicted within 3% of the best goodput count as ties
+    tolerance: float = 0.03  # a cap measured this much faster than another replaces it
+    tie: float = 0.005  # caps predicted within this of the best goodput are ties (the shortest wins)
     prior_acceptance: float = 0.7  # per-token acceptance before a lane has seen any
     prior_weight: float = 4.0  # pseudo-tokens of the lane's acceptance in each request's estimate
     probe_every: int = 8  # probe cap 0 every probe_every * every steps where the predicted gain is small
@@ -339,7 +343,11 @@ class LoadController:
             goodput[k] = self._goodput(speculating, windows, alphas, fixed, overlapped)
         self.last_goodput = goodput
         best = max(goodput.values())
-        chosen = max(k for k, g in goodput.items() if g >= (1 - c.tolerance) * best)
+        chosen = min(k for k, g in goodput.items() if g >= (1 - c.tie) * best)
+        if any(x.adaedl for x in speculating) and goodput[top] >= (1 - c.tolerance) * best:
+            # AdaEDL's own stops: its long drafts come where acceptance runs high, which E(w) at
+            # the mean acceptance does not credit
+            chosen = top
         gain = goodput[chosen] / max(goodput[0], 1e-12)
         if c.per_request:
             self.lengths, self._decided = plans[chosen], frozenset(x.rid for x in candidates)

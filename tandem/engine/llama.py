@@ -31,7 +31,7 @@ from tandem.engine.layout import HostBatch, Shape
 from tandem.kernels._triton import pick_triton
 from tandem.errors import TandemError
 from tandem.kernels.attention import slot_attention, slot_attention_reference
-from tandem.kernels.exact import EXACT_ROWS, fixed_rows_linear, ordered_all_reduce
+from tandem.kernels.exact import EXACT_ROWS, fixed_rows_linear, ordered_all_reduce, pad_rows
 from tandem.kernels.layer_ops import rms_norm, rope_and_cache, silu_mul
 from tandem.models import BATCH_DEPENDENT_ROPE, NATIVE_MODEL_TYPES, rope_type
 
@@ -146,6 +146,11 @@ class LlamaEngine(Engine):
             mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, Q, span]
             attend = functools.partial(self._sdpa, slot_ids=slot_ids, span=span, mask=mask)
         x = x.flatten(0, 1)  # [N, hidden]
+        n = x.shape[0]
+        attended = None
+        if self.exact:  # whole blocks of exact_rows rows, padded once here, not in every matmul
+            x = pad_rows(x, self.exact_rows)  # the padding rows (zeros) never mix with real ones
+            attended = x.new_zeros(x.shape[0], self.num_heads * self.head_dim)
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual = rms_norm(x, layer.input_norm, self.eps, residual)
@@ -153,15 +158,20 @@ class LlamaEngine(Engine):
             if layer.q_norm is not None:  # Qwen3 normalises q and k per head before RoPE
                 qkv = self._qk_norm(layer, qkv)
             q = rope_and_cache(
-                qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
+                qkv[:n], self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
                 self.k_cache[i], self.v_cache[i], token_slots, write_positions,
             )  # [N, H, D]
             out = attend(q, self.k_cache[i], self.v_cache[i])  # [N, H*D]
+            if attended is not None:  # back to whole blocks for o_proj
+                attended[:n].copy_(out)
+                out = attended
             x = self._reduce(self._linear(out, layer.o_proj))
             h, residual = rms_norm(x, layer.post_norm, self.eps, residual)
             x = self._reduce(self._linear(silu_mul(self._linear(h, layer.gate_up)), layer.down))
         if rows is not None:
             x, residual = x[rows], residual[rows]
+        elif self.exact:
+            x, residual = x[:n], residual[:n]
         h, _ = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon, residual)
         head = self.model.lm_head
         if self.exact:

@@ -36,6 +36,8 @@ def fixed_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     for fp32 outputs of 16-bit inputs (the logits), else x's dtype."""
     assert x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [N, K] (cuBLAS picks by layout too), {tuple(x.shape)}"
     n = x.shape[0]
+    if n == block:  # the engine pads a forward's rows to whole blocks once (pad_rows)
+        return _matmul(x, weight, bias, out_dtype)
     out = torch.empty(n, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     pad = None
     for start in range(0, n, block):
@@ -46,6 +48,18 @@ def fixed_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             pad[:rows].copy_(part)
             part = pad
         out[start : start + rows] = _matmul(part, weight, bias, out_dtype)[:rows]
+    return out
+
+
+def pad_rows(x: torch.Tensor, block: int = EXACT_ROWS) -> torch.Tensor:
+    """x [N, K] with zero rows after it up to a whole number of blocks (x itself if it is one):
+    a forward pads once and its matmuls then run block by block with no copies."""
+    n = x.shape[0]
+    total = -(-n // block) * block
+    if total == n:
+        return x
+    out = x.new_zeros(total, x.shape[1])
+    out[:n].copy_(x)
     return out
 
 

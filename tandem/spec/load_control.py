@@ -65,7 +65,10 @@ class LoadControlConfig:
     tolerance: float = 0.03  # a cap measured this much faster than another replaces it
     tie: float = 0.005  # caps predicted within this of the best goodput are ties (the shortest wins)
     prior_acceptance: float = 0.7  # per-token acceptance before a lane has seen any
-    prior_weight: float = 4.0  # pseudo-tokens of the lane's acceptance in each request's estimate
+    # pseudo-tokens of the lane's acceptance in each request's estimate: with 4, a few lucky verifies
+    # gave a request a long window and the whole batch drafted as long (one H200, T=0.7, 4 requests:
+    # auto's steps 25% slower than SD k=8's at the same mean draft)
+    prior_weight: float = 16.0
     probe_every: int = 8  # probe cap 0 every probe_every * every steps where the predicted gain is small
     probe_below: float = 1.5  # probe only where the model predicts less than this gain over cap 0
     fresh_steps: int = 256  # a measured rate older than this many steps is measured again

@@ -26,7 +26,8 @@
 #   serve         open-loop load through the cluster (serve_bench.py) on deploy/cluster-1gpu.yaml
 #                 with the benchmark pair: AR, SD k=5 and auto at rising request rates (SERVE_RATES)
 #   exact         exact mode against the default: tokens/s of AR and SD k=5 at 1 and 64 requests, and
-#                 how many greedy outputs equal AR's at batch 1 (exact_bench.py), then tests/test_exact.py
+#                 how many greedy outputs equal AR's at batch 1 (exact_bench.py; EXACT_ARGS adds arguments,
+#                 e.g. --prompts 32), then tests/test_exact.py
 #   tests         the GPU-marked tests but tests/test_exact.py (the exact section runs those)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
@@ -88,7 +89,7 @@ hbm() { pair; python benchmarks/hbm_floor.py --target $B/target --device cuda --
 tests() { python -m pytest -q -p no:cacheprovider -m gpu tests --ignore=tests/test_exact.py 2>&1 | tail -15; }
 exact() {
   pair
-  python benchmarks/exact_bench.py --target $B/target --draft $B/draft --deadline-s "$(left)" \
+  python benchmarks/exact_bench.py --target $B/target --draft $B/draft --deadline-s "$(left)" ${EXACT_ARGS:-} \
     --out "$OUT/exact_bench.json" 2>&1 | quiet | grep -v "^\[" | tail -12
   python -m pytest -q -p no:cacheprovider -m gpu tests/test_exact.py 2>&1 | tail -5
 }

@@ -154,6 +154,23 @@ def test_cap_zero_is_probed_only_where_the_model_predicts_little_gain():
     assert all(k == 3 for k in picks(2.0))  # clearly worth it: no probe
 
 
+def test_a_batch_passing_through_a_bucket_is_not_probed():
+    """A burst's tail drains 64 -> 0 requests, a few steps in each bucket: a probe of cap 0 there
+    measures a bucket the lane is leaving. Where the batch stays a decision long, it probes."""
+    ctl = LoadController()
+    ctl._choose = lambda candidates, speculating: (3, 1.2)  # little predicted gain: probing territory
+    caps = []
+    for batch in (64, 32, 16, 8, 4, 2):  # each a bucket of its own, two steps each
+        for _ in range(2):
+            caps.append(ctl.decide(candidates(batch, 8)))
+            ctl.steps += 1
+    assert caps == [0, 0] + [3] * 10  # the first decision probes; the draining tail does not
+    for _ in range(70):  # the batch stays at 2 requests
+        caps.append(ctl.decide(candidates(2, 8)))
+        ctl.steps += 1
+    assert 0 in caps[12:]
+
+
 
 
 def test_a_rise_from_cap_zero_starts_where_a_window_can_pay():
@@ -204,6 +221,7 @@ def test_joint_lengths_give_long_drafts_where_they_are_accepted():
         ctl.observe(StepObservation(16, 64, 16, 4, 1e-3, 2e-3), [Round(c.rid, 40, 39, 8, False, False)])
     for c in poor:  # theirs: almost every draft rejected at once
         ctl.observe(StepObservation(16, 64, 16, 4, 1e-3, 2e-3), [Round(c.rid, 1, 0, 8, False, False)] * 20)
+    ctl._last_probe = ctl.steps  # the lengths, not a probe of cap 0
     ctl.decide(good + poor)
     lengths = {c.rid: ctl.length(c.rid) for c in good + poor}
     long = lengths["g0"] if lengths["g0"] is not None else 8

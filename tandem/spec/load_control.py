@@ -238,6 +238,7 @@ class LoadController:
         self._rest_typical, self._position_typical = _Typical(), _Typical()
         self._drafted_at = 0  # the step of the last drafting cost observed
         self._batch = 0  # requests at the last decision
+        self._entered = -(1 << 30)  # the step the batch size entered its bucket (the first: long ago)
 
     # -- observing ---------------------------------------------------------------------------
     def observe(self, step: StepObservation, rounds: list[Round]) -> None:
@@ -301,6 +302,8 @@ class LoadController:
         speculating = [c for c in candidates if c.window > 0]
         if not speculating:  # nothing to cap: keep the cap for when drafting requests come back
             return self.cap
+        if self._batch and _bucket(len(candidates)) != _bucket(self._batch):
+            self._entered = self.steps
         self._batch = len(candidates)
         chosen, gain = self._choose(candidates, speculating)
         chosen = self._ramp(chosen, speculating)
@@ -439,10 +442,15 @@ class LoadController:
         than the one kept, but long ago, is measured again. Where the model predicts little gain
         over decoding, cap 0 is measured every probe_every * every steps."""
         c, bucket = self.config, _bucket(batch)
+        # Probes only where the batch size has stayed in its bucket a decision long: a batch passing
+        # through (a burst's tail draining 64 -> 0 in a few steps each bucket) would pay for
+        # measurements it leaves behind (on one H200 the tail of a 64-request row probed 0, 1, 2
+        # for 23 of its 120 steps).
+        steady = self.steps - self._entered >= c.every
         seen = {k: r for (b, k), r in self.realized.items() if b == bucket and r.count >= c.every // 2}
         fresh = {k: r.rate for k, r in seen.items() if self.steps - r.last < c.fresh_steps}
         key = -1 if chosen is None else chosen
-        if (key != 0 and 0 not in fresh and predicted_gain < c.probe_below
+        if (key != 0 and 0 not in fresh and predicted_gain < c.probe_below and steady
                 and self.steps - self._last_probe >= c.probe_every * c.every):
             self._last_probe = self.steps
             return 0  # probe: what does decoding alone give at this batch size now?
@@ -452,7 +460,7 @@ class LoadController:
         best = max(fresh, key=fresh.get, default=None)
         if best is not None and key in fresh and fresh[best] > (1 + c.tolerance) * fresh[key]:
             key = best
-        if key in fresh and self.steps - self._last_probe >= 2 * c.every:
+        if key in fresh and steady and self.steps - self._last_probe >= 2 * c.every:
             stale = [k for k, r in seen.items() if k not in fresh and r.rate > (1 + c.tolerance) * fresh[key]]
             if stale:  # it was faster here once: is it still?
                 self._last_probe = self.steps

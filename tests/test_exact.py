@@ -97,6 +97,48 @@ def test_exact_logits_are_the_same_bits_however_a_position_is_computed(dtype):
         assert torch.equal(logits, first), (graphs, way, (logits - first).abs().max().item())
 
 
+def _logits_across_widths_and_batches(engine: LlamaEngine, seq: list[int], t: int, rng: random.Random) -> list:
+    """Position t's logits from verifies of every width 1..17 (the prompt before them fed
+    first), each beside 0, 1, 2, 4 or 7 other requests verifying widths of their own: every
+    verify width and batch bucket a lane can run."""
+    out = []
+    for width in range(1, 18):
+        for others in (0, 1, 2, 4, 7):
+            slots = [engine.allocate() for _ in range(others + 1)]
+            try:
+                seqs = [[rng.randrange(97) for _ in range(rng.randint(3, 40))] for _ in range(others)]
+                engine.forward(slots, [*seqs, seq[: t + 1 - width]], [1] * (others + 1))
+                widths = [rng.randint(1, 17) for _ in range(others)]
+                seqs = [s + [rng.randrange(97) for _ in range(w)] for s, w in zip(seqs, widths)]
+                logits = engine.forward(slots, [*seqs, seq[: t + 1]], [*widths, width])
+                out.append((width, others, logits[-1].clone()))
+            finally:
+                for slot in slots:
+                    engine.release(slot)
+    return out
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_positions_exact_logits_are_the_same_at_every_verify_width_and_batch(graphs):
+    rng = random.Random(4)
+    seq = [rng.randrange(97) for _ in range(40)]
+    results = _logits_across_widths_and_batches(_engine(torch.bfloat16, graphs), seq, 30, rng)
+    reference = results[0][2]
+    for width, others, logits in results[1:]:
+        assert torch.equal(logits, reference), (width, others, (logits - reference).abs().max().item())
+
+
+def test_a_cluster_lane_with_model_exact_runs_the_exact_target():
+    """`model.exact: true` in a deployment's yaml reaches the lane's verifier engine."""
+    from tandem.actors.lane_roles import _target_engine
+    from tandem.cluster.config import AppConfig
+    from tandem.cluster.topology import lane_spec
+
+    assert not lane_spec(AppConfig()).exact
+    spec = lane_spec(AppConfig(model={"exact": True}))
+    assert spec.exact and _target_engine(spec, 0, None).exact
+
+
 def test_exact_mode_needs_the_native_engine_and_a_rope_of_fixed_angles(tiny_pair_paths):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -126,6 +168,17 @@ def test_exact_logits_on_the_gpu_in_bf16():
                for graphs in (False, True) for way in ("prompt", "verify", "decode")]
     for graphs, way, logits in results[1:]:
         assert torch.equal(logits, results[0][2]), (graphs, way)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_exact_logits_at_every_verify_width_and_batch_on_the_gpu():
+    rng = random.Random(4)
+    seq = [rng.randrange(97) for _ in range(40)]
+    for graphs in (False, True):
+        results = _logits_across_widths_and_batches(_engine(torch.bfloat16, graphs), seq, 30, rng)
+        for width, others, logits in results[1:]:
+            assert torch.equal(logits, results[0][2]), (graphs, width, others)
 
 
 @pytest.mark.gpu

@@ -62,8 +62,9 @@ class Runner:
         batch = SpecBatch(b.pair.target, self.drafters[name], b.pair.stop_ids, self.controller if name == AUTO else None,
                           control_all=False)
         starts, first, last, gaps, steps, tokens = {}, {}, {}, [], [], 0
-        joined, caps, trajectory = [], Counter(), []  # per step: a request joined (its prompt fed); auto's cap
+        joined, caps, trajectory, step_caps = [], Counter(), [], []  # per step: a request joined; auto's cap
         compiled, captured = [], []  # per step: Triton compiles and CUDA graph captures in it
+        split = []  # per step: (drafting, verifying) seconds, from the batch's own timing sums
         totals = Counter()  # the finished requests' stats: what drafting gave (where tokens were lost)
         runners = [r for r in (gb.graphs_of(b.pair.target), gb.graphs_of(b.pair.draft)) if r is not None]
         held = lambda: sum(len(r.graphs) for r in runners)  # noqa: E731
@@ -78,15 +79,19 @@ class Runner:
                 starts[str(i)] = time.perf_counter()
                 joins += 1
             before, graphs = len(self.compiles), held()
+            sums = (batch.timing.sums.draft, batch.timing.sums.verify)
+            size = len(batch)
             s = time.perf_counter()
             emissions = batch.step()
             now = time.perf_counter()
             steps.append(now - s)
+            split.append((batch.timing.sums.draft - sums[0], batch.timing.sums.verify - sums[1], size))
             joined.append(joins > 0)
             compiled.append(self.compiles[before:])
             captured.append(held() - graphs)
             if name == AUTO:
                 cap = "none" if self.controller.cap is None else str(self.controller.cap)
+                step_caps.append(cap)
                 caps[cap] += 1
                 if trajectory and trajectory[-1][0] == cap:  # runs of steps at one cap, in order
                     trajectory[-1][1] += 1
@@ -113,6 +118,9 @@ class Runner:
                "stalls_with_a_join": sum(x and j for x, j in slow), "steps": len(steps),
                "join_steps": sum(joined), "join_step_ms": _pcts([x for x, j in zip(steps, joined) if j]),
                "other_step_ms": _pcts([x for x, j in zip(steps, joined) if not j]),
+               # where join steps and the others spend their time: drafting and verifying (mean ms)
+               "split_ms": {kind: _split([x for x, j in zip(split, joined) if j == want])
+                            for kind, want in (("join", True), ("other", False))},
                "compiles": [name for c in compiled for name in c], "captures": sum(captured),
                # per request and verify: tokens drafted, judged, accepted, emitted
                "per_verify": {k: totals[k] / max(totals["steps"], 1) for k in ("drafted", "checked", "accepted", "generated")},
@@ -122,6 +130,9 @@ class Runner:
                            for i in sorted(range(len(steps)), key=steps.__getitem__)[-3:]]}
         if name == AUTO:  # what the controller chose and what it believed
             state = self.controller.state()
+            # every step: ms, drafting ms, verifying ms, requests, prompts fed, cap
+            row["trace"] = [[round(1000 * x, 3), round(1000 * d, 3), round(1000 * v, 3), n, int(j), c]
+                            for x, (d, v, n), j, c in zip(steps, split, joined, step_caps)]
             row["controller"] = {"caps": dict(caps), "trajectory": trajectory, **{k: state.get(k) for k in (
                 "rest_ms", "draft_position_ms", "draft_step_ms", "lane_acceptance", "measured_tokens_per_s")}}
         return row
@@ -136,6 +147,13 @@ def add(report: gb.Report, section: str, row: dict) -> None:
     print(f"[{report.budget.elapsed():6.1f}s] {where:<18} {row['name']:<16} {row['tokens_per_s']:9.1f} tok/s  step p50/p99/max "
           f"{st.get('p50', 0):6.2f}/{st.get('p99', 0):6.2f}/{st.get('max', 0):7.2f} ms  ITL p50/p99 "
           f"{itl.get('p50', 0):6.2f}/{itl.get('p99', 0):6.2f} ms  stalls {row['stalls']}", flush=True)
+
+
+def _split(steps: list[tuple[float, float, int]]) -> dict:
+    """Mean drafting and verifying milliseconds and requests of these steps."""
+    n = max(len(steps), 1)
+    return {"draft": 1000 * sum(d for d, _, _ in steps) / n, "verify": 1000 * sum(v for _, v, _ in steps) / n,
+            "requests": sum(r for _, _, r in steps) / n, "steps": len(steps)}
 
 
 def _pcts(values: list[float], with_max: bool = False) -> dict:

@@ -185,6 +185,10 @@ def test_adaptive_bench_runs_every_setting_in_every_cell_and_the_mixed_load(tmp_
     assert {r["name"] for r in data["mixed"]["rows"]} == names
     for r in data["cells"]["rows"] + data["mixed"]["rows"]:
         assert r["tokens"] > 0 and r["step_ms"]["p50"] <= r["step_ms"]["p99"] <= r["step_ms"]["max"]
+        split = r["split_ms"]
+        assert split["join"]["steps"] + split["other"]["steps"] == r["steps"] and split["join"]["steps"] == r["join_steps"]
+        if r["name"] == "auto (default)":  # every step traced: ms, drafting, verifying, requests, fed, cap
+            assert len(r["trace"]) == r["steps"] and all(len(x) == 6 and x[1] <= x[0] for x in r["trace"])
     goals = data["goals"]
     assert set(goals["by_cell"]) == {f"code T={t} n={n}" for t in (0, 1) for n in (1, 2)}
     assert {"auto_vs_best", "auto_vs_ar", "mixed_auto_vs_best"} <= set(goals)

@@ -141,20 +141,20 @@ class LocalDrafter:
             still = []
             for row, (b, it) in enumerate(zip(active, batch)):
                 state = self._adaedl[it.rid] if it.adaedl else None
+                kept = len(tokens[row])
+                if state is None or not state.by_piece:
+                    # AdaEDL's paper rule: stop before the first token not worth drafting (keep >= 1)
+                    kept = next((j for j, h in enumerate(entropies[row]) if state is not None and state.stop_before(h)), kept)
+                for token, h in zip(tokens[row][:kept], entropies[row][:kept]):
+                    d.keep(b, token, h)
+                if q is not None and kept:
+                    d.keep_q(b, q[row, :kept])  # one view per piece, not a row per token
                 if state is not None and state.by_piece:
-                    for j, (token, h) in enumerate(zip(tokens[row], entropies[row])):
-                        d.keep(b, token, h, None if q is None else q[row, j])
                     room = it.max_len - len(ids[b])
                     if room > 0 and state.draft_on(entropies[row], min(room, PIECE)):
                         still.append(b)
-                    continue
-                for j, (token, h) in enumerate(zip(tokens[row], entropies[row])):
-                    if state is not None and state.stop_before(h):
-                        break  # AdaEDL: the next token is not worth drafting; always keep >= 1
-                    d.keep(b, token, h, None if q is None else q[row, j])
-                else:  # no AdaEDL stop in this piece: draft on if the window is not full
-                    if len(ids[b]) < it.max_len:
-                        still.append(b)
+                elif kept == len(tokens[row]) and len(ids[b]) < it.max_len:  # no stop: draft on if not full
+                    still.append(b)
             active = still
         return [self._chunk(it, *d.of(b)) for b, it in enumerate(items)], positions
 
@@ -179,7 +179,8 @@ class LocalDrafter:
                 if it.adaedl and self._adaedl[it.rid].stop_before(h[row]):
                     continue  # AdaEDL: the next token is not worth drafting; always keep >= 1
                 token = sample(q[row], self._generators[it.rid]) if _samples(it) else top[row]
-                d.keep(b, token, h[row], q[row])
+                d.keep(b, token, h[row])
+                d.keep_q(b, q[row : row + 1])
                 if len(d.ids[b]) < it.max_len:
                     still.append(b)
             active = still
@@ -202,27 +203,29 @@ class LocalDrafter:
     def _chunk(self, item: DraftItem, ids: list[int], probs: list[torch.Tensor], hs: list[float]) -> DraftChunk:
         # At temperature 0 q is one-hot on the draft token: sending it adds nothing.
         send = probs and item.send_probs and item.sampling.temperature > 0
-        q = torch.stack(probs) if send else None
+        q = (probs[0] if len(probs) == 1 else torch.cat(probs)) if send else None  # [len(ids), V]
         lam = self._adaedl[item.rid].lam if item.rid in self._adaedl else None
         return DraftChunk(ids, q, lam, hs if item.adaedl else [])
 
 
 class _Drafts:
     """What a propose call has drafted so far, per request: the tokens, their q rows (when the
-    path has them) and draft entropies, and each sequence with its drafted tokens appended."""
+    path has them: blocks of rows, one per piece) and draft entropies, and each sequence with its
+    drafted tokens appended."""
 
     def __init__(self, items: list[DraftItem]) -> None:
         self.seqs = [list(it.seq) for it in items]
         self.ids: list[list[int]] = [[] for _ in items]
-        self.probs: list[list[torch.Tensor]] = [[] for _ in items]
+        self.probs: list[list[torch.Tensor]] = [[] for _ in items]  # [m, V] blocks
         self.entropies: list[list[float]] = [[] for _ in items]
 
-    def keep(self, b: int, token: int, entropy: float, q_row: torch.Tensor | None) -> None:
+    def keep(self, b: int, token: int, entropy: float) -> None:
         self.ids[b].append(token)
         self.seqs[b].append(token)
         self.entropies[b].append(entropy)
-        if q_row is not None:
-            self.probs[b].append(q_row)
+
+    def keep_q(self, b: int, q_rows: torch.Tensor) -> None:  # [m, V]: the kept tokens' q, in order
+        self.probs[b].append(q_rows)
 
     def of(self, b: int) -> tuple[list[int], list[torch.Tensor], list[float]]:
         return self.ids[b], self.probs[b], self.entropies[b]

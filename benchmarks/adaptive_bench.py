@@ -64,7 +64,7 @@ class Runner:
         starts, first, last, gaps, steps, tokens = {}, {}, {}, [], [], 0
         joined, caps, trajectory, step_caps = [], Counter(), [], []  # per step: a request joined; auto's cap
         compiled, captured = [], []  # per step: Triton compiles and CUDA graph captures in it
-        split = []  # per step: (drafting, verifying) seconds, from the batch's own timing sums
+        split, fed = [], []  # per step: (drafting, verifying) seconds, from the batch's timing sums; joins
         totals = Counter()  # the finished requests' stats: what drafting gave (where tokens were lost)
         runners = [r for r in (gb.graphs_of(b.pair.target), gb.graphs_of(b.pair.draft)) if r is not None]
         held = lambda: sum(len(r.graphs) for r in runners)  # noqa: E731
@@ -87,6 +87,7 @@ class Runner:
             steps.append(now - s)
             split.append((batch.timing.sums.draft - sums[0], batch.timing.sums.verify - sums[1], size))
             joined.append(joins > 0)
+            fed.append(joins)
             compiled.append(self.compiles[before:])
             captured.append(held() - graphs)
             if name == AUTO:
@@ -131,8 +132,8 @@ class Runner:
         if name == AUTO:  # what the controller chose and what it believed
             state = self.controller.state()
             # every step: ms, drafting ms, verifying ms, requests, prompts fed, cap
-            row["trace"] = [[round(1000 * x, 3), round(1000 * d, 3), round(1000 * v, 3), n, int(j), c]
-                            for x, (d, v, n), j, c in zip(steps, split, joined, step_caps)]
+            row["trace"] = [[round(1000 * x, 3), round(1000 * d, 3), round(1000 * v, 3), n, j, c]
+                            for x, (d, v, n), j, c in zip(steps, split, fed, step_caps)]
             row["controller"] = {"caps": dict(caps), "trajectory": trajectory, **{k: state.get(k) for k in (
                 "rest_ms", "draft_position_ms", "draft_step_ms", "lane_acceptance", "measured_tokens_per_s")}}
         return row

@@ -169,6 +169,11 @@ def test_a_batch_passing_through_a_bucket_is_not_probed():
         caps.append(ctl.decide(candidates(2, 8)))
         ctl.steps += 1
     assert 0 in caps[12:]
+    caps = []
+    for i in range(200):  # a batch on a bucket's edge: 8 and 9 requests by turns, every 3 steps
+        caps.append(ctl.decide(candidates(8 + (i // 3) % 2, 8)))
+        ctl.steps += 1
+    assert 0 in caps  # still probed
 
 
 

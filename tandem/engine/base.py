@@ -100,9 +100,13 @@ class Engine(ABC):
         cut = {b: len(new_tokens[b]) - num_logits[b] for b in long}
         reach = {b: starts[b] + cut[b] for b in long}
         groups, cost = self._prefill_plan(long, cut, reach)
-        if len(long) == len(slots):  # all long: apart, plus a forward of the last tokens, or as one
-            whole = self.prefill_cost(len(slots), max(map(len, new_tokens)), max(s + len(t) for s, t in zip(starts, new_tokens)))
-            rest = self.prefill_cost(len(slots), max(num_logits), max(s + len(t) for s, t in zip(starts, new_tokens)))
+        # All long and at most a group: apart plus a forward of the last tokens, or all as one
+        # (more than a group always goes apart: one forward of 128 long prompts would hold 128 x
+        # their length in activations at once).
+        if len(long) == len(slots) and len(long) <= (self.prefill_group or len(long)):
+            span = max(s + len(t) for s, t in zip(starts, new_tokens))
+            whole = self.prefill_cost(len(slots), max(map(len, new_tokens)), span, sum(num_logits))
+            rest = self.prefill_cost(len(slots), max(num_logits), span, sum(num_logits))
             if whole <= cost + rest:
                 return
         for part in groups:
@@ -124,7 +128,7 @@ class Engine(ABC):
         for i in range(1, len(order) + 1):
             for j in range(max(0, i - size), i):
                 run = order[j:i]
-                c = best[j] + self.prefill_cost(len(run), lengths[order[i - 1]], max(reach[b] for b in run))
+                c = best[j] + self.prefill_cost(len(run), lengths[order[i - 1]], max(reach[b] for b in run), len(run))
                 if c < best[i]:
                     best[i], cut_at[i] = c, j
         groups, i = [], len(order)
@@ -133,10 +137,11 @@ class Engine(ABC):
             i = cut_at[i]
         return groups[::-1], best[-1]
 
-    def prefill_cost(self, rows: int, longest: int, span: int) -> float:
+    def prefill_cost(self, rows: int, longest: int, span: int, logits: int) -> float:
         """What a forward of `rows` rows feeding at most `longest` tokens each (reaching position
-        `span`) costs, in fed tokens' worth: the padded rectangle plus FORWARD_TOKENS. An engine
-        that pads further (graph buckets) or costs more per forward (eager launches) says so."""
+        `span`, asking `logits` logits) costs, in fed tokens' worth: the padded rectangle plus
+        FORWARD_TOKENS. An engine that pads further (graph buckets), costs more per forward
+        (eager launches) or runs each row alone says so."""
         return FORWARD_TOKENS + rows * longest
 
     def forget(self, slots: list[int]) -> None:

@@ -236,14 +236,15 @@ class GraphRunner:
             with torch.cuda.stream(self.stream):  # warm up: allocator, cuBLAS workspace, lazy kernels
                 for _ in range(2 if warm else 0):
                     fn(*inputs)
-            graph = torch.cuda.CUDAGraph()
+            graph, caller = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
             try:
                 with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                     outputs = fn(*inputs)
             except Exception as e:  # noqa: BLE001 - a failed capture costs this shape its graph, not the lane
                 graph, outputs = None, None
+                torch.cuda.set_stream(caller)  # the graph context raised before it restored the stream
                 self._abandon_capture(key, e)
-            torch.cuda.current_stream().wait_stream(self.stream)
+            caller.wait_stream(self.stream)
         g = _Graph(graph, inputs, outputs, fn, rows_inside)
         self.graphs[key] = g
         # A capture leaves thousands of long-lived Python objects behind; out of the collector's

@@ -91,11 +91,11 @@ class LlamaEngine(Engine):
 
             self.graphs = GraphRunner(self, max_slots)
             self.prefill_group = PREFILL_BATCH  # prompts beyond a graph's batch: more graphed prefills
-    def prefill_cost(self, rows: int, longest: int, span: int) -> float:
+    def prefill_cost(self, rows: int, longest: int, span: int, logits: int) -> float:
         """A graphed forward costs its bucket's rectangle; an eager one its rows plus the host's
         launch time (24 layers: ~14 ms on an H200, EAGER_FORWARD_TOKENS)."""
         if self.graphs is not None:
-            bucket = self.graphs.bucket(Shape(rows, longest, span), rows)
+            bucket = self.graphs.bucket(Shape(rows, longest, span), logits)
             if bucket is not None:
                 return FORWARD_TOKENS + bucket.batch * bucket.query
         return EAGER_FORWARD_TOKENS + rows * longest

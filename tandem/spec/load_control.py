@@ -239,6 +239,7 @@ class LoadController:
         self._drafted_at = 0  # the step of the last drafting cost observed
         self._batch = 0  # requests at the last decision
         self._entered = -(1 << 30)  # the step the batch size entered its bucket (the first: long ago)
+        self._left = 0  # the bucket it came from
 
     # -- observing ---------------------------------------------------------------------------
     def observe(self, step: StepObservation, rounds: list[Round]) -> None:
@@ -302,8 +303,11 @@ class LoadController:
         speculating = [c for c in candidates if c.window > 0]
         if not speculating:  # nothing to cap: keep the cap for when drafting requests come back
             return self.cap
-        if self._batch and _bucket(len(candidates)) != _bucket(self._batch):
-            self._entered = self.steps
+        bucket, last = _bucket(len(candidates)), _bucket(self._batch)
+        if self._batch and bucket != last:
+            if bucket != self._left:  # a batch on a bucket's edge (8 <-> 9 requests) stays steady
+                self._entered = self.steps
+            self._left = last
         self._batch = len(candidates)
         chosen, gain = self._choose(candidates, speculating)
         chosen = self._ramp(chosen, speculating)

@@ -15,6 +15,7 @@ from scipy.stats import chisquare
 from tandem.actors.drafter import LocalDrafter
 from tandem.engine.draft_steps import LONG_PIECE, PIECE
 from tandem.engine.llama import LlamaEngine
+from tandem.kernels.streams import Stream
 from tandem.params import SamplingParams
 from tandem.spec.adaedl import AdaEDLConfig
 from tandem.spec.messages import DraftItem
@@ -145,7 +146,7 @@ def test_padding_a_draft_to_a_bigger_batch_changes_nothing():
         eng = LlamaEngine(model, max_slots=8, cuda_graphs=True)
         slots = [eng.allocate() for _ in range(2)]
         seqs = [[1, 2, 3], [4, 5, 6, 7]]
-        gens = [torch.Generator().manual_seed(b) for b in range(2)]
+        gens = [Stream(b) for b in range(2)]
         out = draft_window(eng, slots, seqs, [3, 2], [0.0, 1.0], [False, True], gens, min_batch=min_batch)
         again = draft_window(eng, slots, [s + t for s, t in zip(seqs, out[0])], [2, 2], [0.0, 0.0], [False, False],
                              gens, min_batch=min_batch)  # the slots hold what the first call fed

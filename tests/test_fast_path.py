@@ -14,6 +14,7 @@ from tandem.actors.offline import generate
 from tandem.engine.graphs import GraphRunner
 from tandem.engine.layout import Shape
 from tandem.engine.llama import LlamaEngine
+from tandem.kernels.streams import Stream
 from tandem.params import SamplingParams, SpecParams
 
 
@@ -132,8 +133,10 @@ def test_a_failed_capture_runs_that_shape_eagerly_and_later_captures_work():
     recording; without `_abandon_capture` every later capture failed)."""
     eng = LlamaEngine(random_llama(3, hidden=128, layers=1, vocab=256).to("cuda"), max_slots=2)
     x = torch.ones(4, device="cuda")
+    caller = torch.cuda.current_stream()
     bad = eng.graphs._capture("bad", (x,), lambda v: v * float(v.sum().item()))
     assert bad.graph is None and torch.equal(bad.replay(), x * 4)
+    assert torch.cuda.current_stream() == caller  # not left on the capture stream
     good = eng.graphs._capture("good", (x,), lambda v: v * 2)
     assert good.graph is not None and torch.equal(good.replay(), x * 2)
 
@@ -196,7 +199,7 @@ def test_sampled_judge_equals_the_reference_sampler():
             targets.append(torch.rand(n + int(bonus), vocab, generator=g).pow(4).softmax(-1))
         k = max(len(ids) for ids, _, _ in checks)
         paths.add(all(t.shape[0] == k + 1 for t in targets))
-        seed = [torch.Generator().manual_seed(trial * 10 + b) for b in range(batch)]
+        seed = [Stream(trial * 10 + b) for b in range(batch)]
         verdict = judge(checks, targets, seed)
 
         num = [len(ids) for ids, _, _ in checks]
@@ -207,7 +210,7 @@ def test_sampled_judge_equals_the_reference_sampler():
             p[b, : t.shape[0]] = t
             if q is not None and ids:
                 q[b, : num[b]] = qb if qb is not None else torch.nn.functional.one_hot(torch.tensor(ids), vocab).float()
-        uniforms, noise = draw_randoms([torch.Generator().manual_seed(trial * 10 + b) for b in range(batch)], num, k, vocab, "cpu")
+        uniforms, noise = draw_randoms([Stream(trial * 10 + b) for b in range(batch)], num, k, vocab, "cpu")
         ref = rejection_sample_reference(draft_ids, torch.tensor(num), q, p, torch.tensor([c[2] for c in checks]), uniforms, noise)
         assert verdict.num_accepted.tolist() == ref.num_accepted.tolist(), trial
         assert verdict.num_emitted.tolist() == ref.num_emitted.tolist(), trial
@@ -232,7 +235,7 @@ def test_greedy_judge_equals_rejection_sampling():
             checks.append((ids, None, bonus))
             targets.append(top)
         probs = [torch.nn.functional.one_hot(torch.tensor(t, dtype=torch.long), vocab).float() for t in targets]
-        verdict = judge(checks, probs, [torch.Generator().manual_seed(1) for _ in checks])
+        verdict = judge(checks, probs, [Stream(1) for _ in checks])
         accepted, emitted = judge_greedy(checks, targets)
         assert accepted == verdict.num_accepted.tolist()
         assert emitted == [o[:k] for o, k in zip(verdict.output_ids.tolist(), verdict.num_emitted.tolist())]
@@ -291,7 +294,7 @@ def test_a_prefill_plan_groups_similar_lengths_at_the_least_padding(target_model
         assert sorted(b for g in groups for b in g) == list(range(n))
         order = sorted(range(n), key=lambda b: lengths[b])
         best = min(
-            sum(eng.prefill_cost(len(run), lengths[run[-1]], lengths[run[-1]]) for run in runs)
+            sum(eng.prefill_cost(len(run), lengths[run[-1]], lengths[run[-1]], len(run)) for run in runs)
             for cuts in itertools.product([False, True], repeat=n - 1)
             for runs in [_runs(order, cuts)] if all(len(r) <= eng.prefill_group for r in runs))
         assert cost == best

@@ -264,6 +264,21 @@ def test_rejection_large_on_gpu(batch, k, vocab, one_hot):
 # --- warm-up ---------------------------------------------------------------------------------------
 
 
+# --- per-request random streams ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [1, 5, 1000, 2500])
+def test_streams_kernel_draws_the_references_values(width):
+    from tandem.kernels.streams import draw_torch, draw_triton
+
+    keys = torch.tensor([[0, 0, 0], [7, 0, 3], [0xFFFFFFFF, 0x7FFFFFFF, (1 << 40) + 11], [12345, 678, 2**33 - 2]],
+                        device=DEVICE)
+    u, ref = draw_triton(keys, width, False), draw_torch(keys, width, False)
+    assert torch.equal(u, ref)  # the same integers, the same floats
+    assert 0 < u.min() and u.max() < 1
+    torch.testing.assert_close(draw_triton(keys, width, True), draw_torch(keys, width, True), rtol=1e-6, atol=1e-6)
+
+
 def test_warm_kernels_launches_every_specialization_and_nothing_where_torch_runs():
     from tandem.kernels.warmup import warm_kernels
 

@@ -17,11 +17,11 @@ from tandem.kernels.entropy import softmax_entropy
 from tandem.kernels.sampling import (
     entropy,
     logits_to_probs,
-    sample,
     sampling_flags,
     sampling_tensors,
     to_device,
 )
+from tandem.kernels.streams import Stream, sample
 from tandem.spec.adaedl import AcceptanceTable, AdaEDLConfig, AdaEDLState
 from tandem.spec.drafting import DraftFuture
 from tandem.spec.messages import DraftChunk, DraftItem, DraftRound
@@ -44,7 +44,7 @@ class LocalDrafter:
         self._tables = {} if acceptance is None else acceptance
         for sampled in (False, True):
             self._tables.setdefault(sampled, AcceptanceTable(self.adaedl_config.gamma))
-        self._generators: dict[str, torch.Generator] = {}
+        self._streams: dict[str, Stream] = {}
         # Seconds per draft position and per step without drafting: c = step / position.
         self._position_s: float | None = None
         self._step_s: float | None = None
@@ -58,17 +58,15 @@ class LocalDrafter:
         return self.engine.free_slots
 
     def start(self, rid: str, seed: int, slot: int | None = None) -> int:
-        """Per-request state: a KV slot, a seeded generator (independent of the verifier's), AdaEDL."""
+        """Per-request state: a KV slot, a seeded random stream (independent of the verifier's), AdaEDL."""
         slot = self.engine.allocate() if slot is None else self.engine.allocate_slot(slot)
-        g = torch.Generator(device=self.engine.device)
-        g.manual_seed((seed * 0x9E3779B1 + 1) % (2**63))
-        self._generators[rid] = g
+        self._streams[rid] = Stream((seed * 0x9E3779B1 + 1) % (2**63))
         self._adaedl[rid] = AdaEDLState(self.adaedl_config)
         return slot
 
     def finish(self, rid: str, slot: int) -> None:
         self.engine.release(slot)
-        self._generators.pop(rid, None)
+        self._streams.pop(rid, None)
         self._adaedl.pop(rid, None)
 
     def submit(self, items: list[DraftItem], overlap: bool = False) -> DraftFuture:
@@ -137,7 +135,7 @@ class LocalDrafter:
             tokens, entropies, q = draft_window(
                 self.engine, [it.slot for it in batch], [seqs[b] for b in active], steps,
                 [it.sampling.temperature for it in batch], [_samples(it) for it in batch],
-                [self._generators[it.rid] for it in batch], min_batch=rows)
+                [self._streams[it.rid] for it in batch], min_batch=rows)
             still = []
             for row, (b, it) in enumerate(zip(active, batch)):
                 state = self._adaedl[it.rid] if it.adaedl else None
@@ -178,7 +176,7 @@ class LocalDrafter:
                 it = items[b]
                 if it.adaedl and self._adaedl[it.rid].stop_before(h[row]):
                     continue  # AdaEDL: the next token is not worth drafting; always keep >= 1
-                token = sample(q[row], self._generators[it.rid]) if _samples(it) else top[row]
+                token = sample(q[row], self._streams[it.rid]) if _samples(it) else top[row]
                 d.keep(b, token, h[row])
                 d.keep_q(b, q[row : row + 1])
                 if len(d.ids[b]) < it.max_len:

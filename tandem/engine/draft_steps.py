@@ -6,7 +6,7 @@ sync leaves the device idle. Here a window of `steps` tokens runs on the device 
 the first forward feeds each request's unfed tokens (1..MAX_FIRST of them), then `steps - 1`
 single-token forwards each feed the token just chosen. Greedy rows take the argmax; sampled
 rows take the exponential race argmax_v q[v] / E[v] with E ~ Exp(1) drawn beforehand from the
-request's own generator, an exact sample from q (as tandem/kernels/rejection.py draws).
+request's own stream (tandem/kernels/streams.py), an exact sample from q (as tandem/kernels/rejection.py draws).
 
 AdaEDL's stop rule reads only the entropies, so the drafter applies it afterwards on the host:
 the tokens it keeps are exactly those its token-by-token loop (tandem/actors/drafter.py, the
@@ -20,6 +20,7 @@ import torch
 
 from tandem.engine.layout import HostBatch, Shape
 from tandem.kernels.entropy import softmax_entropy
+from tandem.kernels.streams import Stream, draw
 
 MAX_FIRST = 4  # unfed tokens the first step takes; a longer backlog (a prompt) is prefilled first
 # AdaEDL requests draft PIECE tokens per device program, their first piece LONG_PIECE where
@@ -106,7 +107,7 @@ def draft_program(
 
 def draft_window(
     eng, slots: list[int], seqs: list[list[int]], steps: list[int], temperature: list[float],
-    sample: list[bool], generators: list[torch.Generator], min_batch: int = 0,
+    sample: list[bool], streams: list[Stream], min_batch: int = 0,
 ) -> tuple[list[list[int]], list[list[float]], torch.Tensor | None]:
     """Draft steps[b] >= 1 tokens after seqs[b] for each request in one program.
 
@@ -118,13 +119,13 @@ def draft_window(
     when some row samples (else None). The slots then hold seq + all but the last token.
     """
     try:
-        return _draft_window(eng, slots, seqs, steps, temperature, sample, generators, min_batch)
+        return _draft_window(eng, slots, seqs, steps, temperature, sample, streams, min_batch)
     except BaseException:
         eng.forget(slots)  # what the slots hold is unknown: the next draft feeds from the start
         raise
 
 
-def _draft_window(eng, slots, seqs, steps, temperature, sample, generators, min_batch):
+def _draft_window(eng, slots, seqs, steps, temperature, sample, streams, min_batch):
     backlog = [b for b, (slot, seq) in enumerate(zip(slots, seqs)) if len(seq) - eng.fed_start(slot, seq) > MAX_FIRST]
     if backlog:  # a prompt: one prefill forward for all of it but the last token
         eng.forward([slots[b] for b in backlog], [seqs[b][:-1] for b in backlog], [1] * len(backlog))
@@ -139,10 +140,11 @@ def _draft_window(eng, slots, seqs, steps, temperature, sample, generators, min_
     temps = torch.zeros(batch.shape.batch)
     temps[: len(slots)] = torch.tensor(temperature, dtype=torch.float32)
 
-    def fill_noise(noise: torch.Tensor) -> None:  # [B, steps, V]: each sampled row from its own generator
-        for b, g in enumerate(generators):
-            if sample[b]:
-                noise[b, : steps[b]].exponential_(generator=g)
+    def fill_noise(noise: torch.Tensor) -> None:  # [B, steps, V]: each row from its own stream, in one launch
+        rows, width = noise.shape[0], noise[0].numel()
+        used = [steps[b] * eng.vocab_size if sample[b] else 0 for b in range(len(streams))]
+        draw([*streams, *[None] * (rows - len(streams))], used + [0] * (rows - len(streams)), width, noise.device,
+             exponential=True, out=noise.view(rows, width))
 
     if bucket is not None:
         key = DraftShape(bucket, total, any(sample))

@@ -33,6 +33,7 @@ from tandem.kernels._triton import (
     tl,
     triton,
 )
+from tandem.kernels.streams import Stream, draw
 
 
 @dataclass
@@ -43,18 +44,16 @@ class RejectionOutput:
 
 
 def draw_randoms(
-    generators: list[torch.Generator | None], num_draft: list[int], width: int, vocab: int, device
+    streams: list[Stream], num_draft: list[int], width: int, vocab: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:  # uniforms [B, width], noise [B, V]
-    """Per-request random draws, each from that request's own seeded generator.
+    """Per-request random draws, each from that request's own stream (tandem/kernels/streams.py),
+    the batch's in two launches.
 
-    Request b draws exactly num_draft[b] uniforms, so its stream does not depend on what else
-    is in the batch (a seeded request gives the same tokens alone or batched).
+    Request b uses exactly num_draft[b] uniforms, then V exponentials, so its stream does not
+    depend on what else is in the batch (a seeded request gives the same tokens alone or batched).
     """
-    uniforms = torch.ones(len(generators), width, device=device)
-    noise = torch.empty(len(generators), vocab, device=device)
-    for b, g in enumerate(generators):
-        uniforms[b, : num_draft[b]] = torch.rand(num_draft[b], generator=g, device=device)
-        noise[b].exponential_(generator=g)
+    uniforms = draw(streams, num_draft, width, device)
+    noise = draw(streams, [vocab] * len(streams), vocab, device, exponential=True)
     return uniforms, noise
 
 

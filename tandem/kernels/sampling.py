@@ -65,11 +65,6 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:  # probs [N, V] -> [N] nats
     return -(probs * logp).sum(-1)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:  # probs [V]
-    """One token from a distribution with a request's own generator (reproducible per seed)."""
-    return int(torch.multinomial(probs, 1, generator=generator).item())
-
-
 def sampling_tensors(params, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """temperature [n], top_k [n], top_p [n] from n objects with those attributes."""
     temp = to_device(torch.tensor([p.temperature for p in params], dtype=torch.float32), device)

@@ -11,10 +11,9 @@ import random
 import time
 from dataclasses import replace
 
-import torch
-
 from tandem.engine.base import Engine
 from tandem.errors import LaneFull, TandemError
+from tandem.kernels.streams import Stream
 from tandem.params import SamplingParams, SpecParams
 from tandem.spec.drafting import Drafter
 from tandem.spec.load_control import Candidate, LoadController, Round, StepObservation
@@ -67,8 +66,7 @@ class SpecBatch:
         if self.free_slots == 0:
             raise LaneFull(f"lane is full: {len(self.requests)} requests running")
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
-        generator = torch.Generator(device=self.verifier.engine.device)
-        generator.manual_seed(seed)
+        stream = Stream(seed)  # the verifier's randoms for this request
         target_slot = self.verifier.engine.allocate()
         try:
             draft_slot = self.drafter.start(rid, seed)
@@ -80,7 +78,7 @@ class SpecBatch:
         if adaptive:
             spec = replace(spec, mode="pearl" if self.prefer_pearl else "sd")
         self.requests[rid] = RequestState(
-            rid, list(prompt), sampling, spec, stops, target_slot, draft_slot, generator,
+            rid, list(prompt), sampling, spec, stops, target_slot, draft_slot, stream,
             started_at=time.perf_counter(), adaptive=adaptive)
 
     def step(self) -> list[Emission]:

@@ -29,7 +29,7 @@ class Drafter(Protocol):
     def free_slots(self) -> int: ...
 
     def start(self, rid: str, seed: int) -> int:
-        """Per-request state (a KV slot, a seeded generator, AdaEDL); returns the draft slot."""
+        """Per-request state (a KV slot, a seeded random stream, AdaEDL); returns the draft slot."""
 
     def finish(self, rid: str, slot: int) -> None:
         """Free the request's slot and state."""

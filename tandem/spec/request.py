@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tandem.kernels.streams import Stream
 from tandem.params import SamplingParams, SpecParams
 from tandem.spec.messages import RequestStats
 
@@ -18,7 +19,7 @@ class RequestState:
     stop_ids: frozenset[int]
     target_slot: int
     draft_slot: int
-    generator: torch.Generator  # the verifier's randoms for this request
+    stream: Stream  # the verifier's randoms for this request (tandem/kernels/streams.py)
     verified: list[int] = field(default_factory=list)  # output tokens, all verified
     # PEARL: drafted tokens awaiting verification, their q, and the chunk they came from
     pending: list[int] = field(default_factory=list)

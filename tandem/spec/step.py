@@ -61,7 +61,7 @@ def speculative_step(
         num_accepted, out_ids = judge_greedy(checks, target)
         num_emitted = [len(o) for o in out_ids]
     else:
-        verdict = judge(checks, target, [r.generator for r in reqs])
+        verdict = judge(checks, target, [r.stream for r in reqs])
         # One device-to-host copy for the whole batch and all three results: each is a sync.
         rows = torch.cat([verdict.output_ids, verdict.num_accepted[:, None], verdict.num_emitted[:, None]], 1).tolist()
         out_ids = [row[:-2] for row in rows]
@@ -102,7 +102,7 @@ def judge_greedy(checks, target_ids: list[list[int]]) -> tuple[list[int], list[l
     return accepted_all, emitted_all
 
 
-def judge(checks, target_probs: list[torch.Tensor], generators) -> RejectionOutput:
+def judge(checks, target_probs: list[torch.Tensor], streams) -> RejectionOutput:
     """Pad the per-request checks into one batch for the rejection sampler.
 
     checks[b] = (ids, q [n_b, V] or None, bonus); target_probs[b] = p [n_b (+1 if bonus), V].
@@ -130,7 +130,7 @@ def judge(checks, target_probs: list[torch.Tensor], generators) -> RejectionOutp
         if q_rows:
             q.index_copy_(0, to_device(torch.tensor(q_rows), device), torch.cat(parts).float())
         q = q.view(batch, k, vocab)  # [B, K, V]
-    uniforms, noise = draw_randoms(generators, num, k, vocab, device)
+    uniforms, noise = draw_randoms(streams, num, k, vocab, device)
     return rejection_sample(draft_ids, num_draft, q, p, bonus, uniforms, noise)
 
 

@@ -283,6 +283,7 @@ def test_warm_kernels_launches_every_specialization_and_nothing_where_torch_runs
     from tandem.kernels.warmup import warm_kernels
 
     assert warm_kernels(64, "cpu", max_draft=3, use_triton=False) == 0
-    assert warm_kernels(64, DEVICE, max_draft=3, use_triton=True) == 3 + 4 * 2  # entropy per dtype + k = 0..3, q or not
-    assert warm_kernels(64, DEVICE, max_draft=3, rejection=False, use_triton=True) == 3
+    # entropy per dtype + the streams' two + k = 0..3, q or not
+    assert warm_kernels(64, DEVICE, max_draft=3, use_triton=True) == 3 + 2 + 4 * 2
+    assert warm_kernels(64, DEVICE, max_draft=3, rejection=False, use_triton=True) == 3 + 2
 

@@ -96,7 +96,7 @@ def draw_triton(keys: torch.Tensor, width: int, exponential: bool, out: torch.Te
     assert keys.dim() == 2 and keys.shape[1] == 3 and keys.dtype == torch.long, (tuple(keys.shape), keys.dtype)
     batch = keys.shape[0]
     out = torch.empty(batch, width, device=keys.device) if out is None else out
-    block = min(block, triton.next_power_of_2(width))
+    # one block size whatever the width: two variants in all (EXP or not), both warmed at start
     _draw_kernel[(batch, triton.cdiv(width, block))](keys, out, width, EXP=exponential, BLOCK=block)
     return out
 

@@ -16,6 +16,7 @@ import torch
 from tandem.kernels._triton import pick_triton
 from tandem.kernels.entropy import softmax_entropy_triton
 from tandem.kernels.rejection import rejection_sample_triton
+from tandem.kernels.streams import draw_triton
 
 MAX_DRAFT = 64  # speculation.max_draft's limit (tandem/cluster/config.py)
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -25,7 +26,8 @@ def warm_kernels(vocab: int, device, max_draft: int = MAX_DRAFT, rejection: bool
                  use_triton: bool | None = None) -> int:
     """Launch each Triton kernel once per specialization a step can ask for, on one row of
     zeros: rejection sampling for 0..max_draft draft tokens with and without q (rejection=True,
-    the verifier's side) and the softmax-entropy for each logits dtype (both sides). Returns how many launches ran:
+    the verifier's side), the softmax-entropy for each logits dtype and the random streams'
+    uniforms and exponentials (both sides). Returns how many launches ran:
     0 where the torch paths run instead (CPU, no Triton, TANDEM_TRITON=0)."""
     device = torch.device(device)
     if not pick_triton(torch.empty(0, device=device), use_triton):
@@ -33,6 +35,9 @@ def warm_kernels(vocab: int, device, max_draft: int = MAX_DRAFT, rejection: bool
     launches = 0
     for dtype in LOGIT_DTYPES:  # the kernel specializes on its input's dtype (engines give fp32 or bf16/fp16 logits)
         softmax_entropy_triton(torch.zeros(1, vocab, device=device, dtype=dtype), torch.ones(1, device=device))
+        launches += 1
+    for exponential in (False, True):  # the random streams (both sides)
+        draw_triton(torch.zeros(1, 3, dtype=torch.long, device=device), vocab, exponential)
         launches += 1
     for k in range(max_draft + 1) if rejection else ():
         p = torch.full((1, k + 1, vocab), 1.0 / vocab, device=device)

@@ -31,6 +31,7 @@ bookkeeping are global).
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import threading
 from contextlib import nullcontext
@@ -219,7 +220,7 @@ class GraphRunner:
         # runs of each window were the eager warm-up). Per thread: PyTorch's cuBLAS handles and
         # workspaces are per thread and stream, and an in-process PEARL drafter captures on its own
         # thread; making them inside a capture invalidates it (seen on an H200).
-        family = (first, key.sampled, threading.get_ident())
+        family = (first, key.sampled, _thread_number())
         warm = family not in self._warmed
         if key.steps >= 2:
             self._warmed.add(family)
@@ -265,6 +266,18 @@ class GraphRunner:
         except RuntimeError:
             pass  # the routing had ended
         self.pool = torch.cuda.graph_pool_handle()
+
+
+_THREAD = threading.local()
+_NUMBERS = itertools.count()
+
+
+def _thread_number() -> int:
+    """This thread's number, unique for the process's life (threading.get_ident() is reused
+    once a thread ends: a new drafter thread would pass for one that had warmed up)."""
+    if not hasattr(_THREAD, "number"):
+        _THREAD.number = next(_NUMBERS)
+    return _THREAD.number
 
 
 def _static_ints(shape: Shape, scratch: tuple[int, int], extra: int, device) -> torch.Tensor:

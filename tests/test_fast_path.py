@@ -281,6 +281,21 @@ def test_many_prompts_at_once_prefill_in_graphed_groups_of_similar_lengths(targe
     assert any(s.query == 1 and s.batch == 12 for s in bucketed.graphs.graphs)  # then one row each
 
 
+def test_prompts_asking_many_logits_prefill_apart_in_graphs(target_model):
+    """Five 40-token rows asking 17 logits each: one forward would ask 85 logits, more than a
+    prompt graph holds (PREFILL_ROWS), and run eagerly; priced as such, the rows prefill apart in
+    a graph, then verify their last 17 in another."""
+    eager = LlamaEngine(target_model, max_slots=8)
+    bucketed = LlamaEngine(target_model, max_slots=8, cuda_graphs=True)
+    seqs = [[(5 * i + j) % 90 + 1 for j in range(40)] for i in range(5)]
+    slots = [eager.allocate() for _ in seqs]
+    assert [bucketed.allocate() for _ in seqs] == slots
+    a = eager.forward(slots, seqs, [17] * 5)
+    b = bucketed.forward(slots, seqs, [17] * 5)
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert {(s.batch, s.query) for s in bucketed.graphs.graphs} == {(8, 32)}  # 23 fed apart, then 17: both graphed
+
+
 def test_a_prefill_plan_groups_similar_lengths_at_the_least_padding(target_model):
     """`_prefill_plan` against trying every split of the sorted rows into runs."""
     import itertools

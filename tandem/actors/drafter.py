@@ -140,9 +140,9 @@ class LocalDrafter:
             for row, (b, it) in enumerate(zip(active, batch)):
                 state = self._adaedl[it.rid] if it.adaedl else None
                 kept = len(tokens[row])
-                if state is None or not state.by_piece:
+                if state is not None and not state.by_piece:
                     # AdaEDL's paper rule: stop before the first token not worth drafting (keep >= 1)
-                    kept = next((j for j, h in enumerate(entropies[row]) if state is not None and state.stop_before(h)), kept)
+                    kept = next((j for j, h in enumerate(entropies[row]) if state.stop_before(h)), kept)
                 for token, h in zip(tokens[row][:kept], entropies[row][:kept]):
                     d.keep(b, token, h)
                 if q is not None and kept:

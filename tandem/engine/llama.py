@@ -51,9 +51,9 @@ class LlamaEngine(Engine):
     ) -> None:
         super().__init__(max_slots)
         self.exact, self.exact_rows = exact, exact_rows  # exact: every matmul in blocks of exact_rows rows
-        if exact and rope_type(hf_model.config.to_dict()) in BATCH_DEPENDENT_ROPE:
-            raise TandemError(f"exact mode cannot run a {rope_type(hf_model.config.to_dict())!r} RoPE: its angles follow "
-                              "the longest sequence in the batch")
+        rope = rope_type(hf_model.config.to_dict())
+        if exact and rope in BATCH_DEPENDENT_ROPE:
+            raise TandemError(f"exact mode cannot run a {rope!r} RoPE: its angles follow the longest sequence in the batch")
         self.tp_group = tp_group  # set: the model is sharded (tandem/engine/tensor_parallel.py)
         tp = dist.get_world_size(tp_group) if tp_group is not None else 1
         cfg = hf_model.config
@@ -91,6 +91,7 @@ class LlamaEngine(Engine):
 
             self.graphs = GraphRunner(self, max_slots)
             self.prefill_group = PREFILL_BATCH  # prompts beyond a graph's batch: more graphed prefills
+
     def prefill_cost(self, rows: int, longest: int, span: int, logits: int) -> float:
         """A graphed forward costs its bucket's rectangle; an eager one its rows plus the host's
         launch time (24 layers: ~14 ms on an H200, EAGER_FORWARD_TOKENS)."""

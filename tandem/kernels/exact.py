@@ -35,20 +35,11 @@ def fixed_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     zero-padded: row n's result does not depend on N or on the other rows. out_dtype: float32
     for fp32 outputs of 16-bit inputs (the logits), else x's dtype."""
     assert x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [N, K] (cuBLAS picks by layout too), {tuple(x.shape)}"
-    n = x.shape[0]
-    if n == block:  # the engine pads a forward's rows to whole blocks once (pad_rows)
-        return _matmul(x, weight, bias, out_dtype)
-    out = torch.empty(n, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
-    pad = None
-    for start in range(0, n, block):
-        rows = min(block, n - start)
-        part = x[start : start + rows]
-        if rows < block:
-            pad = x.new_zeros(block, x.shape[1]) if pad is None else pad
-            pad[:rows].copy_(part)
-            part = pad
-        out[start : start + rows] = _matmul(part, weight, bias, out_dtype)[:rows]
-    return out
+    padded = pad_rows(x, block)  # a forward's hidden rows come whole (the engine pads them once): no copy
+    if padded.shape[0] == block:
+        return _matmul(padded, weight, bias, out_dtype)[: x.shape[0]]
+    parts = [_matmul(padded[start : start + block], weight, bias, out_dtype) for start in range(0, padded.shape[0], block)]
+    return torch.cat(parts)[: x.shape[0]] if parts else x.new_empty(0, weight.shape[0], dtype=out_dtype or x.dtype)
 
 
 def pad_rows(x: torch.Tensor, block: int = EXACT_ROWS) -> torch.Tensor:

@@ -78,13 +78,14 @@ def in_process(args) -> tuple[list[list[int]], list[dict]]:
     for text in args.modes.split(","):
         mode, adaedl = parse_mode(text)
         spec = SpecParams(mode, args.max_draft, adaedl=adaedl)
-        for conc in (1, len(args.texts)):
-            for i in range(0, len(args.texts), conc):  # warm: every graph these batches need is captured
+        for conc in args.concurrency:
+            n = prompt_count(conc)
+            for i in range(0, n, conc):  # warm: every graph these batches need is captured
                 generate(pair, prompts[i : i + conc], sampling[i : i + conc], spec, overlap=mode == "pearl")
             _sync()
             before = sum(len(r.graphs) for r in runners.values())
             start, outputs = time.perf_counter(), []
-            for i in range(0, len(args.texts), conc):  # the same batches the cluster sees
+            for i in range(0, n, conc):  # the same batches the cluster sees
                 done = generate(pair, prompts[i : i + conc], sampling[i : i + conc], spec, overlap=mode == "pearl")
                 outputs += [d.token_ids for d in done]
             _sync()
@@ -99,6 +100,11 @@ def in_process(args) -> tuple[list[list[int]], list[dict]]:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return ref, rows
+
+
+def prompt_count(concurrency: int) -> int:
+    """Prompts a row runs: the 8 batch-1 prompts, or one per stream when there are more streams."""
+    return max(8, concurrency)
 
 
 def _sync() -> None:
@@ -122,12 +128,13 @@ def run_mode(client, lane, text: str, concurrency: int, args) -> dict:
         return client.complete(args.texts[i], max_tokens=args.max_tokens, mode=mode, max_draft=args.max_draft,
                                adaedl=adaedl, ignore_eos=True, temperature=args.temperature, seed=i)
 
+    n = prompt_count(concurrency)
     with ThreadPoolExecutor(concurrency) as pool:  # warm: the graphs of this mode's shapes
-        list(pool.map(one, range(len(args.texts))))
+        list(pool.map(one, range(n)))
     lane.reset_timing.remote().result()
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        outs = list(pool.map(one, range(len(args.texts))))
+        outs = list(pool.map(one, range(n)))
     elapsed = time.perf_counter() - start
     load = lane.load.remote().result()
     tokens = sum(len(o.token_ids) for o in outs)
@@ -163,8 +170,10 @@ def main() -> None:
     ap.add_argument("--prompts", choices=["heldout", "short"], default="heldout",
                     help="heldout: gpu_bench's batch-1 held-out code prompts (the same 8, tandem.zoo.heldout_prompts); "
                     "short: 8 one-line openings")
-    ap.add_argument("--heldout-pool", type=int, default=64, help="gpu_bench's prompt pool, max(--prompts, "
-                    "max(--concurrency)): heldout_prompts(pool, seed=1)[:8] are its batch-1 prompts")
+    ap.add_argument("--heldout-pool", type=int, default=64, help="gpu_bench's prompt pool: heldout_prompts(pool, "
+                    "seed=1)[:8] are its batch-1 prompts")
+    ap.add_argument("--concurrency", default="1,8", help="comma-separated streams; a row runs max(8, streams) "
+                    "held-out prompts, all of them at once from that many client threads")
     ap.add_argument("--out", default="cluster_gpu.json")
     ap.add_argument("--best-from", help="a gpu_bench.json: run AR and its fastest batch-1 tandem mode at --temperature")
     ap.add_argument("--core-process", action=argparse.BooleanOptionalAction, default=False,
@@ -172,7 +181,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.colocate_drafter and args.num_drafters > 1:
         ap.error("--colocate-drafter runs one drafter in the lane replica: leave --num-drafters at 1")
-    args.texts = heldout_prompts(args.heldout_pool, seed=1)[:8] if args.prompts == "heldout" else SHORT_PROMPTS
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    most = prompt_count(max(args.concurrency))
+    if args.prompts == "short" and most > len(SHORT_PROMPTS):
+        ap.error(f"--prompts short has {len(SHORT_PROMPTS)} prompts: --concurrency at most that")
+    args.texts = heldout_prompts(max(args.heldout_pool, most), seed=1)[:most] if args.prompts == "heldout" else SHORT_PROMPTS
     if args.best_from:
         args.modes, args.max_draft = best_mode(args.best_from, args.temperature)
         print(f"modes {args.modes}, max_draft {args.max_draft} (from {args.best_from})", flush=True)
@@ -184,7 +197,7 @@ def main() -> None:
     from tandem.cluster.app import build_app
 
     lane_cfg = {"tensor_parallel_size": args.tp, "device": args.device, "verifier_gpus": args.verifier_gpus,
-                "max_batch_size": len(args.texts), "verifier_cpus": args.verifier_cpus,
+                "max_batch_size": max(args.concurrency), "verifier_cpus": args.verifier_cpus,
                 "cuda_graphs_at_start": args.graphs_at_start}
     lane_cfg.update({"colocate_drafter": True} if args.colocate_drafter else
                     {"drafter_gpus": args.drafter_gpus, "num_drafters": args.num_drafters})
@@ -200,11 +213,11 @@ def main() -> None:
     client = TandemClient(f"127.0.0.1:{grpc_port}")
     rows = []
     for text in args.modes.split(","):
-        for conc in (1, len(args.texts)):
+        for conc in args.concurrency:
             r = run_mode(client, lane, text, conc, args)
             outputs = r.pop("outputs")
             # ref: AR, all prompts as one batch; sampled modes follow the target's distribution, not its tokens
-            r["greedy_equal_to_ar"] = outputs == ref if args.temperature == 0 else None
+            r["greedy_equal_to_ar"] = outputs == ref[: len(outputs)] if args.temperature == 0 else None
             same = next(x for x in local if x["mode"] == text and x["concurrency"] == conc)
             # In bf16 the batch a request shares changes its GEMM shapes, so the cluster's output is
             # compared with the in-process run of the same mode and batches, too (at batch 1 the

@@ -15,7 +15,9 @@
 #   concurrency   1 / 4 / 16 / 64 requests at T=0 and T=1, natural language, fp32 equality
 #   cluster       the cluster path vs in-process (cluster_gpu.py), drafter colocated, graphs at
 #                 start, the best batch-1 mode at T=0 (after latency) or AR + SD + AdaEDL
-#   cluster_core  the same with the lane's step loop in a process of its own (lane.core_process)
+#   cluster_core  AR and SD k=5 (the default) at 1 / 8 / 32 / 64 streams, the lane's step loop in a
+#                 process of its own (lane.core_process)
+#   cluster_loop  the same with the step loop in the lane replica (the default), to compare
 #   cluster_t1    the same at T=1 (seeded sampling)
 #   cluster_pearl PEARL and SD + AdaEDL through the cluster, drafter colocated
 #   remote        the cluster with the drafter in its own process on the same GPU (0.5 + 0.5)
@@ -74,7 +76,9 @@ cluster_run() {  # name, then cluster_gpu.py arguments
 }
 
 cluster() { pair; cluster_run t0 $(best) --verifier-gpus 1 --colocate-drafter; }
-cluster_core() { pair; cluster_run core $(best) --verifier-gpus 1 --colocate-drafter --core-process; }
+streams() { echo --modes ar,sd --max-draft 5 --concurrency 1,8,32,64 --verifier-gpus 1 --colocate-drafter; }
+cluster_core() { pair; cluster_run core $(streams) --core-process; }
+cluster_loop() { pair; cluster_run loop $(streams); }
 cluster_t1() { pair; cluster_run t1 $(best) --temperature 1 --verifier-gpus 1 --colocate-drafter; }
 cluster_pearl() { pair; cluster_run pearl --max-draft 8 --modes ar,pearl,sd+adaedl --verifier-gpus 1 --colocate-drafter; }
 remote() { pair; cluster_run remote $(best) --verifier-gpus 0.5 --drafter-gpus 0.5; }

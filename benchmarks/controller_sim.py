@@ -32,9 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tandem.actors.drafter import EMA  # noqa: E402
 from tandem.engine.draft_steps import LONG_PIECE, PIECE  # noqa: E402
-from tandem.spec.adaedl import AcceptanceTable, AdaEDLConfig, AdaEDLState  # noqa: E402
+from tandem.engine.graphs import BATCH_BUCKETS, QUERY_BUCKETS  # noqa: E402
+from tandem.spec.adaedl import AcceptanceTable, AdaEDLConfig, AdaEDLState, CostRatio  # noqa: E402
 from tandem.spec.load_control import Candidate, LoadControlConfig, LoadController, Round, StepObservation  # noqa: E402
 
 
@@ -53,12 +53,24 @@ class Costs:
     noise: float = 0.03  # relative spread of each step's time (lognormal)
     join_verify: float = 0.0  # a step where requests join: their prompts' prefill in the verify forward
     join_draft: float = 0.0  # and in the drafter's
+    # CUDA graphs: the verify computes its bucket's rectangle, verify_computed per row of it
+    graphs: bool = False
+    verify_req: float = 0.0
+    verify_computed: float = 0.0
+
+    def computed_rows(self, batch: int, query: int) -> int:
+        """The rows a verify forward computes (what the engine's forward_rows says)."""
+        if not self.graphs:
+            return batch * query
+        return next(b for b in BATCH_BUCKETS if b >= batch) * next(q for q in QUERY_BUCKETS if q >= query)
 
     def step(self, batch: int, rows: int, drafting: int, positions: int, rng: random.Random,
-             joined: int = 0) -> tuple[float, float]:
-        """(drafting, the rest) in seconds."""
+             joined: int = 0, query: int = 1) -> tuple[float, float]:
+        """(drafting, the rest) in seconds; query: the longest verified row count of a request."""
         jitter = lambda: math.exp(rng.gauss(0.0, self.noise))  # noqa: E731
-        rest = (self.verify0 + self.verify_row * rows + self.other_req * batch + self.other_row * rows) * jitter()
+        verify = self.verify0 + self.verify_row * rows + self.verify_req * batch
+        verify += self.verify_computed * self.computed_rows(batch, query)
+        rest = (verify + self.other_req * batch + self.other_row * rows) * jitter()
         draft = 0.0
         if drafting and positions:
             draft = (self.draft0 + self.draft_req * drafting + positions * (self.pos0 + self.pos_req * drafting)) * jitter()
@@ -82,6 +94,18 @@ COSTS = {
 for _name in list(COSTS):
     COSTS[_name + "_joins"] = dataclasses.replace(COSTS[_name], join_verify=12.0, join_draft=3.0)
     COSTS[_name + "_graphed_joins"] = dataclasses.replace(COSTS[_name], join_verify=4.0, join_draft=1.0)
+# Everything in CUDA graphs, verify priced by the rows its bucket computes: fits to the steps
+# without joins of benchmarks/results/adaptive_bench_code_t0t1_h200_2026-12-04d.json (AR and SD
+# k=3/5/8 at 1-64 requests; T=0 from the verify's device time and the host's, T=1 from the whole
+# step less drafting, whose verify timer does not wait for the device).
+COSTS["h200_t0_graphs"] = Costs(verify0=1.505, verify_row=0.0, other_req=0.0275, other_row=0.0,
+                                draft0=0.338, draft_req=0.018, pos0=0.207, pos_req=0.0,
+                                join_verify=4.0, join_draft=1.5, graphs=True, verify_req=0.0082,
+                                verify_computed=0.00142)
+COSTS["h200_t1_graphs"] = Costs(verify0=1.516, verify_row=0.00065, other_req=0.0, other_row=0.0,
+                                draft0=0.373, draft_req=0.022, pos0=0.216, pos_req=0.0,
+                                join_verify=4.0, join_draft=1.5, graphs=True, verify_req=0.0147,
+                                verify_computed=0.00315)
 
 
 @dataclass(frozen=True)
@@ -109,7 +133,7 @@ class Setting:
     auto: bool = False
 
 
-SETTINGS = [Setting("ar", 0), Setting("sd k=3", 3), Setting("sd k=5", 5), Setting("sd k=8", 8),
+SETTINGS = [Setting("ar", 0), Setting("sd k=3", 3), Setting("sd k=5", 5), Setting("sd k=7", 7), Setting("sd k=8", 8),
             Setting("sd+adaedl (cap 16)", 16, adaedl=True), Setting("auto (default)", 16, adaedl=True, auto=True),
 ]
 
@@ -132,7 +156,7 @@ class _Req:
 class _Drafter:
     """AdaEDL as `tandem/actors/drafter.py` runs it (propose_fused): pieces of PIECE positions
     (LONG_PIECE first for requests whose chunks run long), the cost rule deciding at each piece's
-    end from a shared AcceptanceTable and c = step time / position time, measured as the drafter
+    end from a shared AcceptanceTable and c from `CostRatio`, measured as the drafter
     measures it. The drafter sees a token's acceptance p through its entropy: the AdaEDL bound
     1 - sqrt(gamma * H) is p plus noise."""
 
@@ -140,7 +164,7 @@ class _Drafter:
         self.config = AdaEDLConfig()
         self.table = AcceptanceTable(self.config.gamma)
         self.states: dict[str, AdaEDLState] = {}
-        self.step_s = self.position_s = None
+        self.cost = CostRatio()
 
     def entropy(self, p: float, sense: float, rng: random.Random) -> float:
         bound = min(1.0, max(0.0, p + rng.gauss(0.0, sense)))
@@ -148,7 +172,7 @@ class _Drafter:
 
     def propose(self, running: list[_Req], windows: list[int], adaedl: bool, rng: random.Random):
         """Each request's drafted tokens' entropies, and the positions the device drafted."""
-        c = None if self.step_s is None or self.position_s is None else self.step_s / self.position_s
+        c = self.cost.value
         states = [self.states.setdefault(r.rid, AdaEDLState(self.config)) for r in running]
         for st in states:
             st.begin_round(self.table, c)
@@ -187,16 +211,12 @@ class _Drafter:
 
     def update(self, running: list[_Req], ents: list[list[float]], accepted: list[int], windows: list[int],
                draft_s: float, rest_s: float, positions: int) -> None:
-        self.step_s = _ema(self.step_s, rest_s)
+        self.cost.step(rest_s)
         if positions:
-            self.position_s = _ema(self.position_s, draft_s / positions)
+            self.cost.draft(positions, draft_s)
         for r, e, a, w in zip(running, ents, accepted, windows):
             if e:
                 self.states[r.rid].update(len(e), a, w, e)
-
-
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else EMA * old + (1 - EMA) * new
 
 
 def simulate(setting: Setting, costs: Costs, jobs: list[tuple[Workload, int]], inflight: list[int],
@@ -204,7 +224,7 @@ def simulate(setting: Setting, costs: Costs, jobs: list[tuple[Workload, int]], i
     """Run `jobs` ((workload, tokens) each), at most inflight[i] at a time while job i waits to start.
     Returns tokens/s on the simulated clock and what the steps did."""
     rng = random.Random(seed)
-    ctl = controller if controller is not None else (LoadController() if setting.auto else None)
+    ctl = controller if controller is not None else (LoadController(forward_rows=costs.computed_rows) if setting.auto else None)
     drafter = _Drafter()
     waiting = list(enumerate(jobs))
     running: list[_Req] = []
@@ -239,14 +259,16 @@ def simulate(setting: Setting, costs: Costs, jobs: list[tuple[Workload, int]], i
             accepted_all.append(accepted)
             rounds.append(Round(r.rid, drafted, accepted, drafted, w < u, adaedl))
         drafting = sum(x.drafted > 0 for x in rounds)
-        draft_s, rest_s = costs.step(len(running), rows, drafting, positions, rng, joined)
+        query = max(x.drafted for x in rounds) + 1
+        draft_s, rest_s = costs.step(len(running), rows, drafting, positions, rng, joined, query)
         drafter.update(running, ents, accepted_all, windows, draft_s, rest_s, positions)
         clock += draft_s + rest_s
         tokens += emitted
         steps += 1
         if ctl is not None:
             ctl.observe(StepObservation(len(running), rows, drafting, positions, draft_s, rest_s,
-                                        emitted=emitted, step_s=draft_s + rest_s, joined=joined), rounds)
+                                        emitted=emitted, step_s=draft_s + rest_s, joined=joined,
+                                        forward_rows=costs.computed_rows(len(running), query)), rounds)
         for r in [r for r in running if r.left <= 0]:
             running.remove(r)
             if ctl is not None:
@@ -258,7 +280,7 @@ def simulate(setting: Setting, costs: Costs, jobs: list[tuple[Workload, int]], i
 def _run(setting: Setting, costs: str, jobs: list, inflight: list[int], seed: int, controllers: dict) -> dict:
     """One row; an auto setting keeps its controller across the run, as a serving lane (and
     adaptive_bench.py) does."""
-    ctl = controllers.setdefault(setting.name, LoadController()) if setting.auto else None
+    ctl = controllers.setdefault(setting.name, LoadController(forward_rows=COSTS[costs].computed_rows)) if setting.auto else None
     return simulate(setting, COSTS[costs], jobs, inflight, seed, controller=ctl)
 
 

@@ -8,7 +8,7 @@ from tandem.actors.offline import generate
 from tandem.engine.llama import LlamaEngine
 from tandem.errors import TandemError
 from tandem.params import SamplingParams, SpecParams
-from tandem.spec.adaedl import AcceptanceTable, AdaEDLConfig, AdaEDLState
+from tandem.spec.adaedl import AcceptanceTable, AdaEDLConfig, AdaEDLState, CostRatio
 from tandem.spec.messages import DraftItem, DraftRound
 
 
@@ -138,8 +138,24 @@ def test_drafter_measures_the_cost_ratio(target_model):
     chunk = d.propose([DraftItem("r", slot, [1, 2, 3], 4, SamplingParams(), adaedl=True)])[0]
     d.update([DraftRound("r", len(chunk.ids), 1, 4, chunk.entropies)], step_s=0.5)
     assert len(chunk.entropies) == len(chunk.ids) >= 1
-    assert d.cost_ratio == pytest.approx(0.5 / d._position_s) and d.cost_ratio > 1
+    e, per_position = d._cost.parts()
+    assert e == 0.0 and d.cost_ratio == pytest.approx(0.5 / per_position) and d.cost_ratio > 1
     assert LocalDrafter(d.engine, AdaEDLConfig(cost_ratio=7.0)).cost_ratio == 7.0
+
+
+def test_the_cost_ratio_counts_drafting_s_fixed_part_once():
+    # a round of k positions costs 0.4 ms + 0.2 ms per position; a step apart from drafting 1.5 ms
+    cost = CostRatio()
+    assert cost.value is None
+    cost.step(1.5e-3)
+    cost.draft(8, 0.4e-3 + 8 * 0.2e-3)
+    # one length only: the fixed part cannot be told apart, so each position carries its share
+    assert cost.parts() == pytest.approx((0.0, 0.25e-3)) and cost.value == pytest.approx(6.0)
+    for k in (4, 8, 12, 4, 8, 4):
+        cost.draft(k, 0.4e-3 + k * 0.2e-3)
+    e, d = cost.parts()
+    assert e == pytest.approx(0.4e-3) and d == pytest.approx(0.2e-3)
+    assert cost.value == pytest.approx((1.5e-3 + 0.4e-3) / 0.2e-3)  # 9.5: a position is cheap next to a step
 
 
 @pytest.mark.parametrize("kwargs, words", [({"cost_ratio": 0.0}, "cost ratio must be > 0"),

@@ -181,7 +181,7 @@ def test_adaptive_bench_runs_every_setting_in_every_cell_and_the_mixed_load(tmp_
     data = json.loads(out.read_text())
     assert rc == 0 and not data["skipped"]
     names = {r["name"] for r in data["cells"]["rows"]}
-    assert len(names) == 7 and "auto (default)" in names and len(data["cells"]["rows"]) == 7 * 4
+    assert len(names) == 8 and "auto (default)" in names and len(data["cells"]["rows"]) == 8 * 4
     assert {r["name"] for r in data["mixed"]["rows"]} == names
     for r in data["cells"]["rows"] + data["mixed"]["rows"]:
         assert r["tokens"] > 0 and r["step_ms"]["p50"] <= r["step_ms"]["p99"] <= r["step_ms"]["max"]
@@ -201,7 +201,7 @@ def test_controller_sim_runs_the_real_controller_against_every_static_setting(tm
     cells = json.loads(out.read_text())["cells"]
     assert rc == 0 and [c["cell"] for c in cells] == ["code_t0 n=1", "code_t0 n=4", "mixed ramp 1-4-16-64-16-4-1"]
     for c in cells:
-        assert set(c["rows"]) == {"ar", "sd k=3", "sd k=5", "sd k=8", "sd+adaedl (cap 16)", "auto (default)"}
+        assert set(c["rows"]) == {"ar", "sd k=3", "sd k=5", "sd k=7", "sd k=8", "sd+adaedl (cap 16)", "auto (default)"}
         assert all(r["tokens_per_s"] > 0 for r in c["rows"].values())
         assert c["rows"]["ar"]["drafted_per_step"] == 0 and c["rows"]["sd k=8"]["drafted_per_step"] > 0
 

@@ -3,6 +3,7 @@ compute-bound lanes, and that any cap it sets leaves the output exactly the targ
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 from conftest import Scripted, make_pair, random_llama
@@ -244,7 +245,7 @@ def test_the_window_rule_matches_trying_every_window():
         b, d1 = rng.uniform(1e-6, 1e-4), rng.uniform(0, 1e-4)
         ctl = trained(rest=lambda n, b=b: 1e-3 + b * n, per_position=lambda m, d1=d1: 1e-4 + d1 * m,
                       alpha=0.8, batch=rng.choice([4, 16, 64]))
-        _, _, fb, _ = ctl.rest.coefficients()
+        fb = ctl.rest.coefficients()[3]
         _, fd1, _, fe1, _ = ctl.per_position.coefficients()
         for _ in range(50):
             alpha, pearl = rng.choice([0.0, 0.05, 0.5, 0.8, 0.95, 0.99]), rng.random() < 0.3
@@ -382,9 +383,10 @@ def test_a_prompts_prefill_is_fitted_apart_from_the_verify_and_the_draft():
             joined = (i + j) % 3  # 0, 1 or 2 prompts this step
             ctl.observe(StepObservation(b, b * (k + 1), b, k, draft(k, b) + 3e-3 * joined,
                                         rest(b, b * (k + 1)) + 12e-3 * joined, joined=joined), [])
-    a, per_request, per_row, per_prompt = ctl.rest.coefficients()
-    assert per_row == pytest.approx(13e-6, rel=0.05) and per_prompt == pytest.approx(12e-3, rel=0.05)
-    assert ctl.rest(64, 64 * 6, 0) == pytest.approx(rest(64, 64 * 6), rel=0.05)
+    a, per_request, per_forward_row, per_row, per_prompt = ctl.rest.coefficients()
+    # every request drafted k here: the rows computed and the rows scored are one regressor
+    assert per_forward_row + per_row == pytest.approx(13e-6, rel=0.05) and per_prompt == pytest.approx(12e-3, rel=0.05)
+    assert ctl.rest(64, 64 * 6, 64 * 6, 0) == pytest.approx(rest(64, 64 * 6), rel=0.05)
     assert ctl._draft(8, 64) == pytest.approx(draft(8, 64), rel=0.05)
     assert ctl.state()["rest_ms"]["per_prompt"] == pytest.approx(12.0, rel=0.05)
 
@@ -404,12 +406,52 @@ def test_the_measured_rates_leave_out_steps_that_fed_prompts():
 def test_a_request_that_joins_between_decisions_drafts_a_planned_requests_median_window(monkeypatch):
     # at 64 requests a few join every step; drafting them to the cap made the cap decide
     ctl = trained(rest=lambda n: 1.5e-3 + 2e-5 * n, per_position=lambda b: 5e-5 * b, alpha=0.85, batch=5)
-    monkeypatch.setattr(ctl, "_lengths", lambda k, spec, windows, alphas, fixed: [min(k, w) for w in (0, 0, 2, 3, 3)])
+    def lengths(plan):  # a fixed plan, at the goodput the model predicts for it
+        return lambda k, spec, windows, alphas, fixed: (p := plan(k), ctl._goodput(spec, p, alphas, fixed, False))
+
+    monkeypatch.setattr(ctl, "_lengths", lengths(lambda k: [min(k, w) for w in (0, 0, 2, 3, 3)]))
     cap = ctl.decide(candidates(5, 8))
     planned = [ctl.length(str(r)) for r in range(5)]
     assert cap == max(planned) and planned[:2] == [0, 0]  # the cap is the plan's own depth
     assert ctl.length("joined-since") == sorted(planned)[2]  # the median planned window
-    monkeypatch.setattr(ctl, "_lengths", lambda k, spec, windows, alphas, fixed: [0] * 5)
+    monkeypatch.setattr(ctl, "_lengths", lengths(lambda k: [0] * 5))
     for _ in range(ctl.config.every):
         cap = ctl.decide(candidates(5, 8))
     assert cap == 0 and ctl.length("joined-since") == 0  # every request decodes: so do newcomers
+
+
+def test_the_depth_is_priced_by_the_rows_the_forward_computes():
+    """In CUDA graphs a verify computes its bucket's rectangle (64 requests x 8 rows for drafts of
+    5, 6 or 7; x 16 for 8): the controller, told so, takes the bucket's edge, 7, which drafts two
+    more positions than 5 for the same forward, and not 8, which doubles the forward (one H200's
+    costs at 64 requests, T=0)."""
+    from tandem.engine.graphs import BATCH_BUCKETS, QUERY_BUCKETS
+
+    def rectangle(b, q):
+        return next(x for x in BATCH_BUCKETS if x >= b) * next(x for x in QUERY_BUCKETS if x >= q)
+
+    def rest(b, computed):
+        return 1.5e-3 + 8e-6 * b + 1.4e-6 * computed
+
+    def draft(k, b):
+        return 0.34e-3 + 18e-6 * b + k * 0.207e-3
+
+    rng = random.Random(0)
+
+    def accepted(k, alpha=0.87):  # a draft's accepted run: each token with probability alpha
+        return next((j for j in range(k) if rng.random() > alpha), k)
+
+    ctl = LoadController(LoadControlConfig(forget=1.0), forward_rows=rectangle)
+    for i, k in enumerate(itertools.islice(itertools.cycle((3, 5, 7, 8, 12)), 60)):
+        b = 64 - i % 3
+        ctl.observe(StepObservation(b, b * (k + 1), b, k, draft(k, b), rest(b, rectangle(b, k + 1)),
+                                    forward_rows=rectangle(b, k + 1)),
+                    [Round(str(r), k, accepted(k), k, False, False) for r in range(b)])
+    assert ctl.decide(candidates(64, 16)) == 7
+    assert set(ctl.lengths.values()) <= {7}  # a shorter window saves only its own scored rows
+    # without the rectangle (every row priced as computed) it stops short of the edge
+    flat = LoadController(LoadControlConfig(forget=1.0))
+    for i, k in enumerate(itertools.islice(itertools.cycle((3, 5, 7, 8, 12)), 60)):
+        b = 64 - i % 3
+        flat.observe(StepObservation(b, b * (k + 1), b, k, draft(k, b), rest(b, rectangle(b, k + 1))), [])
+    assert flat.decide(candidates(64, 16)) != 7

@@ -22,11 +22,9 @@ from tandem.kernels.sampling import (
     to_device,
 )
 from tandem.kernels.streams import Stream, sample
-from tandem.spec.adaedl import AcceptanceTable, AdaEDLConfig, AdaEDLState
+from tandem.spec.adaedl import AcceptanceTable, AdaEDLConfig, AdaEDLState, CostRatio
 from tandem.spec.drafting import DraftFuture
 from tandem.spec.messages import DraftChunk, DraftItem, DraftRound
-
-EMA = 0.9  # smoothing of the measured step and draft-position times (AdaEDL's cost ratio)
 
 
 class LocalDrafter:
@@ -45,9 +43,7 @@ class LocalDrafter:
         for sampled in (False, True):
             self._tables.setdefault(sampled, AcceptanceTable(self.adaedl_config.gamma))
         self._streams: dict[str, Stream] = {}
-        # Seconds per draft position and per step without drafting: c = step / position.
-        self._position_s: float | None = None
-        self._step_s: float | None = None
+        self._cost = CostRatio()  # AdaEDL's c, from the steps and the drafting rounds measured
 
     @property
     def max_context(self) -> int:
@@ -91,14 +87,12 @@ class LocalDrafter:
         """c for AdaEDL's cost-aware stop: configured, or measured (None until both are)."""
         if self.adaedl_config.cost_ratio is not None:
             return self.adaedl_config.cost_ratio
-        if self._position_s is None or self._step_s is None:
-            return None
-        return self._step_s / self._position_s
+        return self._cost.value
 
     def update(self, rounds: list[DraftRound], step_s: float | None = None) -> None:
         """Fold the verifier's verdicts into AdaEDL; step_s: the step's time outside drafting."""
         if step_s is not None and rounds:
-            self._step_s = _ema(self._step_s, step_s)
+            self._cost.step(step_s)
         for r in rounds:
             if r.rid in self._adaedl:
                 self._adaedl[r.rid].update(r.n_drafted, r.n_accepted, r.max_len, r.entropies)
@@ -114,7 +108,7 @@ class LocalDrafter:
         start = time.perf_counter()
         chunks, positions = self.propose_fused(items) if self.fused and plain else self.propose_stepwise(items)
         if positions:  # both paths end in a device-to-host copy: the time is the device's
-            self._position_s = _ema(self._position_s, (time.perf_counter() - start) / positions)
+            self._cost.draft(positions, time.perf_counter() - start)
         return chunks
 
     def propose_fused(self, items: list[DraftItem]) -> tuple[list[DraftChunk], int]:
@@ -227,10 +221,6 @@ class _Drafts:
 
     def of(self, b: int) -> tuple[list[int], list[torch.Tensor], list[float]]:
         return self.ids[b], self.probs[b], self.entropies[b]
-
-
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else EMA * old + (1 - EMA) * new
 
 
 def _samples(item: DraftItem) -> bool:

@@ -116,6 +116,12 @@ class Engine(ABC):
             starts[b] += c
             new_tokens[b] = new_tokens[b][c:]
 
+    def forward_rows(self, batch: int, query: int) -> int:
+        """Rows a forward of `batch` requests of at most `query` new tokens each computes: the
+        batch padded to a rectangle (tandem/engine/layout.py). A request's shorter draft saves
+        none of them; the load controller prices a verify by them."""
+        return batch * query
+
     def _prefill_plan(self, rows: list[int], lengths: dict[int, int], reach: dict[int, int]) -> tuple[list[list[int]], float]:
         """The rows' prefills grouped into forwards at the least total `prefill_cost`: each forward
         pads its rows to the longest (and, graphed, to a bucket), so rows of similar lengths go

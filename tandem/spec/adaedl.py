@@ -25,6 +25,13 @@ on the H200 pair, stopping token by token inside pieces of 8 paid for 8 position
 keeping every drafted token: draft another piece of P while its mean survival beats the rate,
 with the acceptance of its tokens estimated from the last drafted token's entropy.
 
+c is measured by `CostRatio`: a round of k drafted positions costs e + d·k (a fixed part, the
+drafter's catch-up forward and launches, and a part per position), so one more position costs d
+and a round's time apart from its positions is the step's own plus e: c = (step + e) / d. Taking
+the mean time per position for d instead counts the fixed part k times over: on one H200 at batch
+1 that gave c ≈ 5 where the marginal cost gives ≈ 9, and rounds stopped at 5 drafts where static
+k=8 ran faster.
+
 p is the acceptance of a token drafted at entropy H, learned online from the verifier's
 verdicts (`AcceptanceTable`, binned by the paper's bound 1 − sqrt(γ_e·H), which is its prior).
 The bound alone is far too pessimistic for a draft distilled from its target: on the H200 pair
@@ -58,6 +65,54 @@ class AdaEDLConfig:
             raise TandemError(f"AdaEDL stop must be 'cost' or 'paper', got {self.stop!r}")
         if self.cost_ratio is not None and not self.cost_ratio > 0:
             raise TandemError(f"AdaEDL cost ratio must be > 0 (step time / draft-token time), got {self.cost_ratio}")
+
+
+class CostRatio:
+    """AdaEDL's c = (a step's time outside drafting + drafting's fixed part e) / one more position d.
+
+    Drafting k positions costs e + d·k; (k, seconds) of the drafter's rounds are fitted by least
+    squares with forgetting. Until the rounds' lengths have varied (a static window drafts one k:
+    e and d cannot be told apart), d is the mean time per position and e is 0, which prices a
+    position too high, never too low. None until a step and a round have been measured."""
+
+    FORGET = 0.95  # per round: ~20 rounds of memory
+    SPREAD = 0.05  # relative spread of the lengths (std / mean) from which e and d are told apart
+    EMA = 0.9  # smoothing of the step time
+
+    def __init__(self) -> None:
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.step_s: float | None = None
+
+    def step(self, seconds: float) -> None:
+        """A step's time outside drafting."""
+        self.step_s = seconds if self.step_s is None else self.EMA * self.step_s + (1 - self.EMA) * seconds
+
+    def draft(self, positions: int, seconds: float) -> None:
+        """A round that drafted `positions` positions in `seconds`."""
+        f = self.FORGET
+        self.w, self.sx, self.sy = f * self.w + 1, f * self.sx + positions, f * self.sy + seconds
+        self.sxx, self.sxy = f * self.sxx + positions * positions, f * self.sxy + positions * seconds
+
+    def parts(self) -> tuple[float, float] | None:
+        """(e, d): drafting's fixed seconds and seconds per position (None: no round yet)."""
+        if self.w <= 0 or self.sx <= 0:
+            return None
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        if var > (self.SPREAD * mx) ** 2:
+            d = (self.sxy / self.w - mx * my) / var
+            e = my - d * mx
+            if d > 0 and e >= 0:
+                return e, d
+        return 0.0, my / mx
+
+    @property
+    def value(self) -> float | None:
+        parts = self.parts()
+        if parts is None or self.step_s is None or parts[1] <= 0:
+            return None
+        e, d = parts
+        return (self.step_s + e) / d
 
 
 class AcceptanceTable:

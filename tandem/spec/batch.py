@@ -45,6 +45,8 @@ class SpecBatch:
         # control_all: the controller chooses every speculating request's length, not only auto ones'
         self.control_all = controller is not None if control_all is None else control_all
         self.controller = controller if controller is not None else LoadController()  # tandem/spec/load_control.py
+        if self.controller.forward_rows is None:  # the verify's rows, as this engine pads them
+            self.controller.forward_rows = target.forward_rows
         self.prefer_pearl = prefer_pearl
 
     def __len__(self) -> int:
@@ -142,14 +144,15 @@ class SpecBatch:
                         capped, r.adaedl)
                   for r, (drafted, checked, accepted, capped, _) in zip(reqs, before)]
         # Rows the verify scored: SD its chunk + 1, PEARL its pending tokens + 1, AR 1.
-        rows = sum(x.judged + 1 if r.spec.mode == "sd" else pending + 1
-                   for x, r, (*_, pending) in zip(rounds, reqs, before))
+        scored = [x.judged + 1 if r.spec.mode == "sd" else pending + 1 for x, r, (*_, pending) in zip(rounds, reqs, before)]
+        rows = sum(scored)
         concurrent = t.total < t.draft + t.verify  # drafting ran beside the verify
         ctl.observe(StepObservation(
             batch=len(reqs), verified_tokens=rows, drafting=sum(x.drafted > 0 for x in rounds),
             positions=max(x.drafted for x in rounds), draft_s=t.draft,
             rest_s=t.total - (t.wait if concurrent else t.draft),
-            concurrent=concurrent, emitted=sum(len(g) for g in gained), step_s=t.total, joined=joined), rounds)
+            concurrent=concurrent, emitted=sum(len(g) for g in gained), step_s=t.total, joined=joined,
+            forward_rows=self.verifier.engine.forward_rows(len(reqs), max(scored))), rounds)
         return gained, t
 
     def cancel(self, rid: str) -> Emission | None:

@@ -9,19 +9,27 @@ depth K and each request's window w_r <= K for the highest predicted goodput
 
     goodput = sum_r E_r(w_r) / T,    E_r(w) = (1 - a_r^(w+1)) / (1 - a_r)
 
-    T = F(B, sum_r (w_r + 1)) + D(K', B')        (SD: one after the other)
+    T = F(B, R(B, K + 1), sum_r (w_r + 1)) + D(K', B')        (SD: one after the other)
     T = max(F(...), D(K', B'))                  (PEARL only: drafting beside verifying)
     D(K, B') = K * (d0 + d1 * B') + e0 + e1 * B'
 
 (PEARL: w - 1 judged tokens, no bonus, on w verified rows), with a_r request r's per-token
 acceptance (accepted tokens over accepted tokens plus rejections, from a prior of the lane's
-own), F the step's cost apart from drafting by requests and verified rows, and D the drafting of
+own), F the step's cost apart from drafting by requests, the rows the verify forward computes and
+the rows it scores, and D the drafting of
 K' = max_r w_r positions for the B' requests that draft: a part per position and a part per step
 (the drafter's catch-up forward, launches), both growing with B'. F and D are fitted online by
 least squares with forgetting from the lane's own steps (`_Fit`), slopes never negative and
 shrunk towards 0 until the steps have varied enough to show them; a step that fed prompts pays
 their prefill on top, which both fits take as a regressor of its own (prompts fed) and leave
 out of their predictions, since every request pays its prefill once whatever its lengths.
+
+A forward computes a rectangle, every request padded to the longest query and, in a CUDA graph,
+both sides rounded up to the graph's bucket: R(B, q) is the engine's (`Engine.forward_rows`). A
+request's shorter window saves only its scored rows (the logits, the judging), and a depth costs
+what its bucket does: on one H200 a verify of 64 requests with drafts of 5 computed 64 x 8 rows,
+as one with drafts of 7, and drafts of 8 computed 64 x 16. The caps therefore include the bucket
+edges (7, 15, 31).
 
 For each K the windows are chosen jointly by Dinkelbach's method: at the batch's rate lam, a
 request takes the w that maximizes E(w) - lam * (its rows and its share of drafting); w = 0
@@ -49,9 +57,9 @@ import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
-CAPS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+CAPS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 16, 24, 31, 32, 48, 64)
 
 
 @dataclass
@@ -193,6 +201,7 @@ class StepObservation:
     emitted: int = 0  # tokens the step gave its requests
     step_s: float = 0.0  # the step's wall time
     joined: int = 0  # requests whose prompt this step fed (their first step): a prefill's time
+    forward_rows: int = 0  # rows the verify forward computed (its padded rectangle); 0: verified_tokens
 
 
 @dataclass
@@ -206,13 +215,16 @@ class Candidate:
 @dataclass
 class LoadController:
     config: LoadControlConfig = field(default_factory=LoadControlConfig)
+    # R(B, q): the rows a forward of B requests of at most q tokens computes (the verifier engine's
+    # forward_rows; SpecBatch sets it). None: B x q, the rectangle without graph buckets.
+    forward_rows: Callable[[int, int], int] | None = None
 
     def __post_init__(self) -> None:
         c = self.config
-        # F(B, N): seconds against requests and verified rows. Rows alone would read a batch's
-        # per-request cost as a per-row cost (rows = batch x (k + 1) at a fixed k): long drafts
-        # would look dear at a large batch.
-        self.rest = _Fit(3, c.forget, (c.shrink, c.shrink, 0.01))  # + prompts fed (observe)
+        # F(B, R, N): seconds against requests, the rows the forward computed and the rows it
+        # scored. Rows alone would read a batch's per-request cost as a per-row cost (rows =
+        # batch x (k + 1) at a fixed k): long drafts would look dear at a large batch.
+        self.rest = _Fit(4, c.forget, (c.shrink, c.shrink, c.shrink, 0.01))  # + prompts fed (observe)
         # Drafting K positions for B' requests: K * (d0 + d1 * B') + e0 + e1 * B', the e part a
         # step's own (the drafter's catch-up forward, launches). Fitted per position, against
         # (B', 1 / K, B' / K): with the e slopes shrunk to 0 until K has varied, a cost the fit
@@ -259,7 +271,7 @@ class LoadController:
         # which compares a step with the recent median of steps that fed none.
         j = step.joined
         if j or self._rest_typical.accept(step.rest_s / max(step.verified_tokens, 1)):
-            self.rest.add(step.batch, step.verified_tokens, j, step.rest_s)
+            self.rest.add(step.batch, step.forward_rows or step.verified_tokens, step.verified_tokens, j, step.rest_s)
         if step.positions > 0 and step.drafting > 0:
             if j or self._position_typical.accept(step.draft_s / step.positions):
                 k, b = step.positions, step.drafting
@@ -336,7 +348,7 @@ class LoadController:
         c = self.config
         seen = self.lane.accepted + self.lane.rejected
         lane_alpha = self.lane.alpha(c.prior_acceptance, c.prior_weight) if seen else c.prior_acceptance
-        alphas = {x.rid: self.requests.get(x.rid, _Acceptance()).alpha(lane_alpha, c.prior_weight) for x in speculating}
+        alphas = [self.requests.get(x.rid, _Acceptance()).alpha(lane_alpha, c.prior_weight) for x in speculating]
         lengths = {x.rid: self._uncapped(x) for x in speculating}
         top = max(lengths.values())
         overlapped = all(x.pearl for x in speculating) and self.overlap > 0.5
@@ -346,11 +358,12 @@ class LoadController:
         for k in [k for k in CAPS if k < top] + [top]:
             windows = [min(k, lengths[x.rid]) for x in speculating]
             if c.per_request and not overlapped and k > 0:
-                windows = self._lengths(k, speculating, windows, alphas, fixed)
+                windows, goodput[k] = self._lengths(k, speculating, windows, alphas, fixed)
+            else:
+                goodput[k] = self._goodput(speculating, windows, alphas, fixed, overlapped)
             # a request left its whole (uncapped) window gets no length of its own: AdaEDL stops it
             plans[k] = {x.rid: w for x, w in zip(speculating, windows) if w < lengths[x.rid]}
             all_windows[k] = windows
-            goodput[k] = self._goodput(speculating, windows, alphas, fixed, overlapped)
         self.last_goodput = goodput
         best = max(goodput.values())
         chosen = min(k for k, g in goodput.items() if g >= (1 - c.tie) * best)
@@ -372,65 +385,63 @@ class LoadController:
             self.lengths, self.newcomer = {}, None
         return (None if chosen >= top else chosen), gain
 
-    def _goodput(self, speculating: list[Candidate], windows: list[int], alphas: dict, fixed: int,
+    def _goodput(self, speculating: list[Candidate], windows: list[int], alphas: list[float], fixed: int,
                  overlapped: bool) -> float:
-        """Predicted tokens per second of a step with these windows (and `fixed` AR requests)."""
-        tokens, rows = fixed, fixed
-        for x, w in zip(speculating, windows):
+        """Predicted tokens per second of a step with these windows (and `fixed` AR requests);
+        alphas: the speculating requests' acceptances, in order."""
+        tokens, rows, query = fixed, fixed, 1
+        for x, w, alpha in zip(speculating, windows, alphas):
             # SD verifies its w drafts and a bonus row; PEARL its w - 1 pending tokens and the
             # last verified one, and the chunk's first token is judged there: w - 1 + 1 rows
             judged = w - 1 if x.pearl and w > 0 else w
-            tokens += _expected(alphas[x.rid], judged)
+            tokens += (1 - alpha ** (judged + 1)) / (1 - alpha)  # _expected, inline: the hot loop
             rows += judged + 1
+            if judged >= query:
+                query = judged + 1
         drafting = sum(w > 0 for w in windows)
         draft = self._draft(max(windows), drafting) if drafting else 0.0
-        rest = self.rest(fixed + len(speculating), rows, 0)
+        batch = fixed + len(speculating)
+        rest = self.rest(batch, self._forward_rows(batch, query), rows, 0)
         step = max(rest, draft) if overlapped else rest + draft
         return tokens / step if step > 0 else 0.0
 
-    def _lengths(self, k: int, speculating: list[Candidate], ceilings: list[int], alphas: dict,
-                 fixed: int) -> list[int]:
+    def _forward_rows(self, batch: int, query: int) -> int:
+        return batch * query if self.forward_rows is None else self.forward_rows(batch, query)
+
+    def _lengths(self, k: int, speculating: list[Candidate], ceilings: list[int], alphas: list[float],
+                 fixed: int) -> tuple[list[int], float]:
         """Each request's window under a batch depth of k, chosen jointly (Dinkelbach's method for
-        a ratio): with the batch's tokens per second at lam, a request takes the window w that
-        maximizes E(w) - lam * (its cost: w more verified rows, and k draft positions of one more
-        drafting request when w > 0); lam is then the plan's own rate, until it stops rising. A
-        request whose acceptance does not pay for its rows decodes (w = 0) while others draft."""
+        a ratio), and the plan's predicted tokens per second: with the batch's tokens per second at lam, a request takes the window w that
+        maximizes E(w) - lam * (its cost: w more scored rows, and k draft positions of one more
+        drafting request when w > 0; the forward's rectangle is the depth's whatever w); lam is
+        then the plan's own rate, until it stops rising. A request whose acceptance does not pay
+        for its rows decodes (w = 0) while others draft."""
         windows = list(ceilings)
         lam = self._goodput(speculating, windows, alphas, fixed, False)
+        b = self.rest.coefficients()[3]
+        _, d1, _, e1, _ = self.per_position.coefficients()
         for _ in range(6):
-            plan = [self._window(alphas[x.rid], x.pearl, ceiling, k, lam) for x, ceiling in zip(speculating, ceilings)]
+            plan = [_best_window(alpha, x.pearl, ceiling, lam, b, d1 * k + e1)
+                    for x, alpha, ceiling in zip(speculating, alphas, ceilings)]
             rate = self._goodput(speculating, plan, alphas, fixed, False)
             if rate <= lam * (1 + 1e-6):
                 break
             windows, lam = plan, rate
-        return windows
+        return windows, lam
 
     def _window(self, alpha: float, pearl: bool, ceiling: int, k: int, lam: float) -> int:
-        """The window w <= ceiling maximizing E(w) - lam * (w verified rows, and k draft positions
+        """The window w <= ceiling maximizing E(w) - lam * (w scored rows, and k draft positions
         of one more drafting request when w > 0); 0: decode. E is concave in the judged tokens j
         (its step from j - 1 to j is alpha^j) and each costs lam * b, so the best j >= 1 is the
         last with alpha^j > lam * b: a logarithm, not a scan over windows (a decision at 64
         requests evaluates this thousands of times; `_window_scan` is the reference)."""
-        _, _, b, _ = self.rest.coefficients()  # per verified row
+        b = self.rest.coefficients()[3]  # per scored row (the forward's rows are the depth's)
         _, d1, _, e1, _ = self.per_position.coefficients()  # per drafting request: per position, per step
-        extra = 1 if pearl else 0  # PEARL judges w - 1 of its w rows
-        if ceiling <= extra or alpha <= 0.0:
-            return 0
-        price = lam * b  # what one more judged token costs, in tokens
-        if price <= 0.0 or alpha >= 1.0:
-            judged = ceiling - extra
-        elif price >= 1.0:
-            judged = 1
-        else:
-            judged = max(1, math.ceil(math.log(price) / math.log(alpha) - 1e-12) - 1)
-        w = min(judged + extra, ceiling)
-        judged = w - extra
-        value = _expected(alpha, judged) - lam * (b * judged + d1 * k + e1)
-        return w if value > 1.0 else 0  # w = 0: one token (AR), one row (counted in both)
+        return _best_window(alpha, pearl, ceiling, lam, b, d1 * k + e1)
 
     def _window_scan(self, alpha: float, pearl: bool, ceiling: int, k: int, lam: float) -> int:
         """`_window` by trying every w (the slow reference the tests compare it with)."""
-        _, _, b, _ = self.rest.coefficients()
+        b = self.rest.coefficients()[3]
         _, d1, _, e1, _ = self.per_position.coefficients()
         best_w, best_v = 0, 1.0
         for w in range(1, ceiling + 1):
@@ -482,15 +493,15 @@ class LoadController:
 
     def state(self) -> dict:
         """For the lane's load() and metrics: the cap, the fitted costs and what was compared."""
-        rest = self.rest.coefficients() if self.rest.seen else (None,) * 4
+        rest = self.rest.coefficients() if self.rest.seen else (None,) * 5
         pos = self.per_position.coefficients() if self.per_position.seen else (None,) * 5
         depth = self.cap if self.cap is not None else max((int(k) for k in self.last_goodput), default=None)
         now = self.realized.get((_bucket(self._batch), -1 if self.cap is None else self.cap))
         return {"cap": self.cap, "lengths": dict(self.lengths), "steps_observed": self.steps,
                 "predicted_tokens_per_s": self.last_goodput.get(depth),
                 "measured_tokens_per_s_now": now.rate if now is not None and now.count else None,
-                "rest_ms": {"fixed": _ms(rest[0]), "per_request": _ms(rest[1]), "per_token": _ms(rest[2]),
-                            "per_prompt": _ms(rest[3])},
+                "rest_ms": {"fixed": _ms(rest[0]), "per_request": _ms(rest[1]), "per_forward_row": _ms(rest[2]),
+                            "per_token": _ms(rest[3]), "per_prompt": _ms(rest[4])},
                 "draft_position_ms": {"fixed": _ms(pos[0]), "per_request": _ms(pos[1])},
                 "draft_step_ms": {"fixed": _ms(pos[2]), "per_request": _ms(pos[3]), "per_prompt": _ms(pos[4])},
                 "lane_acceptance": self.lane.alpha(self.config.prior_acceptance, self.config.prior_weight),
@@ -535,6 +546,25 @@ class _Rate:
 
 def _bucket(batch: int) -> int:
     return 1 << max(0, batch - 1).bit_length()  # 1, 2, 4, 8, ...
+
+
+def _best_window(alpha: float, pearl: bool, ceiling: int, lam: float, b: float, drafting: float) -> int:
+    """LoadController._window with its costs given: b seconds per scored row, `drafting` seconds
+    for one more drafting request (k positions and a step's share)."""
+    extra = 1 if pearl else 0  # PEARL judges w - 1 of its w rows
+    if ceiling <= extra or alpha <= 0.0:
+        return 0
+    price = lam * b  # what one more judged token costs, in tokens
+    if price <= 0.0 or alpha >= 1.0:
+        judged = ceiling - extra
+    elif price >= 1.0:
+        judged = 1
+    else:
+        judged = max(1, math.ceil(math.log(price) / math.log(alpha) - 1e-12) - 1)
+    w = min(judged + extra, ceiling)
+    judged = w - extra
+    value = _expected(alpha, judged) - lam * (b * judged + drafting)
+    return w if value > 1.0 else 0  # w = 0: one token (AR), one row (counted in both)
 
 
 def _expected(alpha: float, window: int) -> float:

@@ -82,7 +82,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="cost: end a draft where one more token no longer pays for itself (acceptance by "
                         "entropy learned online); paper: AdaEDL's threshold λ")
     p.add_argument("--adaedl-cost-ratio", type=float, default=None, metavar="C",
-                   help="step time / draft-token time for the cost stop (default: measured as it runs)")
+                   help="(step time + drafting's fixed part) / one more draft token's time, for the cost stop "
+                        "(default: measured as it runs)")
     p.add_argument("--one-hot-drafts", action="store_true", help="send greedy drafts without q (docs/design.md §3)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

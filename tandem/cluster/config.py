@@ -94,8 +94,8 @@ class SpeculationConfig(_Strict):
     adaedl_lambda0: float = Field(0.5, gt=0, lt=1, description="AdaEDL's initial threshold λ0")
     adaedl_stop: Literal["cost", "paper"] = Field("cost", description="cost: end a draft where one more token no "
                                                   "longer pays for itself; paper: AdaEDL's threshold λ")
-    adaedl_cost_ratio: float | None = Field(None, gt=0, description="c = step time / draft-token time for the cost "
-                                            "stop (default: measured online)")
+    adaedl_cost_ratio: float | None = Field(None, gt=0, description="c = (step time + drafting's fixed part) / "
+                                            "one more draft token's time, for the cost stop (default: measured online)")
     send_draft_probs: bool = Field(True, description="send q with drafts (False: one-hot drafts)")
     load_control: bool = Field(False, description="also choose the draft lengths of requests that name a mode "
                                "(sd, pearl), as for auto ones: every few steps the lane picks the lengths that "

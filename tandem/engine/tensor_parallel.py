@@ -80,6 +80,10 @@ class TPLeader:
     def forward(self, slots, seqs, num_logits) -> torch.Tensor:
         return self._replay("forward", slots, seqs, num_logits)
 
+    def forward_rows(self, batch: int, query: int) -> int:
+        """Rank 0's answer (every rank pads alike); nothing to tell the others."""
+        return self.engine.forward_rows(batch, query)
+
     def close(self) -> None:
         """Release the other ranks (they return from `follow`)."""
         self._replay("stop")

@@ -64,7 +64,7 @@ class AdaEDLConfig:
         if self.stop not in ("cost", "paper"):
             raise TandemError(f"AdaEDL stop must be 'cost' or 'paper', got {self.stop!r}")
         if self.cost_ratio is not None and not self.cost_ratio > 0:
-            raise TandemError(f"AdaEDL cost ratio must be > 0 (step time / draft-token time), got {self.cost_ratio}")
+            raise TandemError(f"AdaEDL cost ratio must be > 0 (a step's time over one more draft token's), got {self.cost_ratio}")
 
 
 class CostRatio:

@@ -40,6 +40,19 @@ def test_buckets_round_up_and_large_shapes_run_eagerly(target_model):
     assert runner.bucket(Shape(7, 1, 40)) is None
 
 
+def test_forward_rows_are_the_rectangle_a_forward_computes(target_model):
+    """What the load controller prices a verify by: every request padded to the longest query and,
+    in graphs, both sides rounded up to the bucket (drafts of 5, 6 and 7 cost one bucket)."""
+    graphed = LlamaEngine(target_model, max_slots=64, max_context=200, cuda_graphs=True)
+    assert [graphed.forward_rows(64, q) for q in (1, 4, 6, 8, 9)] == [64, 256, 512, 512, 1024]
+    assert graphed.forward_rows(3, 6) == 4 * 8 and graphed.forward_rows(1, 33) == 64  # a prompt's bucket
+    assert graphed.forward_rows(9, 33) == 9 * 33  # more prompts than a prompt graph takes: eager
+    eager = LlamaEngine(target_model, max_slots=64, max_context=200, cuda_graphs=False)
+    assert eager.forward_rows(3, 6) == 18 and eager.forward_rows(64, 9) == 576
+    exact = LlamaEngine(target_model, max_slots=8, max_context=200, cuda_graphs=False, exact=True, exact_rows=16)
+    assert exact.forward_rows(3, 6) == 32  # whole blocks of rows
+
+
 def test_bucketed_path_matches_eager_with_rollback(target_model):
     eager = LlamaEngine(target_model, max_slots=4)
     bucketed = LlamaEngine(target_model, max_slots=4, cuda_graphs=True)

@@ -217,6 +217,27 @@ def test_auto_requests_get_lengths_without_a_lane_controller():
     assert batch.controller.steps > 0  # it watched the steps of the auto requests' batch
 
 
+def test_the_controller_sees_the_rows_the_verify_forward_computed():
+    """SpecBatch hands the controller its engine's rectangle (to plan with) and, every step, the
+    rectangle the verify computed: the batch padded to its longest verified row count."""
+    from tandem.actors.drafter import LocalDrafter
+    from tandem.actors.offline import run_batch
+    from tandem.spec.batch import SpecBatch
+
+    pair = make_pair(random_llama(0), random_llama(0, layers=1))
+    seen = []
+
+    class Watching(LoadController):
+        def observe(self, step, rounds):
+            seen.append((step.forward_rows, step.batch, max(r.judged for r in rounds) + 1))
+            super().observe(step, rounds)
+
+    batch = SpecBatch(pair.target, LocalDrafter(pair.draft), set(), Watching())
+    assert batch.controller.forward_rows == pair.target.forward_rows
+    run_batch(batch, PROMPTS, SamplingParams(max_tokens=12), [SpecParams("auto", 6, adaedl=False)] * len(PROMPTS))
+    assert seen and all(rows == pair.target.forward_rows(b, q) for rows, b, q in seen)
+
+
 def test_joint_lengths_give_long_drafts_where_they_are_accepted():
     """A compute-bound batch: per-token verify cost is real. Requests that accept most drafts keep
     long windows; those that reject them decode (0) instead of dragging the batch's verify."""

@@ -105,7 +105,7 @@ class LlamaEngine(Engine):
         """The rectangle a forward computes: its graph bucket's (a verify of 64 requests with
         drafts of 5 runs 64 x 8 rows, as one with drafts of 7), in exact mode whole blocks of rows."""
         rows = batch * query
-        if self.graphs is not None and query <= self.graphs.query_buckets[-1]:
+        if self.graphs is not None:
             bucket = self.graphs.bucket(Shape(batch, query, 1))
             if bucket is not None:
                 rows = bucket.batch * bucket.query

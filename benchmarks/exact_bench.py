@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", default="1,64")
     ap.add_argument("--exact-rows", default="64,128", help="exact targets to build: rows per matmul block of each")
+    ap.add_argument("--tiles", action=argparse.BooleanOptionalAction, default=None,
+                    help="also an exact target whose matmuls are one fixed-tile Triton launch each (exact-tiles; "
+                    "default: on CUDA)")
     ap.add_argument("--deadline-s", type=float, default=None)
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/exact_bench.json"))
     args = ap.parse_args(argv)
@@ -73,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         target = LlamaEngine(default.target.model, max_slots=default.target.max_slots,
                              max_context=default.target.max_context, exact=True, exact_rows=rows)
         pairs[f"exact{rows}"] = ModelPair(default.tokenizer, target, default.draft)
+    if args.tiles if args.tiles is not None else default.target.device.type == "cuda":
+        target = LlamaEngine(default.target.model, max_slots=default.target.max_slots,
+                             max_context=default.target.max_context, exact=True, exact_tiles=True)
+        pairs["exact-tiles"] = ModelPair(default.tokenizer, target, default.draft)
     report.data["meta"] = {"command": " ".join(["python", "benchmarks/exact_bench.py", *(argv or sys.argv[1:])]),
                            "device": gb.device_name(default.target.device), "dtype": args.dtype,
                            "graph_warmup_s": sum(gb.warm_graphs(dataclasses.replace(b, pair=p), sizes,

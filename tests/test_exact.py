@@ -54,9 +54,9 @@ def test_exact_attention_runs_one_tile_shape_and_no_key_splits():
     assert shapes == {(g, TILE_M // g, TILE_M, 1) for g in (1, 4, 8)}
 
 
-def _engine(dtype, graphs: bool, exact: bool = True, device: str = DEVICE, seed: int = 3) -> LlamaEngine:
+def _engine(dtype, graphs: bool, exact: bool = True, device: str = DEVICE, seed: int = 3, tiles: bool = False) -> LlamaEngine:
     model = random_llama(seed, hidden=64, layers=2, vocab=97, tied=False, init=0.3).to(device=device, dtype=dtype)
-    return LlamaEngine(model, max_slots=8, max_context=96, cuda_graphs=graphs, exact=exact)
+    return LlamaEngine(model, max_slots=8, max_context=96, cuda_graphs=graphs, exact=exact, exact_tiles=tiles)
 
 
 def _position_logits(engine: LlamaEngine, seq: list[int], prompt_len: int, way: str, rng: random.Random) -> torch.Tensor:
@@ -84,12 +84,12 @@ def _position_logits(engine: LlamaEngine, seq: list[int], prompt_len: int, way: 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_exact_logits_are_the_same_bits_however_a_position_is_computed(dtype):
+def test_exact_logits_are_the_same_bits_however_a_position_is_computed(dtype, tiles: bool = False):
     rng = random.Random(0)
     seq = [rng.randrange(97) for _ in range(30)]
     results = []
     for graphs in (False, True):  # the graphs' padded buckets (captured on a GPU) and the eager path
-        engine = _engine(dtype, graphs)
+        engine = _engine(dtype, graphs, tiles=tiles)
         for way in ("prompt", "verify", "decode"):
             results.append((graphs, way, _position_logits(engine, seq, 12, way, rng)))
     _, _, first = results[0]
@@ -119,10 +119,10 @@ def _logits_across_widths_and_batches(engine: LlamaEngine, seq: list[int], t: in
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-def test_a_positions_exact_logits_are_the_same_at_every_verify_width_and_batch(graphs):
+def test_a_positions_exact_logits_are_the_same_at_every_verify_width_and_batch(graphs, tiles: bool = False):
     rng = random.Random(4)
     seq = [rng.randrange(97) for _ in range(40)]
-    results = _logits_across_widths_and_batches(_engine(torch.bfloat16, graphs), seq, 30, rng)
+    results = _logits_across_widths_and_batches(_engine(torch.bfloat16, graphs, tiles=tiles), seq, 30, rng)
     reference = results[0][2]
     for width, others, logits in results[1:]:
         assert torch.equal(logits, reference), (width, others, (logits - reference).abs().max().item())
@@ -161,15 +161,17 @@ def test_exact_mode_needs_the_native_engine_and_a_rope_of_fixed_angles(tiny_pair
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-def test_exact_logits_on_the_gpu_in_bf16():
-    test_exact_logits_are_the_same_bits_however_a_position_is_computed(torch.bfloat16)  # DEVICE is CUDA here
+@pytest.mark.parametrize("tiles", [False, True], ids=["row-blocks", "fixed-tiles"])
+def test_exact_logits_on_the_gpu_in_bf16(tiles):
+    test_exact_logits_are_the_same_bits_however_a_position_is_computed(torch.bfloat16, tiles)  # DEVICE is CUDA here
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-def test_exact_logits_at_every_verify_width_and_batch_on_the_gpu():
+@pytest.mark.parametrize("tiles", [False, True], ids=["row-blocks", "fixed-tiles"])
+def test_exact_logits_at_every_verify_width_and_batch_on_the_gpu(tiles):
     for graphs in (False, True):  # DEVICE is CUDA here: the Triton kernels and captured graphs
-        test_a_positions_exact_logits_are_the_same_at_every_verify_width_and_batch(graphs)
+        test_a_positions_exact_logits_are_the_same_at_every_verify_width_and_batch(graphs, tiles)
 
 
 @pytest.mark.gpu

@@ -287,3 +287,32 @@ def test_warm_kernels_launches_every_specialization_and_nothing_where_torch_runs
     assert warm_kernels(64, DEVICE, max_draft=3, use_triton=True) == 3 + 2 + 4 * 2
     assert warm_kernels(64, DEVICE, max_draft=3, rejection=False, use_triton=True) == 3 + 2
 
+
+
+# --- exact mode's fixed-tile matmul ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
+def test_fixed_tile_matmul_gives_a_row_the_same_bits_whatever_the_other_rows(dtype):
+    """Exact mode's property (tandem/kernels/exact.py): row m of x @ W.T is the same bits alone,
+    in a verify's few rows or in a batch of many, and close to the torch product."""
+    from tandem.kernels.exact import fixed_tile_matmul
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(150, 96, generator=g).to(DEVICE, dtype)  # K not a multiple of the tile: a masked tail
+    w = torch.randn(200, 96, generator=g).to(DEVICE, dtype)  # N likewise
+    bias = torch.randn(200, generator=g).to(DEVICE, dtype)
+    full = fixed_tile_matmul(x, w, bias)
+    # A row's place inside a tile changes with the batch too; GPU matrix instructions sum every
+    # element alike, numpy's BLAS (the interpreter's tl.dot) not always: off CUDA, places alone.
+    slices = [slice(0, 1), slice(64, 130), slice(128, 150)] + ([slice(3, 9), slice(149, 150)] if CUDA else [])
+    for rows in slices:
+        assert torch.equal(fixed_tile_matmul(x[rows].contiguous(), w, bias), full[rows])
+    scrambled = x.clone()
+    scrambled[1:] = torch.randn(149, 96, generator=g).to(DEVICE, dtype)  # other rows' values do not matter
+    assert torch.equal(fixed_tile_matmul(scrambled, w, bias)[0], full[0])
+    ref = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+    torch.testing.assert_close(full.float(), ref, rtol=1e-4 if dtype == torch.float32 else 2e-2,
+                               atol=1e-4 if dtype == torch.float32 else 2e-1)
+    logits = fixed_tile_matmul(x, w, out_dtype=torch.float32)  # fp32 logits of 16-bit rows
+    assert logits.dtype == torch.float32 and torch.equal(fixed_tile_matmul(x[:5].contiguous(), w, out_dtype=torch.float32), logits[:5])

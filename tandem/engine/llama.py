@@ -47,10 +47,11 @@ class LlamaEngine(Engine):
 
     def __init__(
         self, hf_model, max_slots: int, max_context: int | None = None, tp_group=None, cuda_graphs: bool | None = None,
-        exact: bool = False, exact_rows: int = EXACT_ROWS,
+        exact: bool = False, exact_rows: int = EXACT_ROWS, exact_tiles: bool = False,
     ) -> None:
         super().__init__(max_slots)
         self.exact, self.exact_rows = exact, exact_rows  # exact: every matmul in blocks of exact_rows rows
+        self.exact_tiles = exact_tiles  # exact, on CUDA: each matmul one fixed-tile launch instead (kernels/exact.py)
         rope = rope_type(hf_model.config.to_dict())
         if exact and rope in BATCH_DEPENDENT_ROPE:
             raise TandemError(f"exact mode cannot run a {rope!r} RoPE: its angles follow the longest sequence in the batch")
@@ -187,13 +188,15 @@ class LlamaEngine(Engine):
         head = self.model.lm_head
         if self.exact:
             return fixed_rows_linear(h, head.weight, head.bias, torch.float32 if self.fp32_logits else None,
-                                     self.exact_rows)
+                                     self.exact_rows, self.exact_tiles)
         if self.fp32_logits:  # bf16 logits tie often (0.0625 apart near 10): keep the argmax stable
             return torch.mm(h, head.weight.t(), out_dtype=torch.float32)
         return head(h)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return fixed_rows_linear(x, weight, bias, block=self.exact_rows) if self.exact else F.linear(x, weight, bias)
+        if self.exact:
+            return fixed_rows_linear(x, weight, bias, block=self.exact_rows, tiles=self.exact_tiles)
+        return F.linear(x, weight, bias)
 
     def _exact_reference(self, q, k_cache, v_cache, slots, positions) -> torch.Tensor:  # [N, H*D]
         """Exact mode off the Triton path: the reference attention over the whole context, in

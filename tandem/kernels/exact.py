@@ -19,6 +19,13 @@ handle one row per program. Tensor parallelism sums the ranks' partial outputs i
 The cost: a decode of one row multiplies EXACT_ROWS rows (on a GPU the weight read dominates a
 small batch's matmul, so little), and a step of many rows reads each weight once per block of
 EXACT_ROWS instead of once (measured in BENCHMARKS.md).
+
+`fixed_tile_matmul` is the other way to the same property, in one launch for any number of rows:
+a Triton matmul whose tile shape, reduction order (the inner dimension in BLOCK_K steps, in order,
+no split) and instruction sequence are fixed whatever M, so a row's result depends on that row
+alone, and a weight tile is read from memory once for all the rows that share it (grouped tile
+order keeps it in L2). LlamaEngine(exact_tiles=True) uses it for exact mode on CUDA
+(benchmarks/exact_bench.py measures it as `exact-tiles`); it is off by default until measured.
 """
 from __future__ import annotations
 
@@ -26,15 +33,22 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tandem.kernels._triton import jit, pick_triton, tl, triton
+
 EXACT_ROWS = 64  # rows of every matmul in exact mode
+# fixed_tile_matmul's one configuration: nothing here may depend on the shape of a call
+TILE_M, TILE_N, TILE_K, GROUP_M, TILE_WARPS, TILE_STAGES = 64, 128, 64, 8, 4, 3
 
 
 def fixed_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                      out_dtype: torch.dtype | None = None, block: int = EXACT_ROWS) -> torch.Tensor:
+                      out_dtype: torch.dtype | None = None, block: int = EXACT_ROWS, tiles: bool = False) -> torch.Tensor:
     """x @ weight.T (+ bias) for x [N, K], computed `block` rows at a time, the last block
     zero-padded: row n's result does not depend on N or on the other rows. out_dtype: float32
-    for fp32 outputs of 16-bit inputs (the logits), else x's dtype."""
+    for fp32 outputs of 16-bit inputs (the logits), else x's dtype. tiles: on CUDA, one
+    `fixed_tile_matmul` launch instead of the blocks."""
     assert x.dim() == 2 and x.is_contiguous(), f"x must be contiguous [N, K] (cuBLAS picks by layout too), {tuple(x.shape)}"
+    if tiles and pick_triton(x, None):
+        return fixed_tile_matmul(x, weight, bias, out_dtype)
     padded = pad_rows(x, block)  # a forward's hidden rows come whole (the engine pads them once): no copy
     if padded.shape[0] == block:
         return _matmul(padded, weight, bias, out_dtype)[: x.shape[0]]
@@ -59,6 +73,58 @@ def _matmul(x, weight, bias, out_dtype):
         return F.linear(x, weight, bias)
     y = torch.mm(x, weight.t(), out_dtype=out_dtype)  # CUDA: 16-bit inputs, fp32 accumulate and output
     return y if bias is None else y + bias.to(out_dtype)
+
+
+def fixed_tile_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for x [M, K], weight [N, K], fp32 accumulation, in one Triton launch
+    whose every tile is computed the same way whatever M (the module docstring): row m's result
+    is the same bits for any M and any other rows. CUDA, or CPU under Triton's interpreter."""
+    assert triton is not None, "fixed_tile_matmul needs triton"
+    m, k = x.shape
+    n = weight.shape[0]
+    assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
+    out = torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype)
+    if m == 0:
+        return out
+    grid = (triton.cdiv(m, TILE_M) * triton.cdiv(n, TILE_N),)
+    _fixed_tile_matmul_kernel[grid](
+        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=TILE_M, BLOCK_N=TILE_N,
+        BLOCK_K=TILE_K, GROUP=GROUP_M, num_warps=TILE_WARPS, num_stages=TILE_STAGES)
+    return out
+
+
+@jit(do_not_specialize=["M"])
+def _fixed_tile_matmul_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    # Tiles in groups of GROUP row-tiles per column of tiles, so the row-tiles that read one weight
+    # tile run together (L2); which program computes a tile changes with M, how it is computed not.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * tiles_n
+    first_m = (pid // per_group) * GROUP
+    group_m = tl.minimum(tiles_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    inner = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + inner
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0)
+        if IEEE:  # fp32 inputs: full-precision products, not TF32
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 def ordered_all_reduce(partial: torch.Tensor, group) -> torch.Tensor:

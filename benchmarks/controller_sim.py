@@ -60,9 +60,9 @@ class Costs:
 
     def computed_rows(self, batch: int, query: int) -> int:
         """The rows a verify forward computes (what the engine's forward_rows says)."""
-        if not self.graphs:
-            return batch * query
-        return next(b for b in BATCH_BUCKETS if b >= batch) * next(q for q in QUERY_BUCKETS if q >= query)
+        b = next((b for b in BATCH_BUCKETS if b >= batch), None)
+        q = next((q for q in QUERY_BUCKETS if q >= query), None)
+        return b * q if self.graphs and b is not None and q is not None else batch * query
 
     def step(self, batch: int, rows: int, drafting: int, positions: int, rng: random.Random,
              joined: int = 0, query: int = 1) -> tuple[float, float]:
@@ -210,10 +210,10 @@ class _Drafter:
         return LONG_PIECE if state.mean_length > PIECE else PIECE
 
     def update(self, running: list[_Req], ents: list[list[float]], accepted: list[int], windows: list[int],
-               draft_s: float, rest_s: float, positions: int) -> None:
+               draft_s: float, rest_s: float, positions: int, prefilled: bool = False) -> None:
         self.cost.step(rest_s)
         if positions:
-            self.cost.draft(positions, draft_s)
+            self.cost.draft(positions, draft_s, prefilled)
         for r, e, a, w in zip(running, ents, accepted, windows):
             if e:
                 self.states[r.rid].update(len(e), a, w, e)
@@ -261,7 +261,7 @@ def simulate(setting: Setting, costs: Costs, jobs: list[tuple[Workload, int]], i
         drafting = sum(x.drafted > 0 for x in rounds)
         query = max(x.drafted for x in rounds) + 1
         draft_s, rest_s = costs.step(len(running), rows, drafting, positions, rng, joined, query)
-        drafter.update(running, ents, accepted_all, windows, draft_s, rest_s, positions)
+        drafter.update(running, ents, accepted_all, windows, draft_s, rest_s, positions, joined > 0)
         clock += draft_s + rest_s
         tokens += emitted
         steps += 1

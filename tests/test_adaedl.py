@@ -138,6 +138,8 @@ def test_drafter_measures_the_cost_ratio(target_model):
     chunk = d.propose([DraftItem("r", slot, [1, 2, 3], 4, SamplingParams(), adaedl=True)])[0]
     d.update([DraftRound("r", len(chunk.ids), 1, 4, chunk.entropies)], step_s=0.5)
     assert len(chunk.entropies) == len(chunk.ids) >= 1
+    assert d.cost_ratio is None  # that round fed the prompt: its time is not drafting's
+    chunk = d.propose([DraftItem("r", slot, [1, 2, 3, chunk.ids[0]], 4, SamplingParams(), adaedl=True)])[0]
     e, per_position = d._cost.parts()
     assert e == 0.0 and d.cost_ratio == pytest.approx(0.5 / per_position) and d.cost_ratio > 1
     assert LocalDrafter(d.engine, AdaEDLConfig(cost_ratio=7.0)).cost_ratio == 7.0
@@ -156,6 +158,19 @@ def test_the_cost_ratio_counts_drafting_s_fixed_part_once():
     e, d = cost.parts()
     assert e == pytest.approx(0.4e-3) and d == pytest.approx(0.2e-3)
     assert cost.value == pytest.approx((1.5e-3 + 0.4e-3) / 0.2e-3)  # 9.5: a position is cheap next to a step
+    cost.draft(4, 0.4)  # a stall (a capture): left out
+    cost.draft(8, 3e-3 + 8 * 0.2e-3, prefilled=True)  # a round that fed a prompt: left out
+    assert cost.parts() == pytest.approx((0.4e-3, 0.2e-3))
+    # rounds whose time barely grows with their length (the batch changed meanwhile): d keeps a
+    # floor of half the mean time per position, so c cannot run away
+    drift = CostRatio()
+    drift.step(1.5e-3)
+    for k, seconds in [(4, 2.0e-3), (8, 1.9e-3), (12, 2.1e-3), (4, 2.0e-3), (8, 2.0e-3)]:
+        drift.draft(k, seconds)
+    e, d = drift.parts()
+    mean = 10.0e-3 / 36  # seconds per position over these rounds (about: the fit forgets old ones)
+    assert d == pytest.approx(0.5 * mean, rel=0.02)
+    assert drift.value < 2.1 * (1.5e-3 + 2.0e-3) / mean  # (step + a round) / half a position's mean time
 
 
 @pytest.mark.parametrize("kwargs, words", [({"cost_ratio": 0.0}, "cost ratio must be > 0"),

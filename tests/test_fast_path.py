@@ -45,7 +45,8 @@ def test_forward_rows_are_the_rectangle_a_forward_computes(target_model):
     in graphs, both sides rounded up to the bucket (drafts of 5, 6 and 7 cost one bucket)."""
     graphed = LlamaEngine(target_model, max_slots=64, max_context=200, cuda_graphs=True)
     assert [graphed.forward_rows(64, q) for q in (1, 4, 6, 8, 9)] == [64, 256, 512, 512, 1024]
-    assert graphed.forward_rows(3, 6) == 4 * 8 and graphed.forward_rows(1, 33) == 64  # a prompt's bucket
+    assert graphed.forward_rows(3, 6) == 4 * 8 and graphed.forward_rows(1, 33) == 64  # a prompt graph's bucket
+    assert graphed.forward_rows(2, 40) == 80  # 80 logits: more than a prompt graph computes, eager
     assert graphed.forward_rows(9, 33) == 9 * 33  # more prompts than a prompt graph takes: eager
     eager = LlamaEngine(target_model, max_slots=64, max_context=200, cuda_graphs=False)
     assert eager.forward_rows(3, 6) == 18 and eager.forward_rows(64, 9) == 576

@@ -44,6 +44,7 @@ class LocalDrafter:
             self._tables.setdefault(sampled, AcceptanceTable(self.adaedl_config.gamma))
         self._streams: dict[str, Stream] = {}
         self._cost = CostRatio()  # AdaEDL's c, from the steps and the drafting rounds measured
+        self._unfed: set[str] = set()  # requests whose prompt the next round feeds (not drafting's time)
 
     @property
     def max_context(self) -> int:
@@ -58,12 +59,14 @@ class LocalDrafter:
         slot = self.engine.allocate() if slot is None else self.engine.allocate_slot(slot)
         self._streams[rid] = Stream((seed * 0x9E3779B1 + 1) % (2**63))
         self._adaedl[rid] = AdaEDLState(self.adaedl_config)
+        self._unfed.add(rid)
         return slot
 
     def finish(self, rid: str, slot: int) -> None:
         self.engine.release(slot)
         self._streams.pop(rid, None)
         self._adaedl.pop(rid, None)
+        self._unfed.discard(rid)
 
     def submit(self, items: list[DraftItem], overlap: bool = False) -> DraftFuture:
         """Start drafting; in-process the work is done here, a remote drafter returns at once.
@@ -107,8 +110,10 @@ class LocalDrafter:
                 self._adaedl[it.rid].begin_round(self._tables[it.sampling.temperature > 0], c)
         start = time.perf_counter()
         chunks, positions = self.propose_fused(items) if self.fused and plain else self.propose_stepwise(items)
+        fed = [it.rid for it in items if it.rid in self._unfed]
+        self._unfed.difference_update(fed)
         if positions:  # both paths end in a device-to-host copy: the time is the device's
-            self._cost.draft(positions, time.perf_counter() - start)
+            self._cost.draft(positions, time.perf_counter() - start, prefilled=bool(fed))
         return chunks
 
     def propose_fused(self, items: list[DraftItem]) -> tuple[list[DraftChunk], int]:

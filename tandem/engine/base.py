@@ -118,8 +118,9 @@ class Engine(ABC):
 
     def forward_rows(self, batch: int, query: int) -> int:
         """Rows a forward of `batch` requests of at most `query` new tokens each computes: the
-        batch padded to a rectangle (tandem/engine/layout.py). A request's shorter draft saves
-        none of them; the load controller prices a verify by them."""
+        batch padded to a rectangle (tandem/engine/layout.py), where a request's shorter draft
+        saves none of them; the load controller prices a verify by them. (HFEngine runs each
+        request apart: for it an upper bound.)"""
         return batch * query
 
     def _prefill_plan(self, rows: list[int], lengths: dict[int, int], reach: dict[int, int]) -> tuple[list[list[int]], float]:

@@ -106,8 +106,8 @@ class LlamaEngine(Engine):
         """The rectangle a forward computes: its graph bucket's (a verify of 64 requests with
         drafts of 5 runs 64 x 8 rows, as one with drafts of 7), in exact mode whole blocks of rows."""
         rows = batch * query
-        if self.graphs is not None:
-            bucket = self.graphs.bucket(Shape(batch, query, 1))
+        if self.graphs is not None:  # a verify asks every row's logits: over a prompt graph's, eager
+            bucket = self.graphs.bucket(Shape(batch, query, 1), batch * query)
             if bucket is not None:
                 rows = bucket.batch * bucket.query
         return -(-rows // self.exact_rows) * self.exact_rows if self.exact else rows

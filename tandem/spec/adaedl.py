@@ -25,9 +25,10 @@ on the H200 pair, stopping token by token inside pieces of 8 paid for 8 position
 keeping every drafted token: draft another piece of P while its mean survival beats the rate,
 with the acceptance of its tokens estimated from the last drafted token's entropy.
 
-c is measured by `CostRatio`: a round of k drafted positions costs e + d·k (a fixed part, the
-drafter's catch-up forward and launches, and a part per position), so one more position costs d
-and a round's time apart from its positions is the step's own plus e: c = (step + e) / d. Taking
+c is measured by `CostRatio`: a round of k drafted positions costs about e + d·k (a fixed part, the
+drafter's catch-up forward and launches, and a part per position, a piece's launch spread over its
+positions), so one more position costs d and a round's time apart from its positions is the step's
+own plus e: c = (step + e) / d. Taking
 the mean time per position for d instead counts the fixed part k times over: on one H200 at batch
 1 that gave c ≈ 5 where the marginal cost gives ≈ 9, and rounds stopped at 5 drafts where static
 k=8 ran faster.
@@ -40,6 +41,8 @@ The bound alone is far too pessimistic for a draft distilled from its target: on
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,24 +74,39 @@ class CostRatio:
     """AdaEDL's c = (a step's time outside drafting + drafting's fixed part e) / one more position d.
 
     Drafting k positions costs e + d·k; (k, seconds) of the drafter's rounds are fitted by least
-    squares with forgetting. Until the rounds' lengths have varied (a static window drafts one k:
-    e and d cannot be told apart), d is the mean time per position and e is 0, which prices a
-    position too high, never too low. None until a step and a round have been measured."""
+    squares with forgetting (a round of pieces pays a launch per piece, which d then carries: the
+    right price for the decision to draft one more piece). Until the rounds' lengths have varied
+    (a static window drafts one k: e and d cannot be told apart), d is the mean time per position
+    and e is 0. d never falls under half the mean time per position, so c stays under
+    (step + a round's time) / half that, whatever the fit makes of rounds whose batch also
+    changed (their time barely growing with their length). Rounds that fed a
+    new prompt and stalls (over STALL x the median time per position: a capture, a compile) are
+    left out. None until a step and a round have been measured."""
 
     FORGET = 0.95  # per round: ~20 rounds of memory
     SPREAD = 0.05  # relative spread of the lengths (std / mean) from which e and d are told apart
     EMA = 0.9  # smoothing of the step time
+    STALL = 4.0
 
     def __init__(self) -> None:
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.step_s: float | None = None
+        self._recent: deque[float] = deque(maxlen=32)  # seconds per position of recent rounds
 
     def step(self, seconds: float) -> None:
         """A step's time outside drafting."""
         self.step_s = seconds if self.step_s is None else self.EMA * self.step_s + (1 - self.EMA) * seconds
 
-    def draft(self, positions: int, seconds: float) -> None:
-        """A round that drafted `positions` positions in `seconds`."""
+    def draft(self, positions: int, seconds: float, prefilled: bool = False) -> None:
+        """A round that drafted `positions` positions in `seconds`; prefilled: it also fed a new
+        request's prompt (its time is the prompt's, not drafting's)."""
+        if positions <= 0 or prefilled:
+            return
+        per = seconds / positions
+        stall = len(self._recent) >= 4 and per > self.STALL * statistics.median(self._recent)
+        self._recent.append(per)
+        if stall:
+            return
         f = self.FORGET
         self.w, self.sx, self.sy = f * self.w + 1, f * self.sx + positions, f * self.sy + seconds
         self.sxx, self.sxy = f * self.sxx + positions * positions, f * self.sxy + positions * seconds
@@ -100,9 +118,9 @@ class CostRatio:
         mx, my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - mx * mx
         if var > (self.SPREAD * mx) ** 2:
-            d = (self.sxy / self.w - mx * my) / var
+            d = max((self.sxy / self.w - mx * my) / var, 0.5 * my / mx)
             e = my - d * mx
-            if d > 0 and e >= 0:
+            if e >= 0:
                 return e, d
         return 0.0, my / mx
 

@@ -9,14 +9,15 @@ depth K and each request's window w_r <= K for the highest predicted goodput
 
     goodput = sum_r E_r(w_r) / T,    E_r(w) = (1 - a_r^(w+1)) / (1 - a_r)
 
-    T = F(B, R(B, K + 1), sum_r (w_r + 1)) + D(K', B')        (SD: one after the other)
+    T = F(B, R(B, q), sum_r (w_r + 1)) + D(K', B')        (SD: one after the other)
     T = max(F(...), D(K', B'))                  (PEARL only: drafting beside verifying)
     D(K, B') = K * (d0 + d1 * B') + e0 + e1 * B'
 
 (PEARL: w - 1 judged tokens, no bonus, on w verified rows), with a_r request r's per-token
 acceptance (accepted tokens over accepted tokens plus rejections, from a prior of the lane's
-own), F the step's cost apart from drafting by requests, the rows the verify forward computes and
-the rows it scores, and D the drafting of
+own), F the step's cost apart from drafting by requests, the rows the verify forward computes (q:
+the plan's longest verified row count, w + 1 for SD, w for PEARL) and the rows it scores, and D
+the drafting of
 K' = max_r w_r positions for the B' requests that draft: a part per position and a part per step
 (the drafter's catch-up forward, launches), both growing with B'. F and D are fitted online by
 least squares with forgetting from the lane's own steps (`_Fit`), slopes never negative and
@@ -216,7 +217,7 @@ class Candidate:
 class LoadController:
     config: LoadControlConfig = field(default_factory=LoadControlConfig)
     # R(B, q): the rows a forward of B requests of at most q tokens computes (the verifier engine's
-    # forward_rows; SpecBatch sets it). None: B x q, the rectangle without graph buckets.
+    # forward_rows; SpecBatch sets it). None: the rows scored.
     forward_rows: Callable[[int, int], int] | None = None
 
     def __post_init__(self) -> None:
@@ -224,7 +225,10 @@ class LoadController:
         # F(B, R, N): seconds against requests, the rows the forward computed and the rows it
         # scored. Rows alone would read a batch's per-request cost as a per-row cost (rows =
         # batch x (k + 1) at a fixed k): long drafts would look dear at a large batch.
-        self.rest = _Fit(4, c.forget, (c.shrink, c.shrink, c.shrink, 0.01))  # + prompts fed (observe)
+        # Where every request verifies alike the two row counts are one regressor: the scored rows'
+        # slope is shrunk harder, so the fit gives such a cost to the rows computed (what the
+        # forward does) until windows of different lengths in one step tell them apart.
+        self.rest = _Fit(4, c.forget, (c.shrink, c.shrink, c.step_shrink, 0.01))  # + prompts fed (observe)
         # Drafting K positions for B' requests: K * (d0 + d1 * B') + e0 + e1 * B', the e part a
         # step's own (the drafter's catch-up forward, launches). Fitted per position, against
         # (B', 1 / K, B' / K): with the e slopes shrunk to 0 until K has varied, a cost the fit
@@ -401,21 +405,21 @@ class LoadController:
         drafting = sum(w > 0 for w in windows)
         draft = self._draft(max(windows), drafting) if drafting else 0.0
         batch = fixed + len(speculating)
-        rest = self.rest(batch, self._forward_rows(batch, query), rows, 0)
+        # without the engine's rectangle the rows computed are the rows scored, as observe() takes them
+        computed = rows if self.forward_rows is None else self.forward_rows(batch, query)
+        rest = self.rest(batch, computed, rows, 0)
         step = max(rest, draft) if overlapped else rest + draft
         return tokens / step if step > 0 else 0.0
-
-    def _forward_rows(self, batch: int, query: int) -> int:
-        return batch * query if self.forward_rows is None else self.forward_rows(batch, query)
 
     def _lengths(self, k: int, speculating: list[Candidate], ceilings: list[int], alphas: list[float],
                  fixed: int) -> tuple[list[int], float]:
         """Each request's window under a batch depth of k, chosen jointly (Dinkelbach's method for
-        a ratio), and the plan's predicted tokens per second: with the batch's tokens per second at lam, a request takes the window w that
-        maximizes E(w) - lam * (its cost: w more scored rows, and k draft positions of one more
-        drafting request when w > 0; the forward's rectangle is the depth's whatever w); lam is
-        then the plan's own rate, until it stops rising. A request whose acceptance does not pay
-        for its rows decodes (w = 0) while others draft."""
+        a ratio), and the plan's predicted tokens per second: with the batch's tokens per second
+        at lam, a request takes the window w that maximizes E(w) - lam * (its cost: w more scored
+        rows, and k draft positions of one more drafting request when w > 0; the forward's
+        rectangle is the plan's longest window's); lam is then the plan's own rate, until it stops
+        rising. A request whose acceptance does not pay for its rows decodes (w = 0) while others
+        draft."""
         windows = list(ceilings)
         lam = self._goodput(speculating, windows, alphas, fixed, False)
         b = self.rest.coefficients()[3]

@@ -181,7 +181,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.colocate_drafter and args.num_drafters > 1:
         ap.error("--colocate-drafter runs one drafter in the lane replica: leave --num-drafters at 1")
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    try:
+        args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        ap.error(f"--concurrency takes comma-separated whole numbers, got {args.concurrency!r}")
+    if min(args.concurrency) < 1:
+        ap.error(f"--concurrency: every number of streams must be at least 1, got {args.concurrency}")
     most = prompt_count(max(args.concurrency))
     if args.prompts == "short" and most > len(SHORT_PROMPTS):
         ap.error(f"--prompts short has {len(SHORT_PROMPTS)} prompts: --concurrency at most that")

@@ -217,6 +217,18 @@ def test_exact_bench_compares_exact_mode_with_the_default(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["identical_to_ar_batch_1"] == r["compared"] == 3 for r in exact)
 
 
+def test_exact_bench_past_its_deadline_runs_the_default_and_skips_the_rest(tmp_path):
+    out = tmp_path / "exact.json"
+    rc = load_script("exact_bench").main(["--device", "cpu", "--dtype", "float32", "--prompts", "2", "--max-tokens",
+                                          "4", "--concurrency", "1", "--exact-rows", "64", "--deadline-s", "0.001",
+                                          "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert rc == 0 and data["skipped"] == ["exact64"]
+    assert {r["target"] for r in data["rows"]["rows"]} == {"default"}
+    with pytest.raises(SystemExit):  # the fixed-tile matmul is CUDA's: off it, a clear refusal
+        load_script("exact_bench").main(["--device", "cpu", "--tiles", "--out", str(out)])
+
+
 def test_dashboard_snapshot_evaluates_every_panel_query(tmp_path):
     """benchmarks/dashboard_snapshot.py draws deploy/grafana-tandem.json from scraped samples: on two
     synthetic scrapes of every series the dashboard reads, each query gives a value, rates and

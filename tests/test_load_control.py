@@ -177,8 +177,6 @@ def test_a_batch_passing_through_a_bucket_is_not_probed():
     assert 0 in caps  # still probed
 
 
-
-
 def test_a_rise_from_cap_zero_starts_where_a_window_can_pay():
     ctl = LoadController()
     ctl.cap = ctl.base = 0
@@ -446,10 +444,9 @@ def test_the_depth_is_priced_by_the_rows_the_forward_computes():
     5, 6 or 7; x 16 for 8): the controller, told so, takes the bucket's edge, 7, which drafts two
     more positions than 5 for the same forward, and not 8, which doubles the forward (one H200's
     costs at 64 requests, T=0)."""
-    from tandem.engine.graphs import BATCH_BUCKETS, QUERY_BUCKETS
+    from tandem.engine.llama import LlamaEngine
 
-    def rectangle(b, q):
-        return next(x for x in BATCH_BUCKETS if x >= b) * next(x for x in QUERY_BUCKETS if x >= q)
+    rectangle = LlamaEngine(random_llama(0), max_slots=64, max_context=64, cuda_graphs=True).forward_rows
 
     def rest(b, computed):
         return 1.5e-3 + 8e-6 * b + 1.4e-6 * computed

@@ -261,9 +261,6 @@ def test_rejection_large_on_gpu(batch, k, vocab, one_hot):
         assert_rejection_matches(rejection_case(seed, batch, k, vocab, one_hot=one_hot))
 
 
-# --- warm-up ---------------------------------------------------------------------------------------
-
-
 # --- per-request random streams ----------------------------------------------------------------
 
 
@@ -279,6 +276,9 @@ def test_streams_kernel_draws_the_references_values(width):
     torch.testing.assert_close(draw_triton(keys, width, True), draw_torch(keys, width, True), rtol=1e-6, atol=1e-6)
 
 
+# --- warm-up ---------------------------------------------------------------------------------------
+
+
 def test_warm_kernels_launches_every_specialization_and_nothing_where_torch_runs():
     from tandem.kernels.warmup import warm_kernels
 
@@ -286,7 +286,6 @@ def test_warm_kernels_launches_every_specialization_and_nothing_where_torch_runs
     # entropy per dtype + the streams' two + k = 0..3, q or not
     assert warm_kernels(64, DEVICE, max_draft=3, use_triton=True) == 3 + 2 + 4 * 2
     assert warm_kernels(64, DEVICE, max_draft=3, rejection=False, use_triton=True) == 3 + 2
-
 
 
 # --- exact mode's fixed-tile matmul ------------------------------------------------------------

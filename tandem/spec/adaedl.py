@@ -28,10 +28,9 @@ with the acceptance of its tokens estimated from the last drafted token's entrop
 c is measured by `CostRatio`: a round of k drafted positions costs about e + d·k (a fixed part, the
 drafter's catch-up forward and launches, and a part per position, a piece's launch spread over its
 positions), so one more position costs d and a round's time apart from its positions is the step's
-own plus e: c = (step + e) / d. Taking
-the mean time per position for d instead counts the fixed part k times over: on one H200 at batch
-1 that gave c ≈ 5 where the marginal cost gives ≈ 9, and rounds stopped at 5 drafts where static
-k=8 ran faster.
+own plus e: c = (step + e) / d. Taking the mean time per position for d instead counts the fixed
+part k times over: on one H200 at batch 1 that gave c ≈ 5 where the marginal cost gives ≈ 9, and
+rounds stopped at 5 drafts where static k=8 ran faster.
 
 p is the acceptance of a token drafted at entropy H, learned online from the verifier's
 verdicts (`AcceptanceTable`, binned by the paper's bound 1 − sqrt(γ_e·H), which is its prior).
@@ -79,9 +78,9 @@ class CostRatio:
     (a static window drafts one k: e and d cannot be told apart), d is the mean time per position
     and e is 0. d never falls under half the mean time per position, so c stays under
     (step + a round's time) / half that, whatever the fit makes of rounds whose batch also
-    changed (their time barely growing with their length). Rounds that fed a
-    new prompt and stalls (over STALL x the median time per position: a capture, a compile) are
-    left out. None until a step and a round have been measured."""
+    changed (their time barely growing with their length). Rounds that fed a new prompt and
+    stalls (over STALL x the median time per position: a capture, a compile) are left out.
+    None until a step and a round have been measured."""
 
     FORGET = 0.95  # per round: ~20 rounds of memory
     SPREAD = 0.05  # relative spread of the lengths (std / mean) from which e and d are told apart

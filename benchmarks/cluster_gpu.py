@@ -16,8 +16,8 @@ the remote drafter) costs: the `ratio` column is cluster / in-process tokens/s.
     python benchmarks/cluster_gpu.py ... --tp 2 --verifier-gpus 1 --drafter-gpus 1 --num-drafters 2   # four GPUs
 
 On CPU the in-process runs use the torch threads Ray gives the lane replica (floor of
---verifier-cpus, at least 1), so both paths compute alike. `items` counts the lane's streamed
-items and `tok/item` the tokens each carried (lane.stream_batching_interval_ms batches them).
+--verifier-cpus, at least 1), so both paths compute alike. `frames` counts the frames the lane
+sent on its token channel (one per step with tokens) and `tok/frame` the tokens each carried.
 Prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -142,7 +142,7 @@ def run_mode(client, lane, text: str, concurrency: int, args) -> dict:
     return {"mode": text, "concurrency": concurrency, "tokens_per_s": tokens / elapsed, "outputs": [o.token_ids for o in outs],
             "acceptance": sum(o.stats.accepted for o in outs) / max(1, sum(o.stats.checked for o in outs)),
             "wall_s": elapsed, "in_steps_s": timing["steps"] * (timing["total_ms"] + timing["gap_ms"]) / 1000,
-            "stream_items": load["streamed"]["items"], "tokens_per_item": load["streamed"]["tokens"] / max(1, load["streamed"]["items"]),
+            "stream_frames": load["streamed"]["frames"], "tokens_per_frame": load["streamed"]["tokens"] / max(1, load["streamed"]["frames"]),
             "lane_torch_threads": load["torch_threads"], **timing}
 
 
@@ -234,14 +234,14 @@ def main() -> None:
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(f"\n{'mode':<13} {'conc':>4} {'=AR':>5} {'=local':>6} {'tok/s':>8} {'local':>8} {'cap':>3} {'ratio':>5} {'accept':>6} {'step':>7} {'draft':>7} "
-          f"{'verify':>7} {'wait':>7} {'exch':>7} {'gap':>7} {'items':>6} {'tok/item':>8} {'wall_s':>6} {'steps_s':>7}  "
+          f"{'verify':>7} {'wait':>7} {'exch':>7} {'gap':>7} {'frames':>6} {'tok/frame':>9} {'wall_s':>6} {'steps_s':>7}  "
           f"(ms; cap: graphs the in-process run captured while timed; gap: the lane loop between steps; "
           f"steps_s: time in steps and gaps)")
     for r in rows:
         print(f"{r['mode']:<13} {r['concurrency']:>4} {str(r['greedy_equal_to_ar']):>5} {str(r['equal_to_in_process']):>6} {r['tokens_per_s']:>8.1f} "
               f"{r['in_process_tokens_per_s']:>8.1f} {r['in_process_captures_in_timed_run']:>3} {r['cluster_vs_in_process']:>5.2f} {r['acceptance']:>6.2f} "
               f"{r['total_ms']:>7.2f} {r['draft_ms']:>7.2f} {r['verify_ms']:>7.2f} {r['wait_ms']:>7.2f} {r['exchange_ms']:>7.2f} {r.get('gap_ms', 0.0):>7.2f} "
-              f"{r['stream_items']:>6} {r['tokens_per_item']:>8.2f} {r['wall_s']:>6.2f} {r['in_steps_s']:>7.2f}")
+              f"{r['stream_frames']:>6} {r['tokens_per_frame']:>9.2f} {r['wall_s']:>6.2f} {r['in_steps_s']:>7.2f}")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     Path(args.out).write_text(json.dumps({"device": device, "gpus": torch.cuda.device_count(),
                                           "args": vars(args), "rows": rows}, indent=1))

@@ -72,9 +72,9 @@ def test_a_lane_with_load_control_reports_it():
     assert set(state) >= {"cap", "draft_position_ms", "lane_acceptance", "goodput_tokens_per_s", "measured_tokens_per_s"}
 
 
-def test_lane_stream_merges_what_piled_up():
+def test_inbox_merges_what_piled_up():
     pytest.importorskip("ray")
-    from tandem.cluster.lane import Inbox, _merge
+    from tandem.cluster.channel import Inbox, merge
 
     stats = RequestStats(steps=3)
 
@@ -84,19 +84,19 @@ def test_lane_stream_merges_what_piled_up():
             inbox.put(e)
         items = await inbox.take()
         assert not inbox.items
-        return _merge(items)
+        return merge(items)
 
     merged = asyncio.run(run())
     assert merged.token_ids == [1, 2, 3, 4] and merged.finish_reason == "length" and merged.stats is stats
     single = Emission("r", [5])
-    assert _merge([single]) is single
+    assert merge([single]) is single
 
 
-def test_lane_inbox_wakes_for_a_first_emission_and_a_finish_only():
+def test_inbox_wakes_for_a_first_emission_and_a_finish_only():
     """A step thread feeding the inbox: generate() wakes for the first emission after it waited
     and for the finish (which ends a hold early), not for the tokens in between."""
     pytest.importorskip("ray")
-    from tandem.cluster.lane import Inbox
+    from tandem.cluster.channel import Inbox
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -132,11 +132,11 @@ def test_lane_inbox_wakes_for_a_first_emission_and_a_finish_only():
     assert wakes <= 3  # the first emission (maybe one more, racing the flag) and the finish, not 21
 
 
-def test_lane_inbox_take_never_returns_empty_after_a_stale_wake():
+def test_inbox_take_never_returns_empty_after_a_stale_wake():
     """put() racing take()'s first wait leaves a wake behind; the next take() must not return it
     with nothing (the reviewer's interleaving, replayed on the loop)."""
     pytest.importorskip("ray")
-    from tandem.cluster.lane import Inbox
+    from tandem.cluster.channel import Inbox
 
     async def run():
         loop = asyncio.get_running_loop()

@@ -50,6 +50,7 @@ class CoreProcess:
                  request_timeout_s: float, respawn: Callable[[int, str], None] | None = None) -> None:
         self.max_queued, self.max_batch_size = max_queued, max_batch_size
         self.respawn = respawn
+        self.flush: Callable[[], None] = lambda: None  # after each step's emissions (as LaneCore.flush)
         self.error: BaseException | None = None
         self._sinks: dict[str, Sink] = {}
         self._lock = threading.Lock()  # sinks and sends
@@ -128,6 +129,7 @@ class CoreProcess:
                 kind = msg[0]
                 if kind == "emit":
                     self._deliver(msg[1])
+                    self.flush()
                 elif kind == "load":
                     with self._lock:
                         self._load = msg[1]
@@ -166,6 +168,7 @@ class CoreProcess:
             sinks, self._sinks = self._sinks, {}
         for rid, sink in sinks.items():
             sink(Emission(rid, [], "error", error=f"lane failed: {type(err).__name__}", lane_failed=True))
+        self.flush()
 
 
 def _accept(listener: Listener, proc: subprocess.Popen):

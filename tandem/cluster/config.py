@@ -76,10 +76,10 @@ class LaneConfig(_Strict):
                                "own, as vLLM's engine core, so that the replica's event loop and streams do not "
                                "compete with it for the interpreter (false: a thread of the replica). Not yet "
                                "measured on a GPU; on a 2-core CPU it costs 5-8% at one stream")
-    stream_batching_interval_ms: float = Field(50.0, ge=0, le=1000, description="a request's first token is streamed at "
-                                               "once, later ones at most once per this many ms, batched (Ray Serve LLM's "
-                                               "stream_batching_interval_ms; 0: one streamed item per step). Each item costs "
-                                               "the lane's interpreter, which its step loop shares, and the router")
+    stream_batching_interval_ms: float = Field(50.0, ge=0, le=1000, description="the router streams a request's first "
+                                               "token at once, later ones at most once per this many ms, batched (Ray Serve "
+                                               "LLM's stream_batching_interval_ms; 0: a chunk per step). Each chunk costs "
+                                               "the router's interpreter and the client a message")
 
 
 class SpeculationConfig(_Strict):

@@ -1,7 +1,8 @@
 """The request path both front ends share (gRPC and OpenAI-style HTTP).
 
-validate → tokenize with the target's tokenizer → stream from a Lane through a DeploymentHandle
-→ detokenize incrementally → stop strings. One validation at the edge, one table from errors to
+validate → tokenize with the target's tokenizer → start on a Lane through a DeploymentHandle,
+whose tokens come back over this router's token channel (tandem/cluster/channel.py) → hold them
+for `lane.stream_batching_interval_ms` → detokenize incrementally → stop strings. One validation at the edge, one table from errors to
 gRPC and HTTP statuses, one health summary, one table of in-flight requests for Cancel. The
 protocol modules (tandem/cluster/grpc_api.py, tandem/cluster/openai_api.py) only translate
 their wire format to `GenerateParams` and `Delta`s back.
@@ -27,6 +28,7 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from tandem import models
+from tandem.cluster.channel import Inbox, TokenChannel, merge
 from tandem.cluster.config import AppConfig
 from tandem.engine.pair import load_tokenizer
 from tandem.errors import (
@@ -37,6 +39,7 @@ from tandem.errors import (
     Unauthenticated,
 )
 from tandem.params import SamplingParams, SpecParams
+from tandem.spec.messages import Emission
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +204,10 @@ class Frontend:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model.target)
         self.lane = lane
+        self.channel = TokenChannel()  # started by start()
+        self.batching_interval_s = cfg.lane.stream_batching_interval_ms / 1000
         self.inflight: dict[str, DeploymentResponseGenerator] = {}
-        self._lane_cancels: set[asyncio.Task] = set()  # held until done (the loop keeps only weak refs)
+        self._tasks: set[asyncio.Task] = set()  # held until done (the loop keeps only weak refs)
         target = cfg.model.target_config()
         self.vocab_size = int(target["vocab_size"])
         self.max_context = cfg.model.max_context or int(target.get("max_position_embeddings", 2048))
@@ -210,6 +215,10 @@ class Frontend:
         self.router_id = ray.get_runtime_context().get_actor_id() or ""
         auto = cfg.autoscaling or {}
         self.lane_attempts = min(MAX_LANE_ATTEMPTS, int(auto.get("max_replicas", cfg.num_lanes)))
+
+    async def start(self) -> None:
+        """Open the token channel on this node's address (lanes on other nodes connect to it)."""
+        await self.channel.start(ray.util.get_node_ip_address())
 
     async def admit(self, p: GenerateParams, owner: str = "") -> Admitted:
         """Validate and tokenize (in a thread: a long prompt must not hold up the event loop, which
@@ -242,54 +251,78 @@ class Frontend:
         return Admitted(rid, key, prompt_ids, sampling, spec, list(p.stop))
 
     async def open_stream(self, p: GenerateParams, owner: str = "") -> tuple[Admitted, AsyncIterator[Delta]]:
-        """Admit a request and wait for its lane's first answer.
+        """Admit a request and wait until a lane has taken it.
 
         Bad input and a full lane raise here, before a gRPC stream or an HTTP 200 has started,
         so the client gets a status code and not a broken stream.
         """
         req = await self.admit(p, owner)
-        gen, first = await self._submit(req)
-        return req, self._deltas(req, gen, first)
+        gen, inbox = await self._submit(req)
+        return req, self._deltas(req, gen, inbox)
 
-    async def _submit(self, req: Admitted) -> tuple[DeploymentResponseGenerator, dict]:
-        """Start the request on a lane; a full or failed lane before the first token: try another
-        (Serve picks the lane)."""
+    async def _submit(self, req: Admitted) -> tuple[DeploymentResponseGenerator, Inbox]:
+        """Start the request on a lane; a full or failed lane: try another (Serve picks the lane)."""
         for attempt in range(self.lane_attempts):
+            inbox = self.channel.open(req.key)
             gen = self.lane.options(stream=True).generate.remote(
-                req.key, req.prompt_ids, asdict(req.sampling), asdict(req.spec), self.router_id)
+                req.key, req.prompt_ids, asdict(req.sampling), asdict(req.spec), self.channel.reply_to(),
+                self.router_id)
             self.inflight[req.key] = gen  # from now on Cancel can reach it
             try:
-                return gen, await _next_output(gen)
-            except (LaneFull, *LANE_GONE):
+                await gen.__anext__()  # {"lane": id}: queued there
+            except (LaneFull, *LANE_GONE, StopAsyncIteration) as e:
                 self.inflight.pop(req.key, None)
+                self.channel.close(req.key)
                 if attempt == self.lane_attempts - 1:
-                    raise
-            except BaseException:  # e.g. the client went away before the first token
+                    raise LaneUnavailable(f"request {req.rid}: its lane ended the call") if isinstance(e, StopAsyncIteration) else e
+                continue
+            except BaseException:  # e.g. the client went away before the lane answered
                 self.inflight.pop(req.key, None)
+                self.channel.close(req.key)
                 self._end_on_lane(req.key, gen)
                 raise
+            self._keep(self._watch(req.key, gen, inbox))
+            return gen, inbox
         raise AssertionError("unreachable")
 
-    async def _deltas(self, req: Admitted, gen: DeploymentResponseGenerator, out: dict) -> AsyncIterator[Delta]:
-        """Turn lane outputs into deltas; whatever ends the stream early also ends the lane's work."""
+    async def _watch(self, key: str, gen: DeploymentResponseGenerator, inbox: Inbox) -> None:
+        """The lane's call ends when the request has; if it fails instead (the lane died, or its
+        channel to this router broke), or is cancelled, the request's stream ends so."""
+        try:
+            async for item in gen:
+                if "failed" in item:  # the lane could not send this request's tokens here
+                    inbox.put(Emission(key, [], "error", None, error=item["failed"], lane_failed=True))
+        except RequestCancelledError:
+            inbox.put(Emission(key, [], "cancelled", None))
+        except Exception as e:
+            inbox.put(Emission(key, [], "error", None, error=f"the lane's call failed: {e!r}", lane_failed=True))
+
+    async def _deltas(self, req: Admitted, gen: DeploymentResponseGenerator, inbox: Inbox) -> AsyncIterator[Delta]:
+        """Turn the lane's emissions into deltas: the first token at once, later ones held for
+        the batching interval (each delta costs this interpreter and the client a message).
+        Whatever ends the stream early also ends the lane's work."""
+        loop = asyncio.get_running_loop()
         text = TextStream(self.tokenizer, req.stop)
         first_token_at = None
         lane_done = False
+        hold_until = 0.0  # loop time before which tokens wait for company; 0: the first goes out at once
         try:
             while True:
-                lane_done = out["finish_reason"] is not None
-                if out["finish_reason"] == "error":
-                    raise _lane_failure(req.rid, out)
-                ids, chunk = text.push(out["token_ids"], final=lane_done)
+                e = merge(await inbox.take(hold_until))
+                hold_until = loop.time() + self.batching_interval_s
+                lane_done = e.finish_reason is not None
+                if e.finish_reason == "error":
+                    raise _lane_failure(req.rid, e)
+                ids, chunk = text.push(e.token_ids, final=lane_done)
                 if ids and first_token_at is None:
                     first_token_at = time.perf_counter() - req.received_at
-                reason = "stop" if text.stopped else out["finish_reason"]
-                stats = self._stats(req, text, out.get("stats"), first_token_at) if reason else None
+                reason = "stop" if text.stopped else e.finish_reason
+                stats = self._stats(req, text, e.stats if lane_done else None, first_token_at) if reason else None
                 yield Delta(ids, chunk, reason, stats)
                 if reason:
                     return
-                out = await _next_output(gen)
         finally:  # a stop string, Cancel or a client that went away: free the lane slot now
+            self.channel.close(req.key)
             if self.inflight.pop(req.key, None) is not None and not lane_done:
                 self._end_on_lane(req.key, gen)
 
@@ -317,10 +350,12 @@ class Frontend:
         first alone was lost about once in four test runs on 2 cores (the lane ran the request
         to its end); a lane that no longer holds the request answers False."""
         gen.cancel()
-        task = asyncio.get_running_loop().create_task(
-            self.lane.broadcast("cancel", rid).results_async(timeout_s=10, return_exceptions=True))
-        self._lane_cancels.add(task)
-        task.add_done_callback(self._lane_cancels.discard)
+        self._keep(self.lane.broadcast("cancel", rid).results_async(timeout_s=10, return_exceptions=True))
+
+    def _keep(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def lane_loads(self) -> list[dict]:
         """load() of every lane replica; broadcast() bypasses max_ongoing_requests, so a full lane answers too."""
@@ -382,24 +417,14 @@ def _checkpoint_name(path: str) -> str:
     return path if path.startswith(models.PREFIX) else Path(path).name
 
 
-def _lane_failure(rid: str, out: dict) -> Exception:
+def _lane_failure(rid: str, e: Emission) -> Exception:
     """A lane's "error" ending as what the client sees: the lane failed (UNAVAILABLE, retry
     elsewhere) or this request did (INTERNAL); the lane's reason goes to the server log."""
-    logger.error("request %s failed on its lane: %s", rid, out.get("error"))
-    if out.get("lane_failed"):
+    logger.error("request %s failed on its lane: %s", rid, e.error)
+    if e.lane_failed:
         return LaneUnavailable(f"request {rid}: its lane failed; retry")
     return RequestFailed(f"request {rid} failed on the server")
 
 
 def _default(value, default):
     return default if value is None else value
-
-
-async def _next_output(gen: DeploymentResponseGenerator) -> dict:
-    """The lane's next output; a cancelled call reads as the lane's own "cancelled" ending."""
-    try:
-        return await gen.__anext__()
-    except RequestCancelledError:
-        return {"token_ids": [], "finish_reason": "cancelled", "stats": None}
-    except StopAsyncIteration:  # the lane always ends with a finish_reason; this is a fault
-        return {"token_ids": [], "finish_reason": "error", "stats": None, "error": "the lane's stream ended early"}

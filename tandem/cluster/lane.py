@@ -1,9 +1,10 @@
 """The Lane deployment: one Serve replica = one verifier group and its drafter (docs/design.md §2).
 
-The replica is verifier rank 0 and runs the lane's step loop (tandem/actors/lane_core.py) in a thread;
-`generate` streams each request's verified tokens back to the router: the first at once, later
-ones at most once per `lane.stream_batching_interval_ms` (as Ray Serve LLM does), because every
-streamed item costs this interpreter, which the step loop shares, and the router time.
+The replica is verifier rank 0 and runs the lane's step loop (tandem/actors/lane_core.py) in a
+thread, or in a process of its own (lane.core_process). A request arrives as a Serve call to
+`generate`, which answers once when the lane has taken the request and ends when the request
+has; its tokens go to the router over the token channel (tandem/cluster/channel.py), one frame
+per step for all of that router's requests, so the step loop's interpreter streams nothing.
 The placement group Serve reserves for the replica holds the other verifier ranks and the
 drafter (tandem/cluster/topology.py builds both the bundles and the workers).
 """
@@ -12,18 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import deque
 from typing import AsyncIterator, Callable
 
 import torch
 from ray import serve
 
 from tandem import logs
+from tandem.cluster.channel import ChannelBroken, Senders
 from tandem.cluster.config import AppConfig
 from tandem.cluster.metrics import LaneMetrics
 from tandem.cluster.topology import start_lane
 from tandem.params import SamplingParams, SpecParams
-from tandem.spec.messages import Emission
 
 logger = logging.getLogger(__name__)
 
@@ -38,45 +38,42 @@ class Lane:
                     self.config.model.target, lane.device, lane.tensor_parallel_size,
                     "colocated" if lane.colocate_drafter else lane.num_drafters)
         self.core, self.workers = start_lane(self.config)
-        self.batching_interval_s = lane.stream_batching_interval_ms / 1000
-        self.streamed = {"items": 0, "tokens": 0}  # since reset_timing(); tokens / items = batching
+        self.senders = Senders(self.lane_id)
+        self.core.flush = self.senders.flush  # after each step: one frame per router
         self.metrics = LaneMetrics(self.lane_id, self.core.load)  # the Ray dashboard's tandem_* series
         self.callers = CallerWatch(self.core.cancel)
         logger.info("lane %s serving: %d KV slots, %d queued at most", self.lane_id, lane.max_batch_size, lane.max_queued)
 
-    async def generate(self, rid: str, prompt: list[int], sampling: dict, spec: dict,
+    async def generate(self, rid: str, prompt: list[int], sampling: dict, spec: dict, reply_to: dict,
                        caller: str = "") -> AsyncIterator[dict]:
-        """Stream {token_ids, finish_reason, stats} dicts; the last one has finish_reason set.
-        caller: the Router replica's actor id; if that process dies, the request is cancelled."""
-        loop = asyncio.get_running_loop()
-        inbox = Inbox(loop)
+        """Take a request: yield {"lane": id} once it is queued (bad input and a full lane raise
+        before), then end when it has ({"failed": reason} first if its tokens could not be sent). Its tokens go to `reply_to` ({"address", "secret"}: the
+        router's token channel). caller: the Router replica's actor id; if that process dies,
+        the request is cancelled. Cancelling this call cancels the request."""
         spec = SpecParams(**spec)
-        self.core.submit(rid, prompt, SamplingParams(**sampling), spec, inbox.put)
-        self.callers.watch(caller, rid)
-        finished = False
-        last_item = None  # loop time of this request's previous streamed item (inter-token latency)
-        hold_until = 0.0  # loop time before which tokens wait for company; 0: the first goes out at once
+        sender = await self.senders.get(reply_to)
+        ticket = sender.open(rid, asyncio.get_running_loop())
+        submitted, finished = False, None
         try:
-            while not finished:
-                e = _merge(await inbox.take(hold_until))
-                now = loop.time()
-                if last_item is not None:
-                    self.metrics.streamed(spec.mode, now - last_item, len(e.token_ids))
-                last_item = now if e.token_ids else last_item
-                hold_until = now + self.batching_interval_s
-                finished = e.finish_reason is not None
-                self.streamed["items"] += 1
-                self.streamed["tokens"] += len(e.token_ids)
-                if finished:
-                    self.metrics.request_finished(spec.mode, e.finish_reason, e.stats)
-                if e.error is not None:
-                    logger.error("lane %s: request %s ended with an error: %s", self.lane_id, rid, e.error)
-                yield {"token_ids": e.token_ids, "finish_reason": e.finish_reason,
-                       "error": e.error, "lane_failed": e.lane_failed,
-                       "stats": e.stats.as_dict() if finished else None, "lane": self.lane_id}
+            self.core.submit(rid, prompt, SamplingParams(**sampling), spec, ticket.put)
+            submitted = True
+            self.callers.watch(caller, rid)
+            yield {"lane": self.lane_id}
+            try:
+                finished = await ticket.done
+            except ChannelBroken as e:  # said as an item, not raised: a call that fails toward a
+                yield {"failed": str(e)}  # dead router costs Serve ~1 s each, one after another
+                return
+            if finished.error is not None:
+                logger.error("lane %s: request %s ended with an error: %s", self.lane_id, rid, finished.error)
         finally:
+            sender.forget(ticket)
             self.callers.forget(caller, rid)
-            if not finished:  # the caller went away (disconnect, Cancel): free the slot now
+            for gap in ticket.gaps:
+                self.metrics.streamed(spec.mode, gap)
+            if finished is not None:
+                self.metrics.request_finished(spec.mode, finished.finish_reason, finished.stats)
+            elif submitted:  # the caller went away (disconnect, Cancel) or the channel failed: free the slot now
                 logger.info("lane %s: request %s ended by its caller", self.lane_id, rid)
                 self.core.cancel(rid)
                 self.metrics.request_finished(spec.mode, "cancelled", None)
@@ -85,7 +82,7 @@ class Lane:
         return self.core.cancel(rid)
 
     async def load(self) -> dict:
-        return {"lane": self.lane_id, **self.core.load(), "streamed": dict(self.streamed),
+        return {"lane": self.lane_id, **self.core.load(), "streamed": dict(self.senders.streamed),
                 "torch_threads": torch.get_num_threads()}
 
     async def topology(self) -> dict:
@@ -107,7 +104,7 @@ class Lane:
     async def reset_timing(self) -> None:
         """Start a new step-timing window (benchmarks read it back through load())."""
         self.core.reset_timing()
-        self.streamed = {"items": 0, "tokens": 0}
+        self.senders.streamed = {"frames": 0, "tokens": 0}
 
     def check_health(self) -> None:
         if self.core.error is not None:
@@ -120,6 +117,9 @@ class Lane:
         core = getattr(self, "core", None)
         if core is not None:
             core.stop()
+        senders = getattr(self, "senders", None)
+        if senders is not None:
+            senders.close()
 
 
 class CallerWatch:
@@ -172,64 +172,6 @@ def _actor_alive(actor_id: str) -> bool:
     except Exception:
         return True
     return not info or info.get("State") not in ("DEAD", "RESTARTING")
-
-
-class Inbox:
-    """One request's emissions, from the step thread to its generate() on the replica's event loop.
-
-    The step thread appends and wakes the loop only when generate() waits for a first emission or
-    when the request finishes, not at every step: each wake-up is Python work in this interpreter,
-    which the step loop shares (an asyncio.Queue fed by call_soon_threadsafe woke the loop and the
-    request's task once per step per stream). While generate() holds tokens to batch them, what
-    the steps verify piles up here unseen until the hold ends; a finish ends a hold at once.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.items: deque[Emission] = deque()
-        self.wake = asyncio.Event()
-        self.waiting = False  # generate() sleeps until the next emission
-
-    def put(self, e: Emission) -> None:  # the step thread's sink (thread-safe: deque append, one flag)
-        self.items.append(e)
-        if self.waiting or e.finish_reason is not None:
-            self.waiting = False
-            self.loop.call_soon_threadsafe(self.wake.set)
-
-    async def take(self, hold_until: float = 0.0) -> list[Emission]:
-        """The next emission, and every one that arrives behind it until `hold_until` (loop time);
-        a finished request is never held."""
-        while not self.items:  # a wake scheduled by an earlier put() can find nothing new: wait again
-            self.wake.clear()
-            self.waiting = True
-            if not self.items:  # put() may have run before `waiting` was set
-                await self.wake.wait()
-            self.waiting = False
-        delay = hold_until - self.loop.time()
-        if delay > 0 and not self._finished():
-            self.wake.clear()  # a wake scheduled before now runs after this: a finish is never missed
-            if not self._finished():
-                try:
-                    await asyncio.wait_for(self.wake.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
-        taken = []
-        while self.items:
-            taken.append(self.items.popleft())
-        assert taken, "Inbox.take returned nothing"  # the loop above waits until there is something
-        return taken
-
-    def _finished(self) -> bool:
-        return bool(self.items) and self.items[-1].finish_reason is not None
-
-
-def _merge(items: list[Emission]) -> Emission:
-    """Consecutive emissions of one request as one (the last one carries finish_reason and stats)."""
-    last = items[-1]
-    if len(items) == 1:
-        return last
-    return Emission(last.rid, [t for e in items for t in e.token_ids], last.finish_reason, last.stats,
-                    last.error, last.lane_failed)
 
 
 LaneDeployment = serve.deployment(Lane, name="Lane")

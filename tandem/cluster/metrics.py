@@ -8,7 +8,7 @@ Per finished request, tagged by lane and mode (as vLLM counts its speculative de
   tandem_accepted_tokens_total           draft tokens accepted (acceptance = accepted / checked)
   tandem_time_to_first_token_seconds     histogram
   tandem_time_per_output_token_seconds   histogram: (end - first token) / (tokens - 1) of each request
-  tandem_inter_token_latency_seconds     histogram: each streamed item's gap since the last, per token
+  tandem_inter_token_latency_seconds     histogram: the gap between the steps that gave a request tokens, per token
 Every `interval_s`, per lane:
   tandem_lane_running / tandem_lane_queued / tandem_lane_free_slots   gauges
   tandem_lane_step_ms{part=total|draft|verify|wait|exchange}         mean over the last interval
@@ -44,7 +44,7 @@ class LaneMetrics:
                               boundaries=TTFT_BOUNDARIES, tag_keys=per_request)
         self.tpot = Histogram("tandem_time_per_output_token_seconds", "a request's time per token after its first",
                               boundaries=TOKEN_BOUNDARIES, tag_keys=per_request)
-        self.itl = Histogram("tandem_inter_token_latency_seconds", "gap between streamed items, per token",
+        self.itl = Histogram("tandem_inter_token_latency_seconds", "gap between a request's tokens, per token",
                              boundaries=TOKEN_BOUNDARIES, tag_keys=per_request)
         self.control_rate = Gauge("tandem_load_control_tokens_per_s", "the controller's predicted and measured "
                                   "tokens/s at its chosen depth", tag_keys=("lane", "kind"))
@@ -74,10 +74,9 @@ class LaneMetrics:
                 tpot = (stats.elapsed_s - stats.time_to_first_token_s) / (stats.generated - 1)
                 self.tpot.observe(max(0.0, tpot), tags=tags)
 
-    def streamed(self, mode: str, seconds: float, tokens: int) -> None:
-        """One streamed item of `tokens` tokens, `seconds` after the request's previous one."""
-        if tokens > 0:
-            self.itl.observe(seconds / tokens, tags={"lane": self.lane_id, "mode": mode})
+    def streamed(self, mode: str, seconds_per_token: float) -> None:
+        """A step's tokens for one request came this long per token after its previous ones."""
+        self.itl.observe(seconds_per_token, tags={"lane": self.lane_id, "mode": mode})
 
     def publish(self, load: dict) -> None:
         """The gauges from one load() of the lane; step means over the steps since the last call."""

@@ -32,6 +32,7 @@ class Router:
         self.cfg = AppConfig(**config)
         self.keys = ApiKeys.from_env()
         self.frontend = Frontend(self.cfg, lane)
+        await self.frontend.start()
         self.grpc = await start_server(self.cfg, self.frontend, self.keys) if self.cfg.grpc.enabled else None
         logger.info("router up: model %s, %d lane(s), API keys %s", self.cfg.model.id, self.cfg.num_lanes,
                     "required" if self.keys.enabled else "off (TANDEM_API_KEYS unset)")

@@ -1,6 +1,6 @@
-"""The token channel between a lane and a router (tandem/cluster/channel.py), without Ray or
-models: a Lane over a fake step loop sends to a real TokenChannel on localhost, and the router's
-stream (Frontend._deltas) holds tokens for the batching interval."""
+"""The request channel between routers and lanes (tandem/cluster/channel.py), without Ray or
+models: a LaneServer over a fake step loop, a router's LaneLink to it on localhost, and the
+router's stream (Frontend._deltas) holding tokens for the batching interval."""
 from __future__ import annotations
 
 import asyncio
@@ -11,182 +11,204 @@ from dataclasses import asdict
 
 import pytest
 
-pytest.importorskip("ray")
+from tandem.cluster.channel import HEADER, MAX_FRAME, Inbox, LaneLink, Lanes, LaneServer, frame
+from tandem.errors import LaneFull, LaneUnavailable, TandemError
+from tandem.params import SamplingParams, SpecParams
+from tandem.spec.messages import Emission, RequestStats
 
-from tandem.cluster.channel import TokenChannel, frame  # noqa: E402
-from tandem.params import SamplingParams, SpecParams  # noqa: E402
-from tandem.spec.messages import Emission, RequestStats  # noqa: E402
+SAMPLING, SPEC = asdict(SamplingParams()), asdict(SpecParams())
 
 
 class FakeCore:
-    """LaneCore's face to Lane.generate: a step thread that hands each submitted request
-    `emissions` at (delay_s, Emission) and flushes after each, as the step loop does."""
+    """LaneCore's face to the lane's channel: a step thread that hands each submitted request
+    `emissions` at (delay_s, token_ids, finish_reason) and flushes after each, as the step loop
+    does; `refuse` raises from submit."""
 
-    def __init__(self, emissions: list) -> None:
-        self.emissions = emissions
+    def __init__(self, emissions: list, refuse: Exception | None = None) -> None:
+        self.emissions, self.refuse = emissions, refuse
         self.cancelled: list[str] = []
-        self.flush = lambda: None  # Lane sets it to its senders' flush
+        self.flush = lambda: None  # the LaneServer's flush
         self.stopped = threading.Event()
 
-    def submit(self, rid, prompt, sampling, spec, sink) -> None:
+    def submit(self, key, prompt, sampling, spec, sink) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+
         def steps():
             start = time.monotonic()
-            for delay, e in self.emissions:
+            for delay, ids, finish in self.emissions:
                 if self.stopped.wait(max(0.0, start + delay - time.monotonic())):
+                    sink(Emission(key, [], "cancelled"))
+                    self.flush()
                     return
-                sink(e)
+                stats = RequestStats(generated=sum(len(x[1]) for x in self.emissions)) if finish else RequestStats()
+                sink(Emission(key, ids, finish, stats))
                 self.flush()
 
         threading.Thread(target=steps, daemon=True).start()
 
-    def cancel(self, rid: str) -> bool:
-        self.cancelled.append(rid)
+    def cancel(self, key: str) -> bool:
+        self.cancelled.append(key)
         self.stopped.set()
         return True
 
-    def stop(self) -> None:  # Lane.__del__
-        self.stopped.set()
+
+def lane(core: FakeCore):
+    ended = []
+    server = LaneServer(core, "127.0.0.1", lambda mode, e, gaps: ended.append((mode, e.finish_reason, len(gaps))))
+    core.flush = server.flush
+    return server, ended
 
 
-class CountedEnds:
-    """What a fake lane tells its metrics: (mode, finish_reason) per ended request, and gaps."""
-
-    def __init__(self) -> None:
-        self.ended, self.gaps = [], []
-
-    def request_finished(self, mode, finish_reason, stats) -> None:
-        self.ended.append((mode, finish_reason))
-
-    def streamed(self, mode, seconds_per_token) -> None:
-        self.gaps.append(seconds_per_token)
-
-    def stop(self) -> None:  # Lane.__del__
-        pass
+async def connect(server: LaneServer, inboxes: dict) -> LaneLink:
+    host, port = server.address.split(":")
+    _, link = await asyncio.get_running_loop().create_connection(
+        lambda: LaneLink("L", inboxes, server.secret), host, int(port))
+    return link
 
 
-def fake_lane(core: FakeCore):
-    """A Lane without Ray or models (cf. Ray Serve LLM's mock engines)."""
-    from tandem.cluster.channel import Senders
-    from tandem.cluster.lane import CallerWatch, Lane
-
-    lane = Lane.__new__(Lane)
-    lane.core, lane.lane_id = core, "fake"
-    lane.senders = Senders("fake")
-    core.flush = lane.senders.flush
-    lane.callers = CallerWatch(core.cancel)
-    lane.metrics = CountedEnds()
-    return lane
+async def drain(inbox: Inbox) -> list[Emission]:
+    got = []
+    while not got or got[-1].finish_reason is None:
+        got += await asyncio.wait_for(inbox.take(), 10)
+    return got
 
 
-def call(lane, channel: TokenChannel, rid: str = "r"):
-    return lane.generate(rid, [1, 2], asdict(SamplingParams()), asdict(SpecParams()), channel.reply_to())
-
-
-async def started_channel() -> TokenChannel:
-    channel = TokenChannel()
-    await channel.start("127.0.0.1")
-    return channel
-
-
-def test_a_lane_sends_the_tokens_on_the_channel_and_its_call_ends_with_the_request():
-    tokens = [(0.005 * i, Emission("r", [i])) for i in range(10)]
-    core = FakeCore(tokens + [(0.05, Emission("r", [10], "length", RequestStats(generated=11)))])
-    lane = fake_lane(core)
+def test_a_request_goes_over_the_channel_and_its_tokens_come_back_one_frame_per_step():
+    core = FakeCore([(0.005 * i, [i], None) for i in range(10)] + [(0.06, [10], "length")])
+    server, ended = lane(core)
 
     async def run():
-        channel = await started_channel()
-        inbox = channel.open("r")
-        items = [item async for item in call(lane, channel)]
-        got = []
-        while not got or got[-1].finish_reason is None:
-            got += await inbox.take()
-        channel.stop()
-        return items, got, channel.frames
+        inboxes = {}
+        link = await connect(server, inboxes)
+        inbox = inboxes["k"] = Inbox(asyncio.get_running_loop())
+        await link.submit("k", [1, 2], SAMPLING, SPEC)
+        got = await drain(inbox)
+        return got, link.inflight
 
-    items, got, frames = asyncio.run(run())
-    assert items == [{"lane": "fake"}]  # the call says "taken", then ends with the request
+    got, inflight = asyncio.run(run())
     assert [t for e in got for t in e.token_ids] == list(range(11))
     assert got[-1].finish_reason == "length" and got[-1].stats["generated"] == 11  # stats as a dict
     assert all(e.finish_reason is None and e.stats is None for e in got[:-1])
-    assert frames == 11  # one frame per step
-    assert lane.metrics.ended == [("pearl", "length")]  # SpecParams()'s mode
-    assert len(lane.metrics.gaps) == 10  # a gap per step after the first
+    assert not inflight  # the finish took it off the lane's count
+    assert server.streamed == {"frames": 11, "tokens": 11}  # one frame per step
+    assert ended == [("pearl", "length", 10)]  # SpecParams()'s mode; a gap per step after the first
+    server.close()
 
 
-def test_a_lane_call_cancelled_by_its_caller_frees_the_slot():
-    """Serve cancels generate() (the client went away, Cancel): the lane must hear of it."""
-    core = FakeCore([(0.0, Emission("r", [1])), (0.01, Emission("r", [2]))])  # never finishes
-    lane = fake_lane(core)
+@pytest.mark.parametrize("refusal", [LaneFull("lane is full"), LaneUnavailable("lane failed"), TandemError("bad prompt")])
+def test_a_lane_that_refuses_a_request_says_why(refusal):
+    server, _ = lane(FakeCore([], refuse=refusal))
 
     async def run():
-        channel = await started_channel()
-        gen = call(lane, channel)
-        first = await gen.__anext__()
-        pending = asyncio.ensure_future(gen.__anext__())  # waits for the request's end
+        link = await connect(server, {})
+        with pytest.raises(type(refusal), match=str(refusal)):
+            await link.submit("k", [1], SAMPLING, SPEC)
+        return link.inflight
+
+    assert asyncio.run(run()) == set()
+    server.close()
+
+
+def test_a_router_that_goes_away_has_its_requests_cancelled_on_the_lane():
+    core = FakeCore([(0.01 * i, [i], None) for i in range(1000)])  # never finishes on its own
+    server, ended = lane(core)
+
+    async def run():
+        inboxes = {}
+        link = await connect(server, inboxes)
+        inboxes["k"] = Inbox(asyncio.get_running_loop())
+        await link.submit("k", [1], SAMPLING, SPEC)
         await asyncio.sleep(0.05)
-        pending.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await pending
-        channel.stop()
-        return first
+        link.transport.close()  # the router's process dies
+        await asyncio.sleep(0.2)
 
-    assert asyncio.run(run()) == {"lane": "fake"}
-    assert core.cancelled == ["r"]
-    assert lane.metrics.ended == [("pearl", "cancelled")]
+    asyncio.run(run())
+    deadline = time.monotonic() + 5
+    while not ended and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert core.cancelled == ["k"] and ended[0][:2] == ("pearl", "cancelled")
+    server.close()
 
 
-def test_a_broken_channel_fails_the_lane_call_and_frees_the_slot():
-    core = FakeCore([(0.0, Emission("r", [1])), (0.2, Emission("r", [2])), (0.4, Emission("r", [3], "length"))])
-    lane = fake_lane(core)
+def test_a_lane_that_goes_away_fails_its_requests_at_the_router():
+    core = FakeCore([(0.01 * i, [i], None) for i in range(1000)])
+    server, _ = lane(core)
 
     async def run():
-        channel = await started_channel()
-        gen = call(lane, channel)
-        await gen.__anext__()
+        inboxes = {}
+        link = await connect(server, inboxes)
+        inbox = inboxes["k"] = Inbox(asyncio.get_running_loop())
+        await link.submit("k", [1], SAMPLING, SPEC)
         await asyncio.sleep(0.05)
-        for sender in lane.senders.by_address.values():
-            sender.sock.close()  # the connection to the router breaks
-        failed = await gen.__anext__()
-        with pytest.raises(StopAsyncIteration):
-            await gen.__anext__()
-        channel.stop()
-        return failed
+        server.close()  # the lane's process dies
+        got = await drain(inbox)
+        with pytest.raises(LaneUnavailable):
+            await link.submit("k2", [1], SAMPLING, SPEC)
+        return got[-1]
 
-    assert "the token channel to 127.0.0.1" in asyncio.run(run())["failed"]
-    assert core.cancelled == ["r"] and lane.metrics.ended == [("pearl", "cancelled")]
+    last = asyncio.run(run())
+    assert last.finish_reason == "error" and last.lane_failed
 
 
-def test_the_channel_takes_no_frames_from_a_peer_without_its_secret():
+def test_a_lane_takes_no_request_from_a_peer_without_its_secret():
+    core = FakeCore([(0.0, [1], "stop")])
+    server, _ = lane(core)
+    host, port = server.address.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(frame({"secret": "guess"}) + frame(["submit", "k", [1], SAMPLING, SPEC]))
+        assert s.recv(10) == b""  # the lane hangs up
+    assert not core.stopped.is_set() and server.links == []
+    server.close()
+
+
+def test_a_lane_hangs_up_on_an_oversized_frame():
+    core = FakeCore([])
+    server, _ = lane(core)
+    host, port = server.address.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(frame({"secret": server.secret}) + HEADER.pack(MAX_FRAME + 1))
+        assert s.recv(10) == b""
+    server.close()
+
+
+class FakeHandle:
+    """The Lane deployment's handle, as far as Lanes uses it: broadcast("channel")."""
+
+    def __init__(self, servers: list[LaneServer]) -> None:
+        self.servers = servers
+
+    def broadcast(self, method: str):
+        assert method == "channel"
+        infos = [{"lane": f"L{i}", **s.info()} for i, s in enumerate(self.servers)]
+
+        class Results:
+            async def results_async(self, timeout_s, return_exceptions):
+                return infos
+
+        return Results()
+
+
+def test_the_router_puts_each_request_on_the_lane_with_the_fewest_and_skips_tried_ones():
+    servers = [lane(FakeCore([(10.0, [1], "stop")]))[0] for _ in range(2)]
+
     async def run():
-        channel = await started_channel()
-        inbox = channel.open("k")
-        host, port = channel.address.split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(frame({"secret": "guess", "lane": "x"}) + frame([["k", [1], "stop", None, False, None]]))
-        await writer.drain()
-        closed = await asyncio.wait_for(reader.read(), 5)  # the router hangs up
-        writer.close()
-        channel.stop()
-        return closed, list(inbox.items), channel.frames
+        lanes = Lanes(FakeHandle(servers))
+        await lanes.refresh()
+        picks = []
+        for i in range(4):
+            link = await lanes.pick(set())
+            await link.submit(f"k{i}", [1], SAMPLING, SPEC)
+            picks.append(link.lane)
+        assert (await lanes.pick({"L0"})).lane == "L1"
+        with pytest.raises(LaneUnavailable):
+            await lanes.pick({"L0", "L1"})
+        return picks
 
-    closed, items, frames = asyncio.run(run())
-    assert closed == b"" and items == [] and frames == 0
-
-
-def test_the_channel_hangs_up_on_an_oversized_frame():
-    from tandem.cluster import channel as ch
-
-    async def run():
-        channel = await started_channel()
-        host, port = channel.address.split(":")
-        with socket.create_connection((host, int(port))) as s:
-            s.sendall(frame({"secret": channel.secret, "lane": "x"}) + ch.HEADER.pack(ch.MAX_FRAME + 1))
-            s.settimeout(5)
-            data = await asyncio.to_thread(s.recv, 10)
-        channel.stop()
-        return data
-
-    assert asyncio.run(run()) == b""
+    picks = asyncio.run(run())
+    assert sorted(picks) == ["L0", "L0", "L1", "L1"]
+    for s in servers:
+        s.close()
 
 
 class CharTokenizer:
@@ -195,20 +217,20 @@ class CharTokenizer:
 
 
 def router_stream(emissions: list, interval_s: float):
-    """Frontend._deltas over an inbox fed at (delay_s, Emission): each delta with its loop time."""
+    """Frontend._deltas over an inbox fed at (delay_s, token_ids, finish_reason): each delta with
+    its loop time."""
     from tandem.cluster.frontend import Admitted, Frontend
 
     front = Frontend.__new__(Frontend)
-    front.tokenizer, front.channel, front.batching_interval_s = CharTokenizer(), TokenChannel(), interval_s
-    front.inflight = {}
+    front.tokenizer, front.batching_interval_s, front.inflight = CharTokenizer(), interval_s, {}
+    front.lanes = Lanes(None)
     req = Admitted("r", "/r", [1], SamplingParams(), SpecParams(), [])
 
     async def run():
         loop = asyncio.get_running_loop()
-        inbox = front.channel.open(req.key)
-        for delay, e in emissions:
-            loop.call_later(delay, front.channel.deliver,
-                            [[e.rid, e.token_ids, e.finish_reason, e.error, e.lane_failed, None]])
+        inbox = front.lanes.open(req.key)
+        for delay, ids, finish in emissions:
+            loop.call_later(delay, inbox.put, Emission(req.key, ids, finish, None))
         return [(loop.time(), d) async for d in front._deltas(req, None, inbox)]
 
     return asyncio.run(run())
@@ -216,8 +238,7 @@ def router_stream(emissions: list, interval_s: float):
 
 def test_the_router_streams_the_first_token_at_once_then_batches_and_never_holds_the_finish():
     # tokens 0..9 one per 10 ms, then the finish; interval 40 ms
-    emissions = [(0.01 * i, Emission("/r", [i])) for i in range(10)] + [(0.10, Emission("/r", [10], "length"))]
-    out = router_stream(emissions, 0.04)
+    out = router_stream([(0.01 * i, [i], None) for i in range(10)] + [(0.10, [10], "length")], 0.04)
     deltas = [d for _, d in out]
     assert [t for d in deltas for t in d.token_ids] == list(range(11))
     assert deltas[0].token_ids == [0]  # time to first token: never held
@@ -228,11 +249,32 @@ def test_the_router_streams_the_first_token_at_once_then_batches_and_never_holds
     assert len(deltas) <= 5  # 110 ms of tokens: 0, ~40, ~80 ms, then the finish
     # ...but the finish is never held: with a 10 s interval the stream still ends at once
     start = time.monotonic()
-    out = router_stream([(0.0, Emission("/r", [1])), (0.01, Emission("/r", [2])), (0.02, Emission("/r", [3], "stop"))], 10.0)
+    out = router_stream([(0.0, [1], None), (0.01, [2], None), (0.02, [3], "stop")], 10.0)
     assert time.monotonic() - start < 2.0
     assert [d.token_ids for _, d in out] == [[1], [2, 3]] and out[-1][1].finish_reason == "stop"
 
 
 def test_the_router_with_interval_zero_streams_every_step():
-    emissions = [(0.05 * i, Emission("/r", [i], "length" if i == 5 else None)) for i in range(6)]
+    emissions = [(0.05 * i, [i], "length" if i == 5 else None) for i in range(6)]
     assert [d.token_ids for _, d in router_stream(emissions, 0.0)] == [[i] for i in range(6)]
+
+
+def test_lanes_scale_on_the_requests_they_hold():
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from ray.serve.config import AutoscalingConfig
+
+    from tandem.cluster.app import lane_autoscaling_policy, lane_options
+    from tandem.cluster.config import AppConfig
+
+    opts = lane_options(AppConfig(autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}))
+    config = AutoscalingConfig(**opts["autoscaling_config"])  # Serve takes it, policy and all
+    assert config.policy.policy_function == "tandem.cluster.app:lane_autoscaling_policy"
+
+    def ctx(held, replicas=2):
+        return SimpleNamespace(current_num_replicas=replicas, target_num_replicas=replicas, total_num_requests=0,
+                               aggregated_metrics={"held_requests": dict(enumerate(held))}, config=config)
+
+    assert lane_autoscaling_policy(ctx([16, 16]))[0] == 4  # 32 held, 8 per lane
+    assert lane_autoscaling_policy(ctx([2, 0]))[0] == 0.25  # Serve rounds and bounds it (min 1)

@@ -84,7 +84,21 @@ def lane_options(cfg: AppConfig) -> dict:
         max_ongoing_requests=lane.max_batch_size + lane.max_queued + LANE_OVERFLOW,
     )
     if cfg.autoscaling:
-        opts["autoscaling_config"] = dict(cfg.autoscaling)
+        # Requests reach lanes over the request channel, not as Serve calls, so Serve's own count
+        # of ongoing requests is ~0: scale on the requests each lane says it holds.
+        opts["autoscaling_config"] = {"policy": {"policy_function": f"{__name__}:lane_autoscaling_policy"},
+                                      **cfg.autoscaling}
     else:
         opts["num_replicas"] = cfg.num_lanes
     return opts
+
+
+def lane_autoscaling_policy(ctx) -> tuple[float, dict]:
+    """Serve's replica-queue-length policy on the requests the lanes hold (running + queued, from
+    Lane.record_autoscaling_stats): as many lanes as keep target_ongoing_requests per lane. Serve
+    wraps it with the config's bounds, delays and scaling factors."""
+    if ctx.current_num_replicas == 0:
+        return ctx.target_num_replicas, {}
+    held = ctx.aggregated_metrics.get("held_requests") or {}
+    total = sum(held.values()) if held else ctx.total_num_requests
+    return total / ctx.config.get_target_ongoing_requests(), {}

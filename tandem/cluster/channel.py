@@ -1,19 +1,22 @@
-"""The token channel: a lane streams verified tokens to a router over a socket of their own.
+"""The request channel: routers and lanes talk over sockets of their own, not Serve calls.
 
-A request still starts through Serve's handle (Serve picks the lane, counts the call for
-autoscaling, and cancels it when the router goes away); that call answers once when the lane
-has taken the request and ends when the request has. The tokens do not ride on it: each
-streamed item of a Serve call is a Ray object that costs both interpreters (the lane's shares
-its GIL with the step loop), so the lane sends every step's tokens, for all the requests of
-one router, as one frame on one TCP connection (as vLLM's engine core sends its outputs to the
-API server over one ZeroMQ socket). The router holds a request's tokens for
-`lane.stream_batching_interval_ms` before streaming them to its client.
+A Serve handle call costs both interpreters several milliseconds (routing, an actor task, a Ray
+object per streamed item), and the lane's interpreter is the one its step loop runs in. So, as
+vLLM's API server talks to its engine core over one ZeroMQ socket, each lane listens on its
+node's address and each router keeps one TCP connection to each lane:
 
-    lane -> router   hello {"secret", "lane"}, then one frame per step:
-                     [[key, token_ids, finish_reason, error, lane_failed, stats | null], ...]
+    router -> lane   hello {"secret"}, then ["submit", key, prompt, sampling, spec] | ["cancel", key]
+    lane -> router   ["accepted", key] | ["refused", key, kind, message]
+                     | ["emit", [[key, token_ids, finish_reason, error, lane_failed, stats | null], ...]]
+                       one frame per step, for all of that router's requests on the lane
 
-Frames are 4-byte big-endian lengths followed by JSON. The router listens on its node's address
-and takes only connections that open with its secret, which it hands to lanes in the Serve call.
+Frames are 4-byte big-endian lengths followed by JSON. The lane's side runs in plain threads (a
+reader per router, and the step loop's flush), so no request touches the replica's event loop.
+A router learns the lanes' addresses and secrets through Serve (`Lane.channel`, broadcast to
+every replica), so Serve still places, restarts and scales the lanes; the router picks the
+lane for each request (the one with the fewest of its requests). A lane whose router's
+connection drops cancels that router's requests; a router whose lane's connection drops ends
+that lane's requests as failed (UNAVAILABLE: the client may retry).
 """
 from __future__ import annotations
 
@@ -21,24 +24,25 @@ import asyncio
 import hmac
 import json
 import logging
+import random
 import secrets
 import socket
 import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 
+from tandem.errors import LaneFull, LaneUnavailable, RequestFailed, TandemError
+from tandem.params import SamplingParams, SpecParams
 from tandem.spec.messages import Emission
 
 logger = logging.getLogger(__name__)
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
-CONNECT_TIMEOUT_S = 10.0
-SEND_TIMEOUT_S = 30.0  # a router that reads nothing this long is gone: its requests fail
-
-
-class ChannelBroken(ConnectionError):
-    """The connection to a router failed; the requests it carried end."""
+HELLO_TIMEOUT_S = 10.0
+SEND_TIMEOUT_S = 30  # a router that reads nothing this long is gone: its requests are cancelled
+REFRESH_S = 2.0  # how often a router asks Serve which lanes there are
 
 
 def frame(obj) -> bytes:
@@ -46,9 +50,243 @@ def frame(obj) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+class Frames:
+    """Splits a byte stream into decoded frames; raises ValueError on an oversized or bad one."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> Iterator:
+        self.buffer += data
+        while len(self.buffer) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self.buffer)
+            if size > MAX_FRAME:
+                raise ValueError(f"a frame of {size} bytes")
+            if len(self.buffer) < HEADER.size + size:
+                return
+            body = bytes(self.buffer[HEADER.size:HEADER.size + size])
+            del self.buffer[:HEADER.size + size]
+            yield json.loads(body)
+
+
+# -- errors on the wire ---------------------------------------------------------------------------
+def refusal_kind(e: BaseException) -> str:
+    if isinstance(e, LaneFull):
+        return "full"
+    if isinstance(e, LaneUnavailable):
+        return "unavailable"
+    if isinstance(e, TandemError):
+        return "invalid"
+    return "error"
+
+
+def refusal_error(kind: str, message: str) -> Exception:
+    return {"full": LaneFull, "unavailable": LaneUnavailable, "invalid": TandemError}.get(kind, RequestFailed)(message)
+
+
+# -- the lane's end -------------------------------------------------------------------------------
+class Ticket:
+    """One request from one router: the step loop's sink for it, and its inter-token gaps (the
+    time between the steps that gave it tokens, per token) for the lane's metrics."""
+
+    def __init__(self, link: RouterLink, key: str, mode: str) -> None:
+        self.link, self.key, self.mode = link, key, mode
+        self.gaps: list[float] = []
+        self._last: float | None = None
+
+    def put(self, e: Emission) -> None:  # the step loop's thread (or the lane's, on admission)
+        if e.token_ids:
+            now = time.perf_counter()
+            if self._last is not None:
+                self.gaps.append((now - self._last) / len(e.token_ids))
+            self._last = now
+        self.link.put(self, e)
+
+
+Ended = Callable[[str, Emission, list], None]  # (mode, final emission, gaps): the lane's metrics
+
+
+class RouterLink:
+    """The lane's connection to one router: a reader thread that submits and cancels, and the
+    step loop's emissions for that router, sent as one frame per step (flush)."""
+
+    def __init__(self, sock: socket.socket, core, ended: Ended, frames: Frames) -> None:
+        self.sock, self.core, self.ended, self.frames = sock, core, ended, frames
+        self.peer = sock.getpeername()
+        self.lock = threading.Lock()  # sends, pending, tickets
+        self.pending: list[tuple[Ticket, Emission]] = []
+        self.tickets: dict[str, Ticket] = {}
+        self.closed = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._read, name="lane-router-link", daemon=True).start()
+
+    def _read(self) -> None:
+        data = b""  # first what came in behind the hello
+        try:
+            while True:
+                for msg in self.frames.feed(data):
+                    if msg[0] == "submit":
+                        self._submit(*msg[1:])
+                    elif msg[0] == "cancel":
+                        self.core.cancel(msg[1])
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    break
+        except (OSError, ValueError, TypeError, IndexError) as e:
+            if not self.closed:
+                logger.warning("router %s: its connection failed: %r", self.peer, e)
+        self.close()
+
+    def _submit(self, key: str, prompt: list[int], sampling: dict, spec: dict) -> None:
+        try:
+            params = SamplingParams(**sampling), SpecParams(**spec)
+            ticket = Ticket(self, key, params[1].mode)
+            with self.lock:
+                if key in self.tickets:
+                    raise TandemError(f"request id {key!r} is already running")
+                self.tickets[key] = ticket
+            try:
+                self.core.submit(key, prompt, *params, ticket.put)
+            except BaseException:
+                with self.lock:
+                    self.tickets.pop(key, None)
+                raise
+        except Exception as e:  # bad input, a full or failed lane: the router says so to its client
+            self._send(["refused", key, refusal_kind(e), str(e)])
+            return
+        self._send(["accepted", key])
+
+    def _send(self, msg) -> None:
+        with self.lock:
+            self._send_locked(frame(msg))
+        self._cancel_if_closed()
+
+    def _send_locked(self, data: bytes) -> bool:
+        if self.closed:
+            return False
+        try:
+            self.sock.sendall(data)
+            return True
+        except OSError as e:
+            logger.warning("router %s: sending failed (%r); cancelling its %d requests", self.peer, e, len(self.tickets))
+            self._shut()
+            return False
+
+    def put(self, ticket: Ticket, e: Emission) -> None:
+        with self.lock:
+            self.pending.append((ticket, e))
+
+    def flush(self) -> int:
+        """Send what the step gave this router as one frame; the tokens sent."""
+        with self.lock:
+            batch, self.pending = self.pending, []
+            if not batch:
+                return 0
+            rows = [[e.rid, e.token_ids, e.finish_reason, e.error, e.lane_failed,
+                     e.stats.as_dict() if e.finish_reason is not None and e.stats is not None else None]
+                    for _, e in batch]
+            sent = self._send_locked(frame(["emit", rows]))
+            finished = [(t, e) for t, e in batch if e.finish_reason is not None]
+            for ticket, _ in finished:
+                self.tickets.pop(ticket.key, None)
+        for ticket, e in finished:
+            self.ended(ticket.mode, e, ticket.gaps)
+        self._cancel_if_closed()
+        return sum(len(e.token_ids) for _, e in batch) if sent else 0
+
+    def _shut(self) -> None:  # with self.lock held
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader's recv; close() alone would not
+            except OSError:
+                pass
+            self.sock.close()
+
+    def _cancel_if_closed(self) -> None:
+        """The router is gone, so are its requests. Called without self.lock: the step loop
+        holds the lane's lock when it hands an emission to a ticket, which takes self.lock."""
+        if self.closed:
+            for key in list(self.tickets):
+                self.core.cancel(key)  # their "cancelled" endings reach flush, which sends nothing more
+
+    def close(self) -> None:
+        with self.lock:
+            self._shut()
+        self._cancel_if_closed()
+
+
+class LaneServer:
+    """A lane's end of the request channel: it listens on `host`, and each router that opens with
+    its secret gets a RouterLink."""
+
+    def __init__(self, core, host: str, ended: Ended) -> None:
+        self.core, self.ended = core, ended
+        self.secret = secrets.token_hex(16)
+        self.listener = socket.create_server((host, 0))
+        self.address = f"{host}:{self.listener.getsockname()[1]}"
+        self.links: list[RouterLink] = []  # replaced, never changed in place, under _links_lock
+        self._links_lock = threading.Lock()
+        self.streamed = {"frames": 0, "tokens": 0}  # since the lane's reset_timing()
+        self._stopped = False
+        threading.Thread(target=self._accept, name="lane-channel", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._hello, args=(sock,), daemon=True).start()
+
+    def _hello(self, sock: socket.socket) -> None:
+        try:
+            sock.settimeout(HELLO_TIMEOUT_S)
+            frames, hello = Frames(), None
+            while hello is None:
+                data = sock.recv(4096)
+                if not data:
+                    raise OSError("closed before its hello")
+                hello = next(frames.feed(data), None)
+            if not (isinstance(hello, dict) and hmac.compare_digest(str(hello.get("secret", "")), self.secret)):
+                raise PermissionError("a hello without this lane's secret")
+            sock.settimeout(None)  # reads block; sends give up after SEND_TIMEOUT_S
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, ValueError) as e:
+            logger.warning("lane channel: refusing a connection: %r", e)
+            sock.close()
+            return
+        link = RouterLink(sock, self.core, self.ended, frames)
+        with self._links_lock:
+            self.links = [old for old in self.links if not (old.closed and not old.tickets)] + [link]
+        link.start()  # once flush sees it: a request's first tokens go out with its first step
+
+    def info(self) -> dict:
+        return {"address": self.address, "secret": self.secret}
+
+    def flush(self) -> None:  # the step loop's thread, after each step
+        links = self.links
+        for link in links:
+            tokens = link.flush()
+            if tokens:
+                self.streamed["frames"] += 1
+                self.streamed["tokens"] += tokens
+        if any(link.closed and not link.tickets for link in links):
+            with self._links_lock:
+                self.links = [link for link in self.links if not (link.closed and not link.tickets)]
+
+    def close(self) -> None:
+        self._stopped = True
+        self.listener.close()
+        for link in self.links:
+            link.close()
+
+
 # -- the router's end -----------------------------------------------------------------------------
 class Inbox:
-    """One request's emissions, from the channel (or any thread) to the coroutine that streams it.
+    """One request's emissions, from its lane's connection to the coroutine that streams it.
 
     put() wakes the reader only when it waits for a first emission or when the request finishes,
     not at every step; while the reader holds tokens to batch them, what arrives piles up here
@@ -107,25 +345,152 @@ def merge(items: list[Emission]) -> Emission:
                     last.error, last.lane_failed)
 
 
-class TokenChannel:
-    """The router's end: a TCP server lanes connect to, and an Inbox per request it streams."""
+class LaneLink(asyncio.Protocol):
+    """The router's connection to one lane: submits and cancels go out, answers and tokens come in."""
 
-    def __init__(self) -> None:
-        self.secret = secrets.token_hex(16)
-        self.address = ""  # "host:port" once started
-        self.inboxes: dict[str, Inbox] = {}
-        self.frames = 0  # frames received (benchmarks read it)
-        self._server: asyncio.base_events.Server | None = None
+    def __init__(self, lane: str, inboxes: dict[str, Inbox], secret: str) -> None:
+        self.lane, self.inboxes, self.secret = lane, inboxes, secret
+        self.frames = Frames()
+        self.inflight: set[str] = set()  # this router's requests on the lane
+        self.answers: dict[str, asyncio.Future] = {}  # submitted, not yet accepted or refused
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
 
-    async def start(self, host: str) -> None:
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.write(frame({"secret": self.secret}))
+
+    async def submit(self, key: str, prompt: list[int], sampling: dict, spec: dict) -> None:
+        """Queue the request on the lane; raises as the lane refuses it (full, failed, bad input)."""
+        if self.closed:
+            raise LaneUnavailable(f"lane {self.lane} is gone")
+        answer = self.answers[key] = asyncio.get_running_loop().create_future()
+        self.inflight.add(key)
+        self.transport.write(frame(["submit", key, prompt, sampling, spec]))
+        try:
+            await answer
+        except BaseException:
+            self.inflight.discard(key)
+            raise
+        finally:
+            self.answers.pop(key, None)
+
+    def cancel(self, key: str) -> None:
+        if key in self.inflight and not self.closed:
+            self.transport.write(frame(["cancel", key]))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for msg in self.frames.feed(data):
+                kind = msg[0]
+                if kind == "emit":
+                    self._emit(msg[1])
+                elif kind == "accepted":
+                    self._answer(msg[1], None)
+                elif kind == "refused":
+                    self._answer(msg[1], refusal_error(msg[2], msg[3]))
+        except (ValueError, TypeError, IndexError) as e:
+            logger.error("lane %s sent what this router cannot read (%r): dropping its connection", self.lane, e)
+            self.transport.close()
+
+    def _answer(self, key: str, error: Exception | None) -> None:
+        answer = self.answers.get(key)
+        if answer is None or answer.done():
+            return
+        if error is None:
+            answer.set_result(None)
+        else:
+            answer.set_exception(error)
+
+    def _emit(self, rows: list) -> None:
+        for key, ids, finish_reason, error, lane_failed, stats in rows:
+            self._answer(key, None)  # tokens before the lane's "accepted": it was
+            if finish_reason is not None:
+                self.inflight.discard(key)
+            inbox = self.inboxes.get(key)
+            if inbox is not None:  # gone: the router ended the request (stop string, Cancel)
+                inbox.put(Emission(key, ids, finish_reason, stats, error, lane_failed))
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self.inflight:
+            logger.error("lane %s: its connection was lost (%r); failing its %d requests", self.lane, exc, len(self.inflight))
+        for key, answer in list(self.answers.items()):
+            if not answer.done():
+                answer.set_exception(LaneUnavailable(f"lane {self.lane} is gone"))
+        for key in self.inflight:
+            inbox = self.inboxes.get(key)
+            if inbox is not None:
+                inbox.put(Emission(key, [], "error", None, error=f"lane {self.lane}'s connection was lost", lane_failed=True))
+        self.inflight = set()
+
+
+class Lanes:
+    """A router's links to every lane Serve runs, refreshed every REFRESH_S; it picks each
+    request's lane."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle  # the Lane deployment's handle
+        self.links: dict[str, LaneLink] = {}  # by lane id
+        self.inboxes: dict[str, Inbox] = {}  # by request key
+        self._refreshing: asyncio.Task | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._loop_task = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                await self.refresh()
+            except Exception:
+                logger.exception("refreshing the lanes failed")
+
+    async def refresh(self) -> None:
+        """Connect to the lanes that are new (or whose connection was lost); one refresh at a time."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> None:
+        from ray.serve.exceptions import DeploymentUnavailableError
+
+        try:
+            infos = await self.handle.broadcast("channel").results_async(timeout_s=10, return_exceptions=True)
+        except (DeploymentUnavailableError, TimeoutError):
+            return
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _LaneConnection(self), host, 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.address = f"{host}:{port}"
+        for info in infos:
+            if not isinstance(info, dict):
+                continue
+            link = self.links.get(info["lane"])
+            if link is not None and not link.closed:
+                continue
+            host, _, port = info["address"].rpartition(":")
+            try:
+                _, link = await loop.create_connection(lambda: LaneLink(info["lane"], self.inboxes, info["secret"]), host, int(port))
+            except OSError as e:
+                logger.warning("lane %s at %s: cannot connect: %r", info["lane"], info["address"], e)
+                continue
+            self.links[info["lane"]] = link
+            logger.info("connected to lane %s at %s", info["lane"], info["address"])
+        for lane, link in list(self.links.items()):
+            if link.closed:
+                del self.links[lane]
 
-    def reply_to(self) -> dict:
-        """What a lane needs to send a request's tokens here (passed in the Serve call)."""
-        return {"address": self.address, "secret": self.secret}
+    async def pick(self, tried: set[str]) -> LaneLink:
+        """The open lane, not tried yet, with the fewest of this router's requests (ties: random)."""
+        for attempt in range(2):
+            links = [link for lane, link in self.links.items() if not link.closed and lane not in tried]
+            if links:
+                random.shuffle(links)
+                return min(links, key=lambda link: len(link.inflight))
+            if attempt == 0:
+                await self.refresh()
+        raise LaneUnavailable("no lane is available (it failed or is starting); retry")
 
     def open(self, key: str) -> Inbox:
         inbox = self.inboxes[key] = Inbox(asyncio.get_running_loop())
@@ -133,209 +498,3 @@ class TokenChannel:
 
     def close(self, key: str) -> None:
         self.inboxes.pop(key, None)
-
-    def deliver(self, items: list) -> None:
-        self.frames += 1
-        for key, ids, finish_reason, error, lane_failed, stats in items:
-            inbox = self.inboxes.get(key)
-            if inbox is not None:  # gone: the router ended the request (stop string, Cancel)
-                inbox.put(Emission(key, ids, finish_reason, stats, error, lane_failed))
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-
-class _LaneConnection(asyncio.Protocol):
-    """One lane's connection: a hello with the secret, then frames of emissions."""
-
-    def __init__(self, channel: TokenChannel) -> None:
-        self.channel = channel
-        self.buffer = bytearray()
-        self.lane = None  # the lane's id once its hello checked out
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= HEADER.size:
-            (size,) = HEADER.unpack_from(self.buffer)
-            if size > MAX_FRAME:
-                return self._refuse(f"a frame of {size} bytes")
-            if len(self.buffer) < HEADER.size + size:
-                return
-            body = bytes(self.buffer[HEADER.size:HEADER.size + size])
-            del self.buffer[:HEADER.size + size]
-            try:
-                message = json.loads(body)
-            except ValueError:
-                return self._refuse("a frame that is not JSON")
-            if self.lane is None:
-                if not (isinstance(message, dict) and hmac.compare_digest(str(message.get("secret", "")), self.channel.secret)):
-                    return self._refuse("a hello without this router's secret")
-                self.lane = str(message.get("lane", "?"))
-                logger.info("lane %s connected its token channel", self.lane)
-                continue
-            self.channel.deliver(message)
-
-    def _refuse(self, what: str) -> None:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        logger.warning("token channel: closing the connection from %s: %s", peer, what)
-        self.buffer.clear()
-        if self.transport is not None:
-            self.transport.close()
-
-    def connection_lost(self, exc) -> None:
-        if self.lane is not None:
-            logger.info("lane %s closed its token channel%s", self.lane, f": {exc!r}" if exc else "")
-
-
-# -- the lane's end -------------------------------------------------------------------------------
-class Ticket:
-    """One request on a ChannelSender: its sink for the step loop, and when it ended.
-
-    `gaps` holds the time between the steps that gave the request tokens, per token (the lane's
-    inter-token latency; the lane turns it into metrics when the request ends).
-    """
-
-    def __init__(self, sender: ChannelSender, rid: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.sender, self.rid, self.loop = sender, rid, loop
-        self.done = loop.create_future()  # the final emission, once sent; or ChannelBroken
-        self.gaps: list[float] = []
-        self.tokens = 0
-        self._last: float | None = None
-
-    def put(self, e: Emission) -> None:  # the step loop's sink
-        if e.token_ids:
-            now = time.perf_counter()
-            if self._last is not None:
-                self.gaps.append((now - self._last) / len(e.token_ids))
-            self._last = now
-            self.tokens += len(e.token_ids)
-        self.sender.put(self, e)
-
-    def _end(self, result: Emission | BaseException) -> None:  # any thread
-        self.loop.call_soon_threadsafe(_settle, self.done, result)
-
-
-def _settle(future: asyncio.Future, result) -> None:
-    if future.done():
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
-
-
-class ChannelSender:
-    """The lane's connection to one router: the step loop's emissions for that router's requests,
-    gathered and sent as one frame when the step is over (flush)."""
-
-    def __init__(self, address: str, secret: str, lane_id: str) -> None:
-        self.address = address
-        host, _, port = address.rpartition(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(SEND_TIMEOUT_S)
-        self.sock.sendall(frame({"secret": secret, "lane": lane_id}))
-        self.lock = threading.Lock()
-        self.pending: list[tuple[Ticket, Emission]] = []
-        self.tickets: set[Ticket] = set()
-        self.broken: BaseException | None = None
-
-    def open(self, rid: str, loop: asyncio.AbstractEventLoop) -> Ticket:
-        ticket = Ticket(self, rid, loop)
-        with self.lock:
-            if self.broken is not None:
-                raise ChannelBroken(f"the token channel to {self.address} failed: {self.broken!r}")
-            self.tickets.add(ticket)
-        return ticket
-
-    def forget(self, ticket: Ticket) -> None:
-        with self.lock:
-            self.tickets.discard(ticket)
-
-    def put(self, ticket: Ticket, e: Emission) -> None:
-        with self.lock:
-            self.pending.append((ticket, e))
-
-    def flush(self) -> int:
-        """Send what the step gave; end the tickets whose final emission went out. Returns the
-        tokens sent."""
-        with self.lock:
-            batch, self.pending = self.pending, []
-            if not batch or self.broken is not None:
-                return 0
-            rows = [[e.rid, e.token_ids, e.finish_reason, e.error, e.lane_failed,
-                     e.stats.as_dict() if e.finish_reason is not None and e.stats is not None else None]
-                    for _, e in batch]
-            try:
-                self.sock.sendall(frame(rows))
-            except OSError as err:
-                self._break(err)
-                return 0
-            for ticket, e in batch:
-                if e.finish_reason is not None:
-                    self.tickets.discard(ticket)
-                    ticket._end(e)
-            return sum(len(e.token_ids) for _, e in batch)
-
-    def _break(self, err: BaseException, quiet: bool = False) -> None:  # with self.lock held
-        if not quiet:
-            logger.error("token channel to router %s failed (%r): ending its %d requests", self.address, err, len(self.tickets))
-        self.broken = err
-        tickets, self.tickets = self.tickets, set()
-        for ticket in tickets:
-            ticket._end(ChannelBroken(f"the token channel to {self.address} failed: {err!r}"))
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        with self.lock:
-            if self.broken is None:
-                self._break(ChannelBroken("the lane stopped"), quiet=True)
-
-
-class Senders:
-    """A lane's ChannelSenders, one per router address, connected on a router's first request."""
-
-    def __init__(self, lane_id: str) -> None:
-        self.lane_id = lane_id
-        self.by_address: dict[str, ChannelSender] = {}
-        self._connecting: dict[str, asyncio.Future] = {}
-        self.streamed = {"frames": 0, "tokens": 0}  # since the lane's reset_timing()
-
-    async def get(self, reply_to: dict) -> ChannelSender:
-        address = reply_to["address"]
-        sender = self.by_address.get(address)
-        if sender is not None and sender.broken is None:
-            return sender
-        pending = self._connecting.get(address)
-        if pending is None:  # one connect per address, however many requests wait for it
-            pending = self._connecting[address] = asyncio.ensure_future(
-                asyncio.to_thread(ChannelSender, address, reply_to["secret"], self.lane_id))
-        try:
-            sender = await asyncio.shield(pending)
-        finally:
-            if pending.done():
-                self._connecting.pop(address, None)
-        self.by_address[address] = sender
-        return sender
-
-    def flush(self) -> None:  # the step loop's thread, after each step
-        for address, sender in list(self.by_address.items()):
-            tokens = sender.flush()
-            if tokens:
-                self.streamed["frames"] += 1
-                self.streamed["tokens"] += tokens
-            if sender.broken is not None and self.by_address.get(address) is sender:
-                self.by_address.pop(address, None)
-
-    def close(self) -> None:
-        for sender in list(self.by_address.values()):
-            sender.close()
-

@@ -1,8 +1,9 @@
 """The request path both front ends share (gRPC and OpenAI-style HTTP).
 
-validate → tokenize with the target's tokenizer → start on a Lane through a DeploymentHandle,
-whose tokens come back over this router's token channel (tandem/cluster/channel.py) → hold them
-for `lane.stream_batching_interval_ms` → detokenize incrementally → stop strings. One validation at the edge, one table from errors to
+validate → tokenize with the target's tokenizer → submit to a lane over the request channel
+(tandem/cluster/channel.py; Serve runs the lanes, the router picks one per request) → hold the
+tokens that come back for `lane.stream_batching_interval_ms` → detokenize incrementally → stop
+strings. One validation at the edge, one table from errors to
 gRPC and HTTP statuses, one health summary, one table of in-flight requests for Cancel. The
 protocol modules (tandem/cluster/grpc_api.py, tandem/cluster/openai_api.py) only translate
 their wire format to `GenerateParams` and `Delta`s back.
@@ -18,17 +19,15 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
-import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
-    RequestCancelledError,
 )
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from tandem import models
-from tandem.cluster.channel import Inbox, TokenChannel, merge
+from tandem.cluster.channel import Inbox, LaneLink, Lanes, merge
 from tandem.cluster.config import AppConfig
 from tandem.engine.pair import load_tokenizer
 from tandem.errors import (
@@ -204,21 +203,16 @@ class Frontend:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model.target)
         self.lane = lane
-        self.channel = TokenChannel()  # started by start()
+        self.lanes = Lanes(lane)  # started by start()
         self.batching_interval_s = cfg.lane.stream_batching_interval_ms / 1000
-        self.inflight: dict[str, DeploymentResponseGenerator] = {}
-        self._tasks: set[asyncio.Task] = set()  # held until done (the loop keeps only weak refs)
+        self.inflight: dict[str, LaneLink] = {}  # request key -> the lane it runs on
         target = cfg.model.target_config()
         self.vocab_size = int(target["vocab_size"])
         self.max_context = cfg.model.max_context or int(target.get("max_position_embeddings", 2048))
-        # Lanes watch this replica and cancel its requests if it dies (tandem/cluster/lane.py).
-        self.router_id = ray.get_runtime_context().get_actor_id() or ""
-        auto = cfg.autoscaling or {}
-        self.lane_attempts = min(MAX_LANE_ATTEMPTS, int(auto.get("max_replicas", cfg.num_lanes)))
 
     async def start(self) -> None:
-        """Open the token channel on this node's address (lanes on other nodes connect to it)."""
-        await self.channel.start(ray.util.get_node_ip_address())
+        """Connect to the lanes Serve runs (and, every few seconds, to new ones)."""
+        await self.lanes.start()
 
     async def admit(self, p: GenerateParams, owner: str = "") -> Admitted:
         """Validate and tokenize (in a thread: a long prompt must not hold up the event loop, which
@@ -257,47 +251,39 @@ class Frontend:
         so the client gets a status code and not a broken stream.
         """
         req = await self.admit(p, owner)
-        gen, inbox = await self._submit(req)
-        return req, self._deltas(req, gen, inbox)
+        link, inbox = await self._submit(req)
+        return req, self._deltas(req, link, inbox)
 
-    async def _submit(self, req: Admitted) -> tuple[DeploymentResponseGenerator, Inbox]:
-        """Start the request on a lane; a full or failed lane: try another (Serve picks the lane)."""
-        for attempt in range(self.lane_attempts):
-            inbox = self.channel.open(req.key)
-            gen = self.lane.options(stream=True).generate.remote(
-                req.key, req.prompt_ids, asdict(req.sampling), asdict(req.spec), self.channel.reply_to(),
-                self.router_id)
-            self.inflight[req.key] = gen  # from now on Cancel can reach it
+    async def _submit(self, req: Admitted) -> tuple[LaneLink, Inbox]:
+        """Queue the request on the lane with the fewest of this router's requests; a full or
+        failed lane: try the next one."""
+        tried: set[str] = set()
+        last: Exception | None = None
+        for _ in range(MAX_LANE_ATTEMPTS):
             try:
-                await gen.__anext__()  # {"lane": id}: queued there
-            except (LaneFull, *LANE_GONE, StopAsyncIteration) as e:
-                self.inflight.pop(req.key, None)
-                self.channel.close(req.key)
-                if attempt == self.lane_attempts - 1:
-                    raise LaneUnavailable(f"request {req.rid}: its lane ended the call") if isinstance(e, StopAsyncIteration) else e
-                continue
-            except BaseException:  # e.g. the client went away before the lane answered
-                self.inflight.pop(req.key, None)
-                self.channel.close(req.key)
-                self._end_on_lane(req.key, gen)
+                link = await self.lanes.pick(tried)
+            except LaneUnavailable:
+                if last is not None:  # every lane was tried: the last one's answer says why
+                    raise last from None
                 raise
-            self._keep(self._watch(req.key, gen, inbox))
-            return gen, inbox
-        raise AssertionError("unreachable")
+            inbox = self.lanes.open(req.key)
+            self.inflight[req.key] = link  # from now on Cancel can reach it
+            try:
+                await link.submit(req.key, req.prompt_ids, asdict(req.sampling), asdict(req.spec))
+                return link, inbox
+            except (LaneFull, LaneUnavailable) as e:
+                self.inflight.pop(req.key, None)
+                self.lanes.close(req.key)
+                tried.add(link.lane)
+                last = e
+            except BaseException:  # bad input, or the client went away before the lane answered
+                self.inflight.pop(req.key, None)
+                self.lanes.close(req.key)
+                link.cancel(req.key)
+                raise
+        raise last
 
-    async def _watch(self, key: str, gen: DeploymentResponseGenerator, inbox: Inbox) -> None:
-        """The lane's call ends when the request has; if it fails instead (the lane died, or its
-        channel to this router broke), or is cancelled, the request's stream ends so."""
-        try:
-            async for item in gen:
-                if "failed" in item:  # the lane could not send this request's tokens here
-                    inbox.put(Emission(key, [], "error", None, error=item["failed"], lane_failed=True))
-        except RequestCancelledError:
-            inbox.put(Emission(key, [], "cancelled", None))
-        except Exception as e:
-            inbox.put(Emission(key, [], "error", None, error=f"the lane's call failed: {e!r}", lane_failed=True))
-
-    async def _deltas(self, req: Admitted, gen: DeploymentResponseGenerator, inbox: Inbox) -> AsyncIterator[Delta]:
+    async def _deltas(self, req: Admitted, link: LaneLink, inbox: Inbox) -> AsyncIterator[Delta]:
         """Turn the lane's emissions into deltas: the first token at once, later ones held for
         the batching interval (each delta costs this interpreter and the client a message).
         Whatever ends the stream early also ends the lane's work."""
@@ -322,9 +308,9 @@ class Frontend:
                 if reason:
                     return
         finally:  # a stop string, Cancel or a client that went away: free the lane slot now
-            self.channel.close(req.key)
+            self.lanes.close(req.key)
             if self.inflight.pop(req.key, None) is not None and not lane_done:
-                self._end_on_lane(req.key, gen)
+                link.cancel(req.key)
 
     def _stats(self, req: Admitted, text: TextStream, lane_stats: dict | None, ttft: float | None) -> dict:
         """The lane's stats (absent when the router ended the request) plus what the router measured."""
@@ -337,25 +323,12 @@ class Frontend:
         """Cancel a request of this owner's here, or (another router replica's) on whichever lane
         holds it. Another key's requests are invisible: the same id names a different request."""
         key = f"{owner}/{rid}"
-        gen = self.inflight.pop(key, None)
-        if gen is not None:
-            self._end_on_lane(key, gen)
+        link = self.inflight.pop(key, None)
+        if link is not None:  # its stream ends with the lane's "cancelled"
+            link.cancel(key)
             return True
         results = await self.lane.broadcast("cancel", key).results_async(timeout_s=10, return_exceptions=True)
         return any(r is True for r in results)
-
-    def _end_on_lane(self, rid: str, gen: DeploymentResponseGenerator) -> None:
-        """Stop a request's work on its lane, two ways: cancel the streaming call (the lane's
-        generate sees the cancellation and frees the slot), and tell the lanes directly. The
-        first alone was lost about once in four test runs on 2 cores (the lane ran the request
-        to its end); a lane that no longer holds the request answers False."""
-        gen.cancel()
-        self._keep(self.lane.broadcast("cancel", rid).results_async(timeout_s=10, return_exceptions=True))
-
-    def _keep(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def lane_loads(self) -> list[dict]:
         """load() of every lane replica; broadcast() bypasses max_ongoing_requests, so a full lane answers too."""

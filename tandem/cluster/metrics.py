@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from typing import Callable
 
-from tandem.spec.messages import RequestStats
+from tandem.spec.messages import Emission, RequestStats
 
 PARTS = ("total", "draft", "verify", "wait", "exchange")
 TTFT_BOUNDARIES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
@@ -55,9 +56,22 @@ class LaneMetrics:
         self.batch = Gauge("tandem_lane_batch", "mean requests per step over the last interval", tag_keys=("lane",))
         self.cap = Gauge("tandem_load_control_cap", "the load controller's draft-length cap (-1: none)", tag_keys=("lane",))
         self._last = (None, 0, 0.0, {p: 0.0 for p in PARTS})  # window, steps, requests x steps, ms x steps
+        self._ended: deque[tuple[str, Emission, list[float]]] = deque()  # recorded on this thread, not the step loop's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lane-metrics-{lane_id}", daemon=True)
         self._thread.start()
+
+    def ended(self, mode: str, final: Emission, gaps: list[float]) -> None:
+        """A request ended (its last emission, its inter-token gaps per token); recorded at the
+        next tick, on this object's thread, so the step loop that calls this pays a deque append."""
+        self._ended.append((mode, final, gaps))
+
+    def record_ended(self) -> None:
+        while self._ended:
+            mode, final, gaps = self._ended.popleft()
+            for gap in gaps:
+                self.streamed(mode, gap)
+            self.request_finished(mode, final.finish_reason, final.stats)
 
     def request_finished(self, mode: str, finish_reason: str, stats: RequestStats | None) -> None:
         tags = {"lane": self.lane_id, "mode": mode}
@@ -108,6 +122,7 @@ class LaneMetrics:
         warned = False
         while not self._stop.wait(self.interval_s):
             try:
+                self.record_ended()
                 self.publish(self._load())
             except Exception:  # metrics must never take the lane down: say so once, retry next tick
                 if not warned:

@@ -201,7 +201,7 @@ def test_the_router_puts_each_request_on_the_lane_with_the_fewest_and_skips_trie
             await link.submit(f"k{i}", [1], SAMPLING, SPEC)
             picks.append(link.lane)
         assert (await lanes.pick({"L0"})).lane == "L1"
-        with pytest.raises(LaneUnavailable):
+        with pytest.raises(LaneUnavailable):  # every lane tried: at once
             await lanes.pick({"L0", "L1"})
         return picks
 
@@ -209,6 +209,23 @@ def test_the_router_puts_each_request_on_the_lane_with_the_fewest_and_skips_trie
     assert sorted(picks) == ["L0", "L0", "L1", "L1"]
     for s in servers:
         s.close()
+
+
+def test_a_request_waits_for_a_lane_that_is_starting():
+    server = lane(FakeCore([(0.0, [1], "stop")]))[0]
+    handle = FakeHandle([])  # Serve has no lane up yet
+
+    async def run():
+        lanes = Lanes(handle)
+        await lanes.refresh()
+        asyncio.get_running_loop().call_later(0.5, handle.servers.append, server)  # the lane comes up
+        start = time.monotonic()
+        link = await lanes.pick(set())
+        return link.lane, time.monotonic() - start
+
+    lane_id, waited = asyncio.run(run())
+    assert lane_id == "L0" and 0.4 < waited < 5
+    server.close()
 
 
 class CharTokenizer:

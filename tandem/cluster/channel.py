@@ -43,6 +43,7 @@ MAX_FRAME = 64 << 20
 HELLO_TIMEOUT_S = 10.0
 SEND_TIMEOUT_S = 30  # a router that reads nothing this long is gone: its requests are cancelled
 REFRESH_S = 2.0  # how often a router asks Serve which lanes there are
+LANE_WAIT_S = 60.0  # how long a request waits for a first lane to come up
 
 
 def frame(obj) -> bytes:
@@ -482,15 +483,20 @@ class Lanes:
                 del self.links[lane]
 
     async def pick(self, tried: set[str]) -> LaneLink:
-        """The open lane, not tried yet, with the fewest of this router's requests (ties: random)."""
-        for attempt in range(2):
+        """The open lane, not tried yet, with the fewest of this router's requests (ties: random).
+        While no lane is up at all (starting, or being replaced), wait for one up to LANE_WAIT_S,
+        as a Serve handle holds its calls until a replica is up."""
+        deadline = time.monotonic() + LANE_WAIT_S
+        while True:
             links = [link for lane, link in self.links.items() if not link.closed and lane not in tried]
             if links:
                 random.shuffle(links)
                 return min(links, key=lambda link: len(link.inflight))
-            if attempt == 0:
-                await self.refresh()
-        raise LaneUnavailable("no lane is available (it failed or is starting); retry")
+            if tried or time.monotonic() > deadline:
+                raise LaneUnavailable("no lane is available (it failed or is starting); retry")
+            await self.refresh()
+            if not any(not link.closed for link in self.links.values()):
+                await asyncio.sleep(0.2)
 
     def open(self, key: str) -> Inbox:
         inbox = self.inboxes[key] = Inbox(asyncio.get_running_loop())

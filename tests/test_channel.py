@@ -172,6 +172,27 @@ def test_a_lane_hangs_up_on_an_oversized_frame():
     server.close()
 
 
+def test_a_lane_that_shuts_down_refuses_new_requests_and_lets_running_ones_finish():
+    core = FakeCore([(0.01 * i, [i], None) for i in range(30)] + [(0.3, [30], "length")])
+    server, ended = lane(core)
+
+    async def run():
+        inboxes = {}
+        link = await connect(server, inboxes)
+        inbox = inboxes["k"] = Inbox(asyncio.get_running_loop())
+        await link.submit("k", [1], SAMPLING, SPEC)
+        drained = asyncio.get_running_loop().run_in_executor(None, server.drain, 10.0)  # Serve stops the lane
+        await asyncio.sleep(0.05)
+        with pytest.raises(LaneUnavailable, match="shutting down"):
+            await link.submit("k2", [1], SAMPLING, SPEC)
+        got = await drain(inbox)
+        return got[-1].finish_reason, await drained
+
+    assert asyncio.run(run()) == ("length", 0)  # the running request finished; nothing left held
+    assert core.cancelled == []
+    server.close()
+
+
 class FakeHandle:
     """The Lane deployment's handle, as far as Lanes uses it: broadcast("channel")."""
 

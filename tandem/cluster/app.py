@@ -15,15 +15,14 @@ from ray import serve
 
 from tandem import models
 from tandem.cluster.config import AppConfig
-from tandem.cluster.lane import LaneDeployment
+from tandem.cluster.lane import DRAIN_S, LaneDeployment
 from tandem.cluster.router import RouterDeployment
 from tandem.cluster.topology import lane_bundles
 from tandem.errors import TandemError
 
-# Requests that may reach a full lane on top of its capacity, to be refused there (LaneFull →
-# RESOURCE_EXHAUSTED / 429) instead of waiting silently in Serve's handle queue, which is what
-# happens to a request when every replica is at max_ongoing_requests.
-LANE_OVERFLOW = 4
+# A lane's Serve calls are control calls (channel, load, cancel, reset_timing): requests come over
+# the request channel (tandem/cluster/channel.py), which has its own limit (max_batch_size + max_queued).
+LANE_CONTROL_CALLS = 64
 
 ROUTER_OPTIONS = dict(
     num_replicas=1,
@@ -81,7 +80,8 @@ def lane_options(cfg: AppConfig) -> dict:
         placement_group_bundles=lane_bundles(cfg),
         placement_group_strategy=lane.placement_strategy,
         ray_actor_options={"num_cpus": bundle0.get("CPU", 0), "num_gpus": bundle0.get("GPU", 0)},
-        max_ongoing_requests=lane.max_batch_size + lane.max_queued + LANE_OVERFLOW,
+        max_ongoing_requests=LANE_CONTROL_CALLS,
+        graceful_shutdown_timeout_s=DRAIN_S + 10,  # Lane.__del__ lets its requests finish first
     )
     if cfg.autoscaling:
         # Requests reach lanes over the request channel, not as Serve calls, so Serve's own count

@@ -111,8 +111,9 @@ class RouterLink:
     """The lane's connection to one router: a reader thread that submits and cancels, and the
     step loop's emissions for that router, sent as one frame per step (flush)."""
 
-    def __init__(self, sock: socket.socket, core, ended: Ended, frames: Frames) -> None:
+    def __init__(self, sock: socket.socket, core, ended: Ended, frames: Frames, draining: threading.Event) -> None:
         self.sock, self.core, self.ended, self.frames = sock, core, ended, frames
+        self.draining = draining  # set: the lane is shutting down and takes no new request
         self.peer = sock.getpeername()
         self.lock = threading.Lock()  # sends, pending, tickets
         self.pending: list[tuple[Ticket, Emission]] = []
@@ -141,6 +142,8 @@ class RouterLink:
 
     def _submit(self, key: str, prompt: list[int], sampling: dict, spec: dict) -> None:
         try:
+            if self.draining.is_set():
+                raise LaneUnavailable("this lane is shutting down")
             params = SamplingParams(**sampling), SpecParams(**spec)
             ticket = Ticket(self, key, params[1].mode)
             with self.lock:
@@ -231,6 +234,7 @@ class LaneServer:
         self._links_lock = threading.Lock()
         self.streamed = {"frames": 0, "tokens": 0}  # since the lane's reset_timing()
         self._stopped = False
+        self.draining = threading.Event()
         threading.Thread(target=self._accept, name="lane-channel", daemon=True).start()
 
     def _accept(self) -> None:
@@ -259,7 +263,7 @@ class LaneServer:
             logger.warning("lane channel: refusing a connection: %r", e)
             sock.close()
             return
-        link = RouterLink(sock, self.core, self.ended, frames)
+        link = RouterLink(sock, self.core, self.ended, frames, self.draining)
         with self._links_lock:
             self.links = [old for old in self.links if not (old.closed and not old.tickets)] + [link]
         link.start()  # once flush sees it: a request's first tokens go out with its first step
@@ -277,6 +281,19 @@ class LaneServer:
         if any(link.closed and not link.tickets for link in links):
             with self._links_lock:
                 self.links = [link for link in self.links if not (link.closed and not link.tickets)]
+
+    def held(self) -> int:
+        """Requests the routers have here, running or queued."""
+        return sum(len(link.tickets) for link in self.links)
+
+    def drain(self, timeout_s: float) -> int:
+        """Take no new request; wait up to `timeout_s` for the held ones to end. Returns how many
+        are still held."""
+        self.draining.set()
+        deadline = time.monotonic() + timeout_s
+        while self.held() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.held()
 
     def close(self) -> None:
         self._stopped = True

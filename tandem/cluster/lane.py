@@ -25,6 +25,7 @@ from tandem.cluster.metrics import LaneMetrics
 from tandem.cluster.topology import start_lane
 
 logger = logging.getLogger(__name__)
+DRAIN_S = 60.0  # how long a lane that Serve stops lets its requests finish (app.py gives Serve a bit more)
 
 
 class Lane:
@@ -84,6 +85,15 @@ class Lane:
             raise RuntimeError(f"lane {self.lane_id} step loop failed: {self.core.error!r}")
 
     def __del__(self) -> None:
+        """Serve's graceful shutdown (a redeploy, a downscale): requests do not come as Serve
+        calls, so Serve cannot drain them; the lane refuses new ones (routers send them to
+        another lane) and lets the running ones finish, up to DRAIN_S, before it stops."""
+        server, core = getattr(self, "server", None), getattr(self, "core", None)
+        if server is not None and core is not None and core.error is None and server.held():
+            logger.info("lane %s shutting down: letting %d requests finish", self.lane_id, server.held())
+            left = server.drain(DRAIN_S)
+            if left:
+                logger.warning("lane %s: %d requests still running after %s s are cut off", self.lane_id, left, DRAIN_S)
         for name, stop in (("metrics", "stop"), ("server", "close"), ("core", "stop")):
             obj = getattr(self, name, None)
             if obj is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -84,15 +85,17 @@ def in_process(args) -> tuple[list[list[int]], list[dict]]:
                 generate(pair, prompts[i : i + conc], sampling[i : i + conc], spec, overlap=mode == "pearl")
             _sync()
             before = sum(len(r.graphs) for r in runners.values())
-            start, outputs = time.perf_counter(), []
+            start, outputs, ttfts = time.perf_counter(), [], []
             for i in range(0, n, conc):  # the same batches the cluster sees
                 done = generate(pair, prompts[i : i + conc], sampling[i : i + conc], spec, overlap=mode == "pearl")
                 outputs += [d.token_ids for d in done]
+                ttfts += [d.stats.time_to_first_token_s for d in done]  # from the request's admission
             _sync()
             tokens = sum(len(o) for o in outputs)
             # AdaEDL's λ and acceptance table learn on, so a timed run can ask for a shape its warm-up
             # did not; a graph captured here is in the timing (none with --graphs-at-start).
             rows.append({"mode": text, "concurrency": conc, "tokens_per_s": tokens / (time.perf_counter() - start),
+                         "ttft_ms_p50": 1000 * statistics.median(ttfts),
                          "captures_in_timed_run": sum(len(r.graphs) for r in runners.values()) - before})
             print("in-process", json.dumps(rows[-1]), flush=True)
             rows[-1]["outputs"] = outputs
@@ -122,11 +125,20 @@ def best_mode(path: str, temperature: float) -> tuple[str, int]:
 
 
 def run_mode(client, lane, text: str, concurrency: int, args) -> dict:
+    from tandem.client import _collect  # the chunks as TandemClient.complete puts them together
+
     mode, adaedl = parse_mode(text)
 
     def one(i):
-        return client.complete(args.texts[i], max_tokens=args.max_tokens, mode=mode, max_draft=args.max_draft,
-                               adaedl=adaedl, ignore_eos=True, temperature=args.temperature, seed=i)
+        """The request's whole output, and its time to first token as the client sees it."""
+        start, first = time.perf_counter(), None
+        chunks = []
+        for chunk in client.generate(args.texts[i], max_tokens=args.max_tokens, mode=mode, max_draft=args.max_draft,
+                                     adaedl=adaedl, ignore_eos=True, temperature=args.temperature, seed=i):
+            if first is None and chunk.token_ids:
+                first = time.perf_counter() - start
+            chunks.append(chunk)
+        return _collect(chunks, None), first
 
     n = prompt_count(concurrency)
     with ThreadPoolExecutor(concurrency) as pool:  # warm: the graphs of this mode's shapes
@@ -134,12 +146,13 @@ def run_mode(client, lane, text: str, concurrency: int, args) -> dict:
     lane.reset_timing.remote().result()
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        outs = list(pool.map(one, range(n)))
+        outs, ttfts = zip(*pool.map(one, range(n)))
     elapsed = time.perf_counter() - start
     load = lane.load.remote().result()
     tokens = sum(len(o.token_ids) for o in outs)
     timing = load["step_timing"]
     return {"mode": text, "concurrency": concurrency, "tokens_per_s": tokens / elapsed, "outputs": [o.token_ids for o in outs],
+            "ttft_ms_p50": 1000 * statistics.median(ttfts),
             "acceptance": sum(o.stats.accepted for o in outs) / max(1, sum(o.stats.checked for o in outs)),
             "wall_s": elapsed, "in_steps_s": timing["steps"] * (timing["total_ms"] + timing["gap_ms"]) / 1000,
             "stream_frames": load["streamed"]["frames"], "tokens_per_frame": load["streamed"]["tokens"] / max(1, load["streamed"]["frames"]),
@@ -229,17 +242,18 @@ def main() -> None:
             # shapes are the same on both paths).
             r["equal_to_in_process"] = outputs == same["outputs"]
             r["in_process_tokens_per_s"] = same["tokens_per_s"]
+            r["in_process_ttft_ms_p50"] = same["ttft_ms_p50"]
             r["in_process_captures_in_timed_run"] = same["captures_in_timed_run"]
             r["cluster_vs_in_process"] = r["tokens_per_s"] / same["tokens_per_s"]
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n{'mode':<13} {'conc':>4} {'=AR':>5} {'=local':>6} {'tok/s':>8} {'local':>8} {'cap':>3} {'ratio':>5} {'accept':>6} {'step':>7} {'draft':>7} "
+    print(f"\n{'mode':<13} {'conc':>4} {'=AR':>5} {'=local':>6} {'tok/s':>8} {'local':>8} {'cap':>3} {'ratio':>5} {'ttft':>6} {'local':>6} {'accept':>6} {'step':>7} {'draft':>7} "
           f"{'verify':>7} {'wait':>7} {'exch':>7} {'gap':>7} {'frames':>6} {'tok/frame':>9} {'wall_s':>6} {'steps_s':>7}  "
-          f"(ms; cap: graphs the in-process run captured while timed; gap: the lane loop between steps; "
+          f"(ms; ttft: p50, the client's first chunk / in process from admission; cap: graphs the in-process run captured while timed; gap: the lane loop between steps; "
           f"steps_s: time in steps and gaps)")
     for r in rows:
         print(f"{r['mode']:<13} {r['concurrency']:>4} {str(r['greedy_equal_to_ar']):>5} {str(r['equal_to_in_process']):>6} {r['tokens_per_s']:>8.1f} "
-              f"{r['in_process_tokens_per_s']:>8.1f} {r['in_process_captures_in_timed_run']:>3} {r['cluster_vs_in_process']:>5.2f} {r['acceptance']:>6.2f} "
+              f"{r['in_process_tokens_per_s']:>8.1f} {r['in_process_captures_in_timed_run']:>3} {r['cluster_vs_in_process']:>5.2f} {r['ttft_ms_p50']:>6.1f} {r['in_process_ttft_ms_p50']:>6.1f} {r['acceptance']:>6.2f} "
               f"{r['total_ms']:>7.2f} {r['draft_ms']:>7.2f} {r['verify_ms']:>7.2f} {r['wait_ms']:>7.2f} {r['exchange_ms']:>7.2f} {r.get('gap_ms', 0.0):>7.2f} "
               f"{r['stream_frames']:>6} {r['tokens_per_frame']:>9.2f} {r['wall_s']:>6.2f} {r['in_steps_s']:>7.2f}")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

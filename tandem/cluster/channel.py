@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
 HELLO_TIMEOUT_S = 10.0
-SEND_TIMEOUT_S = 30  # a router that reads nothing this long is gone: its requests are cancelled
+SEND_TIMEOUT_S = 10  # a router that reads nothing this long is gone: its requests are cancelled (the step
+# loop sends, so a router that stops reading holds up the lane at most this long)
 REFRESH_S = 2.0  # how often a router asks Serve which lanes there are
 LANE_WAIT_S = 60.0  # how long a request waits for a first lane to come up
 

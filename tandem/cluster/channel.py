@@ -505,14 +505,16 @@ class Lanes:
         While no lane is up at all (starting, or being replaced), wait for one up to LANE_WAIT_S,
         as a Serve handle holds its calls until a replica is up."""
         deadline = time.monotonic() + LANE_WAIT_S
+        refreshed = False
         while True:
             links = [link for lane, link in self.links.items() if not link.closed and lane not in tried]
             if links:
                 random.shuffle(links)
                 return min(links, key=lambda link: len(link.inflight))
-            if tried or time.monotonic() > deadline:
+            if (tried and refreshed) or time.monotonic() > deadline:  # every lane there is was tried
                 raise LaneUnavailable("no lane is available (it failed or is starting); retry")
-            await self.refresh()
+            await self.refresh()  # a lane may have come up since the last refresh
+            refreshed = True
             if not any(not link.closed for link in self.links.values()):
                 await asyncio.sleep(0.2)
 

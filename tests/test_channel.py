@@ -67,6 +67,15 @@ async def connect(server: LaneServer, inboxes: dict) -> LaneLink:
     return link
 
 
+async def submitted(server: LaneServer, prompt: list[int] = (1,)) -> tuple[LaneLink, Inbox]:
+    """A router's link to the lane, and the inbox of request "k", submitted and accepted on it."""
+    inboxes = {}
+    link = await connect(server, inboxes)
+    inbox = inboxes["k"] = Inbox(asyncio.get_running_loop())
+    await link.submit("k", list(prompt), SAMPLING, SPEC)
+    return link, inbox
+
+
 async def drain(inbox: Inbox) -> list[Emission]:
     got = []
     while not got or got[-1].finish_reason is None:
@@ -79,10 +88,7 @@ def test_a_request_goes_over_the_channel_and_its_tokens_come_back_one_frame_per_
     server, ended = lane(core)
 
     async def run():
-        inboxes = {}
-        link = await connect(server, inboxes)
-        inbox = inboxes["k"] = Inbox(asyncio.get_running_loop())
-        await link.submit("k", [1, 2], SAMPLING, SPEC)
+        link, inbox = await submitted(server, [1, 2])
         got = await drain(inbox)
         return got, link.inflight
 
@@ -115,10 +121,7 @@ def test_a_router_that_goes_away_has_its_requests_cancelled_on_the_lane():
     server, ended = lane(core)
 
     async def run():
-        inboxes = {}
-        link = await connect(server, inboxes)
-        inboxes["k"] = Inbox(asyncio.get_running_loop())
-        await link.submit("k", [1], SAMPLING, SPEC)
+        link, _ = await submitted(server)
         await asyncio.sleep(0.05)
         link.transport.close()  # the router's process dies
         await asyncio.sleep(0.2)
@@ -136,10 +139,7 @@ def test_a_lane_that_goes_away_fails_its_requests_at_the_router():
     server, _ = lane(core)
 
     async def run():
-        inboxes = {}
-        link = await connect(server, inboxes)
-        inbox = inboxes["k"] = Inbox(asyncio.get_running_loop())
-        await link.submit("k", [1], SAMPLING, SPEC)
+        link, inbox = await submitted(server)
         await asyncio.sleep(0.05)
         server.close()  # the lane's process dies
         got = await drain(inbox)
@@ -177,10 +177,7 @@ def test_a_lane_that_shuts_down_refuses_new_requests_and_lets_running_ones_finis
     server, ended = lane(core)
 
     async def run():
-        inboxes = {}
-        link = await connect(server, inboxes)
-        inbox = inboxes["k"] = Inbox(asyncio.get_running_loop())
-        await link.submit("k", [1], SAMPLING, SPEC)
+        link, inbox = await submitted(server)
         drained = asyncio.get_running_loop().run_in_executor(None, server.drain, 10.0)  # Serve stops the lane
         await asyncio.sleep(0.05)
         with pytest.raises(LaneUnavailable, match="shutting down"):

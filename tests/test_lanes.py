@@ -62,9 +62,8 @@ def hold(client: TandemClient, started: threading.Event, out: list) -> None:
         started.set()
 
 
-def test_two_lanes_take_a_request_each_and_a_third_is_refused(ray_cluster):
-    client = deploy(ray_cluster, {"num_lanes": 2, "lane": ONE_SLOT, "max_tokens_limit": 1000})
-    assert len(lane_loads(ray_cluster)) == 2  # (the driver's handle is ready before the clock starts)
+def hold_two(client: TandemClient) -> tuple[list[threading.Thread], list]:
+    """Two long requests, both streaming when this returns; `out` gets each one's ending."""
     out: list = []
     events = [threading.Event(), threading.Event()]
     threads = [threading.Thread(target=hold, args=(client, e, out)) for e in events]
@@ -72,6 +71,13 @@ def test_two_lanes_take_a_request_each_and_a_third_is_refused(ray_cluster):
         t.start()
     for e in events:
         assert e.wait(60)
+    return threads, out
+
+
+def test_two_lanes_take_a_request_each_and_a_third_is_refused(ray_cluster):
+    client = deploy(ray_cluster, {"num_lanes": 2, "lane": ONE_SLOT, "max_tokens_limit": 1000})
+    assert len(lane_loads(ray_cluster)) == 2  # (the driver's handle is ready before the clock starts)
+    threads, out = hold_two(client)
     with pytest.raises(ResourceExhausted):  # each lane full: the router tried both
         client.complete(PROMPT, max_tokens=4, mode="ar")
     for t in threads:
@@ -87,13 +93,7 @@ def test_autoscaling_adds_a_lane_when_the_lanes_hold_more_than_the_target(ray_cl
                                                   "upscale_delay_s": 0, "metrics_interval_s": 0.5,
                                                   "look_back_period_s": 1}})
     assert len(lane_loads(ray_cluster)) == 1
-    out: list = []
-    events = [threading.Event(), threading.Event()]
-    threads = [threading.Thread(target=hold, args=(client, e, out)) for e in events]
-    for t in threads:
-        t.start()
-    for e in events:
-        assert e.wait(60)
+    threads, out = hold_two(client)
     deadline = time.monotonic() + 90
     while len(lane_loads(ray_cluster)) < 2:  # 2 held, 1 per lane wanted: Serve starts a second lane
         assert time.monotonic() < deadline, "autoscaling did not add a lane"

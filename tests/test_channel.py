@@ -97,6 +97,9 @@ def test_a_request_goes_over_the_channel_and_its_tokens_come_back_one_frame_per_
     assert got[-1].finish_reason == "length" and got[-1].stats["generated"] == 11  # stats as a dict
     assert all(e.finish_reason is None and e.stats is None for e in got[:-1])
     assert not inflight  # the finish took it off the lane's count
+    deadline = time.monotonic() + 5  # (the lane counts a frame once it is sent, the router may have it first)
+    while server.streamed["frames"] < 11 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert server.streamed == {"frames": 11, "tokens": 11}  # one frame per step
     assert ended == [("pearl", "length", 10)]  # SpecParams()'s mode; a gap per step after the first
     server.close()
@@ -113,6 +116,25 @@ def test_a_lane_that_refuses_a_request_says_why(refusal):
         return link.inflight
 
     assert asyncio.run(run()) == set()
+    server.close()
+
+
+def test_a_submit_whose_caller_goes_away_before_the_answer_is_cancelled_on_the_lane():
+    core = FakeCore([(0.01 * i, [i], None) for i in range(1000)])
+    server, _ = lane(core)
+
+    async def run():
+        link = await connect(server, {})
+        task = asyncio.ensure_future(link.submit("k", [1], SAMPLING, SPEC))
+        await asyncio.sleep(0)  # the submit is on its way; the client disconnects before the answer
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.3)
+        return link.inflight
+
+    assert asyncio.run(run()) == set()
+    assert core.cancelled == ["k"]  # the lane does not run it for nobody
     server.close()
 
 

@@ -53,7 +53,10 @@ class CoreProcess:
         self.flush: Callable[[], None] = lambda: None  # after each step's emissions (as LaneCore.flush)
         self.error: BaseException | None = None
         self._sinks: dict[str, Sink] = {}
-        self._lock = threading.Lock()  # sinks and sends
+        # `_lock` (sinks, the load snapshot) is never held while sending, so the reader thread,
+        # which takes it to deliver, always drains the core's messages; `_send_lock` orders sends.
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._load: dict = {}
         folder = tempfile.mkdtemp(prefix="tandem-core-")
         address, key = os.path.join(folder, "core.sock"), secrets.token_bytes(32)
@@ -82,16 +85,23 @@ class CoreProcess:
     def submit(self, rid: str, prompt: list[int], sampling: SamplingParams, spec: SpecParams, sink: Sink) -> None:
         """Queue a request; bad input and a full lane raise here, before anything is held."""
         sampling, spec = checked_request(prompt, sampling, spec, self.vocab_size, self.max_context)
-        with self._lock:
-            check_room(rid, self._sinks, self.error, self.max_batch_size, self.max_queued)
-            self._sinks[rid] = sink
-            self._send(("submit", rid, list(prompt), sampling, spec))
+        with self._send_lock:  # a submit and a cancel of one request reach the core in order
+            with self._lock:
+                check_room(rid, self._sinks, self.error, self.max_batch_size, self.max_queued)
+                self._sinks[rid] = sink
+            try:
+                self.conn.send(("submit", rid, list(prompt), sampling, spec))
+            except BaseException:
+                with self._lock:
+                    self._sinks.pop(rid, None)
+                raise
 
     def cancel(self, rid: str) -> bool:
-        with self._lock:
-            if rid not in self._sinks:
-                return False
-            self._send(("cancel", rid))
+        with self._send_lock:
+            with self._lock:
+                if rid not in self._sinks:
+                    return False
+            self.conn.send(("cancel", rid))
             return True
 
     def load(self) -> dict:
@@ -104,22 +114,21 @@ class CoreProcess:
                     "healthy": self.error is None and self._load.get("healthy", True)}
 
     def reset_timing(self) -> None:
-        with self._lock:
-            self._send(("reset",))
+        self._send(("reset",))
 
     def stop(self) -> None:
-        with self._lock:
-            try:
-                self._send(("stop",))
-            except OSError:
-                pass
+        try:
+            self._send(("stop",))
+        except OSError:
+            pass
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
 
-    def _send(self, msg) -> None:  # with self._lock held
-        self.conn.send(msg)
+    def _send(self, msg) -> None:
+        with self._send_lock:
+            self.conn.send(msg)
 
     # -- what the core says (a thread of the replica) --------------------------------------------
     def _read(self) -> None:
@@ -188,7 +197,9 @@ class _Outbox:
     """The core's sends: emissions gathered and sent once per step, other messages at once."""
 
     def __init__(self, conn) -> None:
-        self.conn, self.lock, self.pending = conn, threading.Lock(), []
+        # `lock` guards pending and is never held while sending: LaneCore calls emit while it holds
+        # its own lock, and a send can wait for the replica to read.
+        self.conn, self.lock, self.send_lock, self.pending = conn, threading.Lock(), threading.Lock(), []
 
     def emit(self, e: Emission) -> None:  # LaneCore's sink (its thread, or the main thread on admission)
         with self.lock:
@@ -197,11 +208,11 @@ class _Outbox:
     def flush(self) -> None:
         with self.lock:
             batch, self.pending = self.pending, []
-            if batch:
-                self.conn.send(("emit", batch))
+        if batch:
+            self.send(("emit", batch))
 
     def send(self, msg) -> None:
-        with self.lock:
+        with self.send_lock:
             self.conn.send(msg)
 
 

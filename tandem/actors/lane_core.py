@@ -1,6 +1,6 @@
 """A lane's step loop: a thread that admits, steps and streams a SpecBatch.
 
-Requests arrive from any thread (the Serve replica's event loop); the loop admits them between
+Requests arrive from any thread (the request channel's readers); the loop admits them between
 steps while KV slots are free (continuous batching), runs one speculative step for everything
 running, and hands each request's verified tokens to its sink. Cancelled or finished requests
 leave the batch and free their slots at once.

@@ -45,6 +45,16 @@ SEND_TIMEOUT_S = 10  # a router that reads nothing this long is gone: its reques
 # loop sends, so a router that stops reading holds up the lane at most this long)
 REFRESH_S = 2.0  # how often a router asks Serve which lanes there are
 LANE_WAIT_S = 60.0  # how long a request waits for a first lane to come up
+ANSWER_TIMEOUT_S = 30.0  # a lane that neither accepts nor refuses a submit this long is taken for gone
+MAX_HELLO = 4096
+
+
+def keepalive(sock: socket.socket) -> None:
+    """Notice a peer whose machine vanished (no FIN) within about 30 s, not TCP's default hours."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 4)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def frame(obj) -> bytes:
@@ -116,7 +126,10 @@ class RouterLink:
         self.sock, self.core, self.ended, self.frames = sock, core, ended, frames
         self.draining = draining  # set: the lane is shutting down and takes no new request
         self.peer = sock.getpeername()
-        self.lock = threading.Lock()  # sends, pending, tickets
+        # Two locks: `lock` (pending, tickets) is never held during I/O, because the step loop
+        # takes it in Ticket.put while it holds the lane's lock; `send_lock` orders whole frames.
+        self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
         self.pending: list[tuple[Ticket, Emission]] = []
         self.tickets: dict[str, Ticket] = {}
         self.closed = False
@@ -136,7 +149,7 @@ class RouterLink:
                 data = self.sock.recv(1 << 16)
                 if not data:
                     break
-        except (OSError, ValueError, TypeError, IndexError) as e:
+        except Exception as e:  # the connection failed, or the router sent what this lane cannot read
             if not self.closed:
                 logger.warning("router %s: its connection failed: %r", self.peer, e)
         self.close()
@@ -158,25 +171,22 @@ class RouterLink:
                     self.tickets.pop(key, None)
                 raise
         except Exception as e:  # bad input, a full or failed lane: the router says so to its client
-            self._send(["refused", key, refusal_kind(e), str(e)])
+            self._send(frame(["refused", key, refusal_kind(e), str(e)]))
             return
-        self._send(["accepted", key])
+        self._send(frame(["accepted", key]))
 
-    def _send(self, msg) -> None:
-        with self.lock:
-            self._send_locked(frame(msg))
+    def _send(self, data: bytes) -> bool:
+        with self.send_lock:
+            if self.closed:
+                return False
+            try:
+                self.sock.sendall(data)
+                return True
+            except OSError as e:
+                logger.warning("router %s: sending failed (%r); cancelling its %d requests", self.peer, e, len(self.tickets))
+                self._shut()
         self._cancel_if_closed()
-
-    def _send_locked(self, data: bytes) -> bool:
-        if self.closed:
-            return False
-        try:
-            self.sock.sendall(data)
-            return True
-        except OSError as e:
-            logger.warning("router %s: sending failed (%r); cancelling its %d requests", self.peer, e, len(self.tickets))
-            self._shut()
-            return False
+        return False
 
     def put(self, ticket: Ticket, e: Emission) -> None:
         with self.lock:
@@ -186,21 +196,23 @@ class RouterLink:
         """Send what the step gave this router as one frame; the tokens sent."""
         with self.lock:
             batch, self.pending = self.pending, []
-            if not batch:
-                return 0
-            rows = [[e.rid, e.token_ids, e.finish_reason, e.error, e.lane_failed,
-                     e.stats.as_dict() if e.finish_reason is not None and e.stats is not None else None]
-                    for _, e in batch]
-            sent = self._send_locked(frame(["emit", rows]))
-            finished = [(t, e) for t, e in batch if e.finish_reason is not None]
+        if not batch:
+            return 0
+        rows = [[e.rid, e.token_ids, e.finish_reason, e.error, e.lane_failed,
+                 e.stats.as_dict() if e.finish_reason is not None and e.stats is not None else None]
+                for _, e in batch]
+        sent = self._send(frame(["emit", rows]))
+        finished = [(t, e) for t, e in batch if e.finish_reason is not None]
+        with self.lock:  # held until its ending went out: a draining lane waits for that
             for ticket, _ in finished:
-                self.tickets.pop(ticket.key, None)
+                if self.tickets.get(ticket.key) is ticket:
+                    del self.tickets[ticket.key]
         for ticket, e in finished:
             self.ended(ticket.mode, e, ticket.gaps)
         self._cancel_if_closed()
         return sum(len(e.token_ids) for _, e in batch) if sent else 0
 
-    def _shut(self) -> None:  # with self.lock held
+    def _shut(self) -> None:
         if not self.closed:
             self.closed = True
             try:
@@ -210,15 +222,14 @@ class RouterLink:
             self.sock.close()
 
     def _cancel_if_closed(self) -> None:
-        """The router is gone, so are its requests. Called without self.lock: the step loop
+        """The router is gone, so are its requests. Called without either lock: the step loop
         holds the lane's lock when it hands an emission to a ticket, which takes self.lock."""
         if self.closed:
             for key in list(self.tickets):
                 self.core.cancel(key)  # their "cancelled" endings reach flush, which sends nothing more
 
     def close(self) -> None:
-        with self.lock:
-            self._shut()
+        self._shut()
         self._cancel_if_closed()
 
 
@@ -244,23 +255,29 @@ class LaneServer:
                 sock, _ = self.listener.accept()
             except OSError:
                 return
+            if self._stopped:
+                sock.close()
+                return
             threading.Thread(target=self._hello, args=(sock,), daemon=True).start()
 
     def _hello(self, sock: socket.socket) -> None:
         try:
             sock.settimeout(HELLO_TIMEOUT_S)
-            frames, hello = Frames(), None
+            frames, hello, deadline = Frames(), None, time.monotonic() + HELLO_TIMEOUT_S
             while hello is None:
                 data = sock.recv(4096)
                 if not data:
                     raise OSError("closed before its hello")
+                if len(frames.buffer) + len(data) > MAX_HELLO or time.monotonic() > deadline:
+                    raise PermissionError("no hello within its size and time")
                 hello = next(frames.feed(data), None)
             if not (isinstance(hello, dict) and hmac.compare_digest(str(hello.get("secret", "")), self.secret)):
                 raise PermissionError("a hello without this lane's secret")
             sock.settimeout(None)  # reads block; sends give up after SEND_TIMEOUT_S
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, ValueError) as e:
+            keepalive(sock)
+        except Exception as e:  # a peer without the secret, or one that sends nonsense
             logger.warning("lane channel: refusing a connection: %r", e)
             sock.close()
             return
@@ -298,6 +315,10 @@ class LaneServer:
 
     def close(self) -> None:
         self._stopped = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept; close() alone would not
+        except OSError:
+            pass
         self.listener.close()
         for link in self.links:
             link.close()
@@ -372,12 +393,15 @@ class LaneLink(asyncio.Protocol):
         self.frames = Frames()
         self.inflight: set[str] = set()  # this router's requests on the lane
         self.answers: dict[str, asyncio.Future] = {}  # submitted, not yet accepted or refused
+        self.on_end: dict[str, Callable[[], None]] = {}  # called when the lane's ending of a request arrives
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keepalive(sock)
         transport.write(frame({"secret": self.secret}))
 
     async def submit(self, key: str, prompt: list[int], sampling: dict, spec: dict) -> None:
@@ -388,9 +412,15 @@ class LaneLink(asyncio.Protocol):
         self.inflight.add(key)
         self.transport.write(frame(["submit", key, prompt, sampling, spec]))
         try:
-            await answer
-        except BaseException:
+            await asyncio.wait_for(answer, ANSWER_TIMEOUT_S)
+        except (LaneFull, LaneUnavailable, TandemError, RequestFailed):  # refused: nothing runs there
             self.inflight.discard(key)
+            raise
+        except BaseException as e:  # the caller went away, or the lane is silent: it may run there
+            self.cancel(key)
+            self.inflight.discard(key)
+            if isinstance(e, asyncio.TimeoutError):
+                raise LaneUnavailable(f"lane {self.lane} did not answer in {ANSWER_TIMEOUT_S:g} s") from None
             raise
         finally:
             self.answers.pop(key, None)
@@ -427,6 +457,9 @@ class LaneLink(asyncio.Protocol):
             self._answer(key, None)  # tokens before the lane's "accepted": it was
             if finish_reason is not None:
                 self.inflight.discard(key)
+                done = self.on_end.pop(key, None)
+                if done is not None:
+                    done()
             inbox = self.inboxes.get(key)
             if inbox is not None:  # gone: the router ended the request (stop string, Cancel)
                 inbox.put(Emission(key, ids, finish_reason, stats, error, lane_failed))
@@ -443,6 +476,9 @@ class LaneLink(asyncio.Protocol):
             if inbox is not None:
                 inbox.put(Emission(key, [], "error", None, error=f"lane {self.lane}'s connection was lost", lane_failed=True))
         self.inflight = set()
+        for done in self.on_end.values():
+            done()
+        self.on_end = {}
 
 
 class Lanes:

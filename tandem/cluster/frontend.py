@@ -42,8 +42,8 @@ from tandem.spec.messages import Emission
 
 logger = logging.getLogger(__name__)
 
-# A lane that says LaneFull is retried on another lane (Serve's router picks it), at most this
-# many times in all: a full lane answers at once, so retrying is cheap.
+# A lane that says LaneFull is retried on another lane (Lanes.pick: one not tried yet), at most
+# this many times in all: a full lane answers at once, so retrying is cheap.
 MAX_LANE_ATTEMPTS = 4
 MAX_STOPS, MAX_STOP_CHARS = 8, 256
 MAX_REQUEST_ID = 128
@@ -258,7 +258,14 @@ class Frontend:
         so the client gets a status code and not a broken stream.
         """
         req = await self.admit(p, owner)
-        link, inbox = await self._submit(req)
+        if req.key in self.inflight:  # checked again: another request with this id may have come meanwhile
+            raise TandemError(f"request id {req.rid!r} is already running: use a new one")
+        self.inflight[req.key] = None  # the id is taken until this request's stream ends
+        try:
+            link, inbox = await self._submit(req)
+        except BaseException:
+            self.inflight.pop(req.key, None)
+            raise
         return req, self._deltas(req, link, inbox)
 
     async def _submit(self, req: Admitted) -> tuple[LaneLink, Inbox]:
@@ -279,12 +286,11 @@ class Frontend:
                 await link.submit(req.key, req.prompt_ids, asdict(req.sampling), asdict(req.spec))
                 return link, inbox
             except (LaneFull, LaneUnavailable) as e:
-                self.inflight.pop(req.key, None)
+                self.inflight[req.key] = None
                 self.lanes.close(req.key)
                 tried.add(link.lane)
                 last = e
             except BaseException:  # bad input, or the client went away before the lane answered
-                self.inflight.pop(req.key, None)
                 self.lanes.close(req.key)
                 link.cancel(req.key)
                 raise
@@ -316,7 +322,10 @@ class Frontend:
                     return
         finally:  # a stop string, Cancel or a client that went away: free the lane slot now
             self.lanes.close(req.key)
-            if self.inflight.pop(req.key, None) is not None and not lane_done:
+            if lane_done or req.key not in link.inflight:
+                self.inflight.pop(req.key, None)
+            else:  # the id stays taken until the lane's own ending arrives, so a new request
+                link.on_end[req.key] = lambda: self.inflight.pop(req.key, None)  # cannot get the old one's
                 link.cancel(req.key)
 
     def _stats(self, req: Admitted, text: TextStream, lane_stats: dict | None, ttft: float | None) -> dict:
@@ -330,8 +339,8 @@ class Frontend:
         """Cancel a request of this owner's here, or (another router replica's) on whichever lane
         holds it. Another key's requests are invisible: the same id names a different request."""
         key = f"{owner}/{rid}"
-        link = self.inflight.pop(key, None)
-        if link is not None:  # its stream ends with the lane's "cancelled"
+        link = self.inflight.get(key)
+        if link is not None:  # its stream ends with the lane's "cancelled" (and frees the id then)
             link.cancel(key)
             return True
         results = await self.lane.broadcast("cancel", key).results_async(timeout_s=10, return_exceptions=True)

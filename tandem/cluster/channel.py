@@ -41,8 +41,8 @@ logger = logging.getLogger(__name__)
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
 HELLO_TIMEOUT_S = 10.0
-SEND_TIMEOUT_S = 10  # a router that reads nothing this long is gone: its requests are cancelled (the step
-# loop sends, so a router that stops reading holds up the lane at most this long)
+SEND_TIMEOUT_S = 10  # a send that moves nothing this long: the router is gone, its requests are
+# cancelled (the step loop sends, so a router that stops reading holds up the lane this long)
 REFRESH_S = 2.0  # how often a router asks Serve which lanes there are
 LANE_WAIT_S = 60.0  # how long a request waits for a first lane to come up
 ANSWER_TIMEOUT_S = 30.0  # a lane that neither accepts nor refuses a submit this long is taken for gone
@@ -133,6 +133,11 @@ class RouterLink:
         self.pending: list[tuple[Ticket, Emission]] = []
         self.tickets: dict[str, Ticket] = {}
         self.closed = False
+
+    @property
+    def spent(self) -> bool:
+        """Closed, and every request it carried has ended: the server may forget it."""
+        return self.closed and not self.tickets
 
     def start(self) -> None:
         threading.Thread(target=self._read, name="lane-router-link", daemon=True).start()
@@ -283,7 +288,7 @@ class LaneServer:
             return
         link = RouterLink(sock, self.core, self.ended, frames, self.draining)
         with self._links_lock:
-            self.links = [old for old in self.links if not (old.closed and not old.tickets)] + [link]
+            self.links = [old for old in self.links if not old.spent] + [link]
         link.start()  # once flush sees it: a request's first tokens go out with its first step
 
     def info(self) -> dict:
@@ -296,9 +301,9 @@ class LaneServer:
             if tokens:
                 self.streamed["frames"] += 1
                 self.streamed["tokens"] += tokens
-        if any(link.closed and not link.tickets for link in links):
+        if any(link.spent for link in links):
             with self._links_lock:
-                self.links = [link for link in self.links if not (link.closed and not link.tickets)]
+                self.links = [link for link in self.links if not link.spent]
 
     def held(self) -> int:
         """Requests the routers have here, running or queued."""

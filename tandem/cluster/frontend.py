@@ -290,9 +290,8 @@ class Frontend:
                 self.lanes.close(req.key)
                 tried.add(link.lane)
                 last = e
-            except BaseException:  # bad input, or the client went away before the lane answered
+            except BaseException:  # bad input, or the client went away (LaneLink.submit cancels it there)
                 self.lanes.close(req.key)
-                link.cancel(req.key)
                 raise
         raise last
 

@@ -4,13 +4,15 @@
     python benchmarks/adaptive_bench.py --device cpu --dtype float32 --requests 4 --max-tokens 12 \
         --concurrency 1,2 --mixed-scale 0.1                                                   # smoke run
 
-Each cell (domain x temperature x concurrency) runs `--requests` requests, at least 4n (held-out code, or
+Each cell (domain x temperature x concurrency) runs `--requests` requests, at least `--per-slot` x n (held-out code, or
 English instructions: `benchmarks/data/serve_prompts.json`) of `--max-tokens`/2 to `--max-tokens` tokens, n at a time
 (continuous batching: a finished request's place goes to the next), once per setting: AR, SD
 k=3/5/7/8 (7: the longest draft whose verify fits the CUDA graphs' query bucket of 8), PEARL
 γ=4/6 and auto. Then a **mixed** run: requests of every temperature and domain together while
 the load ramps 1 → 4 → 16 → 64 → 16 → 4 → 1 requests in flight, once per setting, where no fixed
-length can be right for every request. Per row: tokens/s, TTFT, step time p50 / p99
+length can be right for every request. Per row: tokens/s, over the whole row and in its steady
+part (the steps that ran n requests while more waited: what a lane at that load serves; a cell's
+ratios compare these), TTFT, step time p50 / p99
 / max, inter-token latency p50 / p99 (per token, between a request's emissions), and whether any
 step took over 3x the row's median (a stall). The goals (the default vs the best fixed setting of
 each cell and of the mixed run, vs AR) are computed side by side in this run. Prints a table,
@@ -71,8 +73,12 @@ class Runner:
         runners = [r for r in (gb.graphs_of(b.pair.target), gb.graphs_of(b.pair.draft)) if r is not None]
         held = lambda: sum(len(r.graphs) for r in runners)  # noqa: E731
         waiting = list(enumerate(jobs))
+        # steady load: steps that ran the row's full n while more requests waited (the whole row
+        # also holds the ramp-up and the drain, whose batches are smaller)
+        steady_tokens, steady_s = 0, 0.0
         b.sync()
         t0 = time.perf_counter()
+        mark = t0
         while waiting or len(batch):
             joins = 0
             while waiting and batch.free_slots and len(batch) < inflight[waiting[0][0]]:
@@ -87,6 +93,11 @@ class Runner:
             emissions = batch.step()
             now = time.perf_counter()
             steps.append(now - s)
+            full = bool(waiting) and size >= inflight[waiting[0][0]]
+            if full:
+                steady_tokens += sum(len(e.token_ids) for e in emissions)
+                steady_s += now - mark
+            mark = now
             split.append((batch.timing.sums.draft - sums[0], batch.timing.sums.verify - sums[1], size))
             joined.append(joins > 0)
             fed.append(joins)
@@ -116,6 +127,7 @@ class Runner:
         median = statistics.median(steps)
         slow = [(x > 3 * median, j) for x, j in list(zip(steps, joined))[len(steps) // 10:]]
         row = {"name": name, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+               "steady_tokens_per_s": steady_tokens / steady_s if steady_s else None, "steady_s": steady_s,
                "ttft_ms": _pcts(list(first.values())), "step_ms": _pcts(steps, with_max=True),
                "itl_ms": _pcts(gaps), "stalls": sum(x for x, _ in slow),
                "stalls_with_a_join": sum(x and j for x, j in slow), "steps": len(steps),
@@ -147,7 +159,9 @@ def add(report: gb.Report, section: str, row: dict) -> None:
     report.save()
     where = f"{row['domain']} T={row['temperature']:g} n={row['concurrency']}" if section == "cells" else "mixed"
     st, itl = row["step_ms"], row["itl_ms"]
-    print(f"[{report.budget.elapsed():6.1f}s] {where:<18} {row['name']:<16} {row['tokens_per_s']:9.1f} tok/s  step p50/p99/max "
+    steady = row.get("steady_tokens_per_s")
+    print(f"[{report.budget.elapsed():6.1f}s] {where:<18} {row['name']:<16} {row['tokens_per_s']:9.1f} tok/s "
+          f"(steady {steady or 0:9.1f})  step p50/p99/max "
           f"{st.get('p50', 0):6.2f}/{st.get('p99', 0):6.2f}/{st.get('max', 0):7.2f} ms  ITL p50/p99 "
           f"{itl.get('p50', 0):6.2f}/{itl.get('p99', 0):6.2f} ms  stalls {row['stalls']}", flush=True)
 
@@ -180,7 +194,7 @@ def cells(args, b: gb.Bench, runner: Runner, prompts: dict, report: gb.Report) -
                 # requests that decode in lockstep would join in waves: one prefill step per wave)
                 jobs = [(pool[rng.randrange(len(pool))],
                          SamplingParams(rng.randint(args.max_tokens // 2, args.max_tokens), t, seed=i, ignore_eos=True))
-                        for i in range(max(args.requests, 4 * n))]
+                        for i in range(max(args.requests, args.per_slot * n))]
                 warm = [(p, SamplingParams(min(16, args.max_tokens), t, seed=i, ignore_eos=True)) for i, (p, _) in enumerate(jobs[:n])]
                 for name, spec, _ in SETTINGS:
                     if b.budget.left() <= 0:
@@ -213,7 +227,9 @@ def goals(data: dict) -> dict:
     by_cell, worst = {}, {}
     groups: dict = {}
     for r in data.get("cells", {}).get("rows", []):
-        groups.setdefault((r["domain"], r["temperature"], r["concurrency"]), {})[r["name"]] = r["tokens_per_s"]
+        # a cell compares settings at its load: steady tokens/s where the row had a steady part
+        groups.setdefault((r["domain"], r["temperature"], r["concurrency"]), {})[r["name"]] = (
+            r.get("steady_tokens_per_s") or r["tokens_per_s"])
     for key, rates in groups.items():
         if AUTO not in rates or AR not in rates:
             continue
@@ -260,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft", default="tandem:tiny/draft")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--requests", type=int, default=32, help="requests per cell (each setting runs the same ones)")
+    ap.add_argument("--requests", type=int, default=32, help="requests per cell, at least (each setting runs the same ones)")
+    ap.add_argument("--per-slot", type=int, default=8, help="requests per cell, at least this many per request in flight")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--domains", default="code,nl")
     ap.add_argument("--temperatures", default="0,0.7,1")

@@ -473,3 +473,18 @@ def test_the_depth_is_priced_by_the_rows_the_forward_computes():
         b = 64 - i % 3
         flat.observe(StepObservation(b, b * (k + 1), b, k, draft(k, b), rest(b, rectangle(b, k + 1))), [])
     assert flat.decide(candidates(64, 16)) != 7
+
+
+def test_adaedl_keeps_its_own_stops_only_where_the_cap_may_rise_that_far():
+    # AdaEDL stops at ~13 by itself, within tolerance of the model's best cap (10)
+    def ctl_at(base):
+        ctl = trained(rest=lambda n: 1.5e-3, per_position=lambda b: 5e-5, alpha=0.85, batch=4, adaedl_len=12)
+        ctl.base = ctl.cap = base
+        return ctl
+
+    assert ctl_at(None).decide(candidates(4, 16, adaedl=True)) is None  # no cap to rise from: its own stops
+    # from a cap of 6 the rise limit (12) cannot reach "none": the model's best, not a ramped 12
+    # that neither the model nor AdaEDL chose
+    ctl = ctl_at(6)
+    goodput = ctl.decide(candidates(4, 16, adaedl=True)), ctl.state()["goodput_tokens_per_s"]
+    assert goodput[0] == 10 and goodput[1]["10"] == max(goodput[1].values())

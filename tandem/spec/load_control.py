@@ -371,9 +371,15 @@ class LoadController:
         self.last_goodput = goodput
         best = max(goodput.values())
         chosen = min(k for k, g in goodput.items() if g >= (1 - c.tie) * best)
-        if any(x.adaedl for x in speculating) and goodput[top] >= (1 - c.tolerance) * best:
+        if (any(x.adaedl for x in speculating) and goodput[top] >= (1 - c.tolerance) * best
+                and (self.base is None or top <= 2 * self.base)):
             # AdaEDL's own stops: its long drafts come where acceptance runs high, which E(w) at
-            # the mean acceptance does not credit
+            # the mean acceptance does not credit. Only where the cap may rise that far at once:
+            # else the rise limit would turn "no cap" into a cap between the model's best and none
+            # that neither chose (on one H200 at 4 requests, caps of 10-12 ramped from 5-6 ran
+            # 16-row verifies and three more draft positions for 2% more tokens a verify than a
+            # cap of 7: 0.86x its tokens/s), and each rise, a cap never measured, escapes the
+            # measured rates' veto.
             chosen = top
         gain = goodput[chosen] / max(goodput[0], 1e-12)
         if c.per_request:

@@ -59,6 +59,23 @@ def test_sinks_get_offline_tokens_and_the_loop_times_its_gaps():
     assert slowest["total_ms"] >= timing["total_ms"] >= 0 and slowest["total_ms"] >= slowest["verify_ms"]
 
 
+def test_the_loop_times_delivery_and_the_idle_spans_between_requests():
+    pair = make_pair(random_llama(0), random_llama(0, layers=1))
+    core = LaneCore(SpecBatch(pair.target, LocalDrafter(pair.draft), set()), max_queued=4, max_batch_size=2)
+    sampling, spec = SamplingParams(max_tokens=4, ignore_eos=True), SpecParams("ar")
+    try:
+        for i in range(3):  # one request at a time, 50 ms apart: two idle spans (not the start's)
+            done = threading.Event()
+            core.submit(str(i), [1, 2, 3], sampling, spec, lambda e, done=done: e.finish_reason and done.set())
+            assert done.wait(timeout=60)
+            time.sleep(0.05)
+        timing = core.load()["step_timing"]
+    finally:
+        core.stop()
+    assert timing["steps"] == 12 and timing["deliver_ms"] > 0
+    assert timing["idle_s"] >= 0.1 and timing["idle_ms_per_span"] >= 50
+
+
 def test_a_lane_with_load_control_reports_it():
     pair = make_pair(random_llama(0), random_llama(0, layers=1))
     sampling = SamplingParams(max_tokens=16, ignore_eos=True)

@@ -116,13 +116,17 @@ class LaneCore:
     def _run(self) -> None:
         try:
             last = None  # end of the previous step while requests were running
+            emptied = None  # (end, timing) of the step that left the lane with no request
             failed_steps = 0  # in a row
             while self._admit_and_cancel():
                 start = time.perf_counter()
+                timing = self.batch.timing
                 if last is not None and len(self.batch):
-                    # Time the loop spent outside steps with work to do: admission, delivery,
+                    # Time the loop spent outside steps with work to do: admission, cancels,
                     # and waiting for the interpreter (the replica's event loop shares it).
-                    self.batch.timing.gap += start - last
+                    timing.gap += start - last
+                elif emptied is not None and emptied[1] is timing:  # no request since: the next one's way in
+                    timing.idle, timing.idle_spans = timing.idle + start - emptied[0], timing.idle_spans + 1
                 try:
                     emissions = self.batch.step()
                     failed_steps = 0
@@ -133,10 +137,13 @@ class LaneCore:
                     logger.exception("a step failed for all %d requests; ending them", len(self.batch))
                     emissions = [self.batch.abort(rid, f"step failed: {type(e).__name__}") for rid in list(self.batch.requests)]
                 self.steps += 1
+                stepped = time.perf_counter()
                 for e in emissions:
                     self._deliver(e)
                 self.flush()
-                last = time.perf_counter() if len(self.batch) else None
+                end = time.perf_counter()
+                timing.deliver += end - stepped
+                last, emptied = (end, None) if len(self.batch) else (None, (end, timing))
             self.batch.close()
         except BaseException as e:  # the engines are broken: fail every request, mark unhealthy
             logger.exception("lane step loop failed after %d steps; failing %d requests", self.steps, len(self._sinks))

@@ -210,7 +210,10 @@ class TimingStats:
     def __init__(self) -> None:
         self.steps, self.requests = 0, 0
         self.sums = StepTiming()
-        self.gap = 0.0  # seconds between the end of one step and the start of the next (lane loop)
+        # the lane loop's time around steps (tandem/actors/lane_core.py), in seconds:
+        self.gap = 0.0  # between the end of one step and the start of the next, requests running
+        self.deliver = 0.0  # after a step: its emissions to their sinks and the request channel
+        self.idle, self.idle_spans = 0.0, 0  # no request running: from the last step to the next
         # The slowest step, its index and batch: a mean hides whether a cost is every step's or
         # one stall's (a graph capture, a compile, a collector pause).
         self.slowest, self.slowest_at, self.slowest_batch = StepTiming(), -1, 0
@@ -230,4 +233,6 @@ class TimingStats:
         slowest = {"step": self.slowest_at, "batch": self.slowest_batch,
                    **{f"{k}_ms": 1000 * v for k, v in self.slowest.__dict__.items()}}
         return {"steps": self.steps, "mean_batch": self.requests / n, **out, "gap_ms": 1000 * self.gap / n,
+                "deliver_ms": 1000 * self.deliver / n, "idle_s": self.idle,
+                "idle_ms_per_span": 1000 * self.idle / max(self.idle_spans, 1),
                 "slowest": slowest, "started": self.started}

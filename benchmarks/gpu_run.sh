@@ -15,7 +15,7 @@
 #   concurrency   1 / 4 / 16 / 64 requests at T=0 and T=1, natural language, fp32 equality
 #   cluster       the cluster path vs in-process (cluster_gpu.py), drafter colocated, graphs at
 #                 start, the best batch-1 mode at T=0 (after latency) or AR + SD + AdaEDL
-#   cluster_core  AR and SD k=5 (the default) at 1 / 8 / 32 / 64 streams, the lane's step loop in a
+#   cluster_core  AR and SD k=7 (the one-GPU default) at 1 / 8 / 32 / 64 streams, the lane's step loop in a
 #                 process of its own (lane.core_process)
 #   cluster_loop  the same with the step loop in the lane replica (the default), to compare
 #   cluster_t1    the same at T=1 (seeded sampling)
@@ -26,7 +26,7 @@
 #   adaptive      auto against every fixed setting, cells and the mixed ramp (adaptive_bench.py;
 #                 ADAPTIVE_ARGS adds arguments, e.g. --domains code --temperatures 0)
 #   serve         open-loop load through the cluster (serve_bench.py) on deploy/cluster-1gpu.yaml
-#                 with the benchmark pair: AR, SD k=5 and auto at rising request rates (SERVE_RATES)
+#                 with the benchmark pair: AR, SD k=7 (SERVE_DRAFT) and auto at rising request rates (SERVE_RATES)
 #   exact         exact mode against the default: tokens/s of AR and SD k=5 at 1 and 64 requests, and
 #                 how many greedy outputs equal AR's at batch 1 (exact_bench.py; EXACT_ARGS adds arguments,
 #                 e.g. --prompts 32), then tests/test_exact.py
@@ -76,7 +76,7 @@ cluster_run() {  # name, then cluster_gpu.py arguments
 }
 
 cluster() { pair; cluster_run t0 $(best) --verifier-gpus 1 --colocate-drafter; }
-streams() { echo --modes ar,sd --max-draft 5 --concurrency 1,8,32,64 --verifier-gpus 1 --colocate-drafter; }
+streams() { echo --modes ar,sd --max-draft 7 --concurrency 1,8,32,64 --verifier-gpus 1 --colocate-drafter; }
 cluster_core() { pair; cluster_run core $(streams) --core-process; }
 cluster_loop() { pair; cluster_run loop $(streams); }
 cluster_t1() { pair; cluster_run t1 $(best) --temperature 1 --verifier-gpus 1 --colocate-drafter; }
@@ -110,14 +110,14 @@ serve() {
   # every CUDA graph captured before the server says it is up (else the first rate pays for captures)
   sed -e "s#tandem:tiny/target#$B/target#; s#tandem:tiny/draft#$B/draft#" \
       -e "s/max_batch_size: 32 /max_batch_size: 64\n        cuda_graphs_at_start: true/" \
-      -e "s/max_draft: 5 /max_draft: 16 /" \
+      -e "s/max_draft: 7 /max_draft: 16 /" \
     deploy/cluster-1gpu.yaml > /tmp/serve.yaml
   python -m tandem.cli serve /tmp/serve.yaml > "$OUT/serve_server.log" 2>&1 &
   local server=$!
   for _ in $(seq 400); do grep -q "is up" "$OUT/serve_server.log" && break; kill -0 $server 2>/dev/null || break; sleep 1; done
   grep "is up" "$OUT/serve_server.log" || { tail -20 "$OUT/serve_server.log"; kill $server; return 1; }
   for mode in ${SERVE_MODES:-ar sd auto}; do
-    local draft=5; [ "$mode" = auto ] && draft=16  # auto: lengths up to 16, as adaptive_bench runs it
+    local draft=${SERVE_DRAFT:-7}; [ "$mode" = auto ] && draft=16  # auto: lengths up to 16, as adaptive_bench runs it
     timeout "$(left)" python benchmarks/serve_bench.py --mode "$mode" --max-draft $draft --rates "${SERVE_RATES:-8,16,32,64,128,inf}" \
       --num-prompts "${SERVE_PROMPTS:-200}" --output-len 64 --output-len-sigma 0.3 --max-output-len 88 \
       --out "$OUT/serve_$mode.json" 2>&1 | grep -v "^\[\|it/s\]" | tail -8

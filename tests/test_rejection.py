@@ -102,6 +102,16 @@ def test_draw_randoms_is_per_request_reproducible():
     assert not torch.equal(u3, u1)
 
 
+@pytest.mark.parametrize("width", [1, 5, 1000, 5000, 40_000])
+def test_the_cpu_hash_draws_the_references_values_bit_for_bit(width):
+    from tandem.kernels.streams import draw_numpy, draw_torch
+
+    keys = torch.tensor([[0, 0, 0], [7, 0, 3], [0xFFFFFFFF, 0x7FFFFFFF, (1 << 40) + 11], [12345, 678, 2**33 - 2],
+                         [0xFFFFFFFF, 0xFFFFFFFF, 2**32 - 3]] * 3)  # positions across 2^32, rows past a block
+    for exponential in (False, True):
+        assert torch.equal(draw_numpy(keys, width, exponential), draw_torch(keys, width, exponential))
+
+
 def test_streams_are_uniform_and_independent():
     """Chi-square over 64 bins of 64 streams' first 4096 uniforms (seeds 0..63: the worst case for
     a weak hash, neighbouring keys), and no correlation between neighbouring keys or positions."""

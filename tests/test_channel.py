@@ -335,3 +335,63 @@ def test_lanes_scale_on_the_requests_they_hold():
 
     assert lane_autoscaling_policy(ctx([16, 16]))[0] == 4  # 32 held, 8 per lane
     assert lane_autoscaling_policy(ctx([2, 0]))[0] == 0.25  # Serve rounds and bounds it (min 1)
+
+
+class RecordingLink:
+    """A LaneLink's side that _end_stream uses: the requests it holds, their on_end callbacks, cancels."""
+
+    def __init__(self, key: str) -> None:
+        self.inflight, self.on_end, self.cancelled = {key}, {}, []
+
+    def cancel(self, key: str) -> None:
+        self.cancelled.append(key)
+
+
+def test_a_stream_closed_before_it_was_read_cancels_its_lane_request():
+    from tandem.cluster.frontend import Admitted, Frontend, LaneStream
+
+    front = Frontend.__new__(Frontend)
+    front.tokenizer, front.batching_interval_s = CharTokenizer(), 0.0
+    front.lanes = Lanes(None)
+    req = Admitted("r", "/r", [1], SamplingParams(), SpecParams(), [])
+    front.inflight = {req.key: None}
+    link = RecordingLink(req.key)
+
+    async def run():
+        inbox = front.lanes.open(req.key)
+        stream = LaneStream(front._deltas(req, link, inbox), lambda: front._end_stream(req, link, False))
+        await stream.aclose()  # as an HTTP response whose client left before its first chunk
+        await stream.aclose()  # twice is harmless
+        return inbox
+
+    asyncio.run(run())
+    assert link.cancelled == [req.key]  # the lane stops generating for nobody
+    assert req.key in front.inflight  # the id stays taken until the lane's own ending arrives...
+    link.on_end[req.key]()
+    assert req.key not in front.inflight  # ...then is free
+
+
+def test_a_streamed_http_answer_closes_its_lane_stream_when_the_client_is_gone():
+    from starlette.requests import ClientDisconnect
+
+    from tandem.cluster.openai_api import LaneResponse
+
+    class Deltas:
+        closed = 0
+
+        async def aclose(self):
+            Deltas.closed += 1
+
+    async def body():  # never started: the client is gone at the headers
+        yield "data: x\n\n"
+
+    async def send(message):
+        raise OSError("client gone")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(LaneResponse(body(), Deltas(), media_type="text/event-stream")(scope, receive, send))
+    assert Deltas.closed == 1

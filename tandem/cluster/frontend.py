@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -200,6 +200,29 @@ class TextStream:
 
 
 # -- the shared path ----------------------------------------------------------------------------
+class LaneStream:
+    """A request's deltas (Frontend._deltas) whose aclose() ends the lane's work even if they were
+    never iterated: an HTTP client that leaves before its response starts streaming never runs
+    the generator, so the generator's own cleanup would never run and the lane would generate
+    the whole request for nobody."""
+
+    def __init__(self, deltas: AsyncIterator[Delta], end: Callable[[], None]) -> None:
+        self._deltas, self._end, self._started = deltas, end, False
+
+    def __aiter__(self) -> "LaneStream":
+        return self
+
+    async def __anext__(self) -> Delta:
+        self._started = True
+        return await self._deltas.__anext__()
+
+    async def aclose(self) -> None:
+        if not self._started:  # never iterated: the generator's finally will not run
+            self._started = True
+            self._end()
+        await self._deltas.aclose()
+
+
 class Frontend:
     """Admits requests, streams them from the lanes, and answers Cancel / health / model card."""
 
@@ -266,7 +289,7 @@ class Frontend:
         except BaseException:
             self.inflight.pop(req.key, None)
             raise
-        return req, self._deltas(req, link, inbox)
+        return req, LaneStream(self._deltas(req, link, inbox), lambda: self._end_stream(req, link, False))
 
     async def _submit(self, req: Admitted) -> tuple[LaneLink, Inbox]:
         """Queue the request on the lane with the fewest of this router's requests; a full or
@@ -320,12 +343,16 @@ class Frontend:
                 if reason:
                     return
         finally:  # a stop string, Cancel or a client that went away: free the lane slot now
-            self.lanes.close(req.key)
-            if lane_done or req.key not in link.inflight:
-                self.inflight.pop(req.key, None)
-            else:  # the id stays taken until the lane's own ending arrives, so a new request
-                link.on_end[req.key] = lambda: self.inflight.pop(req.key, None)  # cannot get the old one's
-                link.cancel(req.key)
+            self._end_stream(req, link, lane_done)
+
+    def _end_stream(self, req: Admitted, link: LaneLink, lane_done: bool) -> None:
+        """A request's stream ended here: stop its lane work unless the lane ended it."""
+        self.lanes.close(req.key)
+        if lane_done or req.key not in link.inflight:
+            self.inflight.pop(req.key, None)
+        else:  # the id stays taken until the lane's own ending arrives, so a new request
+            link.on_end[req.key] = lambda: self.inflight.pop(req.key, None)  # cannot get the old one's
+            link.cancel(req.key)
 
     def _stats(self, req: Admitted, text: TextStream, lane_stats: dict | None, ttft: float | None) -> dict:
         """The lane's stats (absent when the router ended the request) plus what the router measured."""

@@ -311,8 +311,8 @@ async def _answer(frontend: Frontend, owner: str, params: GenerateParams, body: 
     shape = shape_cls(_openai_id(req.rid, shape_cls), frontend.cfg.model.id)
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_events(deltas, shape, len(req.prompt_ids), include, req.rid),
-                                 media_type="text/event-stream")
+        return LaneResponse(_events(deltas, shape, len(req.prompt_ids), include, req.rid), deltas,
+                            media_type="text/event-stream")
     text, n, finish = "", 0, None
     try:
         async for d in deltas:
@@ -343,6 +343,22 @@ def ingress(cls: type, request_limit: Callable[[], int]) -> type:
     for name, route in ROUTES.items():
         setattr(routed, name, route(app)(getattr(cls, name)))
     return serve.ingress(app)(routed)
+
+
+class LaneResponse(StreamingResponse):
+    """A streamed answer that closes its lane stream however the response ends: a client that
+    leaves before the first chunk (Starlette then never starts the body's generator, whose own
+    cleanup would close it) ends the lane's work at once, not after max_tokens for nobody."""
+
+    def __init__(self, content: AsyncIterator[str], deltas, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.deltas = deltas
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.deltas.aclose()
 
 
 async def _events(deltas: AsyncIterator[Delta], shape: _Shape, prompt_tokens: int,

@@ -85,31 +85,33 @@ def draw_torch(keys: torch.Tensor, width: int, exponential: bool) -> torch.Tenso
 
 def draw_numpy(keys: torch.Tensor, width: int, exponential: bool, block: int = 1 << 15) -> torch.Tensor:
     """draw_torch's values, bit for bit, hashed in uint32 on the CPU: keys [B, 3] int64 (CPU).
-    Rows go through in blocks of about `block` values, so that the hash's passes stay in cache."""
+    Rows go through in blocks of about `block` values, so that the hash's passes stay in cache;
+    a position's two 32-bit halves are the start's plus the offset, with the carry."""
     k = keys.numpy().astype(np.uint64)
+    key_lo, key_hi = k[:, 0:1].astype(np.uint32), k[:, 1:2].astype(np.uint32)
+    start_lo, start_hi = (k[:, 2:3] & np.uint64(_M32)).astype(np.uint32), (k[:, 2:3] >> np.uint64(32)).astype(np.uint32)
     out = np.empty((k.shape[0], width), dtype=np.uint32)
     step = max(1, block // max(width, 1))
-    span = np.arange(width, dtype=np.uint64)
-    for r in range(0, k.shape[0], step):
-        kb = k[r : r + step]
-        pos = kb[:, 2:3] + span  # [b, width]
-        h = out[r : r + step]
-        np.bitwise_and(pos, _M32, out=pos)
-        h[...] = pos
-        h ^= np.uint32(_S1)
-        _mix_np(h)
-        np.right_shift(kb[:, 2:3] + span, np.uint64(32), out=pos)
-        h ^= pos.astype(np.uint32)
-        h ^= np.uint32(_S2)
-        _mix_np(h)
-        h ^= kb[:, 0:1].astype(np.uint32)
-        _mix_np(h)
-        h ^= kb[:, 1:2].astype(np.uint32)
-        h ^= np.uint32(_S3)
-        _mix_np(h)
-        h >>= np.uint32(9)
-        h <<= np.uint32(1)
-        h |= np.uint32(1)  # (h >> 9) * 2 + 1: odd, below 2^24
+    span = np.arange(width, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        for r in range(0, k.shape[0], step):
+            rows = slice(r, r + step)
+            h = out[rows]
+            np.add(start_lo[rows], span, out=h)  # the low half, wrapping past 2^32...
+            hi = start_hi[rows] + (h < start_lo[rows])  # ...into the high half
+            h ^= np.uint32(_S1)
+            _mix_np(h)
+            h ^= hi
+            h ^= np.uint32(_S2)
+            _mix_np(h)
+            h ^= key_lo[rows]
+            _mix_np(h)
+            h ^= key_hi[rows]
+            h ^= np.uint32(_S3)
+            _mix_np(h)
+            h >>= np.uint32(9)
+            h <<= np.uint32(1)
+            h |= np.uint32(1)  # (h >> 9) * 2 + 1: odd, below 2^24
     u = torch.from_numpy(out.astype(np.float32)) * (1.0 / (1 << 24))
     return -torch.log(u) if exponential else u
 

@@ -488,30 +488,3 @@ def test_adaedl_keeps_its_own_stops_only_where_the_cap_may_rise_that_far():
     ctl = ctl_at(6)
     goodput = ctl.decide(candidates(4, 16, adaedl=True)), ctl.state()["goodput_tokens_per_s"]
     assert goodput[0] == 10 and goodput[1]["10"] == max(goodput[1].values())
-
-
-def test_the_next_bucket_edge_above_a_measured_cap_is_measured_too():
-    from tandem.spec.load_control import _Rate
-
-    ctl = LoadController()
-    ctl.steps, ctl._entered = 1000, 0  # a batch of 64 that has stayed in its bucket
-
-    def measured(cap, tokens_per_s):
-        ctl.realized[(64, cap)] = _Rate(tokens=tokens_per_s, seconds=1.0, count=8, last=ctl.steps)
-
-    def decision(chosen=3, ceiling=16):
-        out = ctl._measured(64, chosen, predicted_gain=2.0, ceiling=ceiling)
-        ctl.steps += ctl.config.every
-        return out
-
-    measured(3, 20000.0)
-    assert decision() == 7  # the model keeps 3; 7 (8 verified rows, a full graph bucket) was never measured
-    assert [decision() for _ in range(3)] == [3, 3, 3]  # a probe at most every probe_every decisions
-    measured(7, 22000.0)  # the probe's steps: 7 is 10% faster
-    assert decision() == 7  # the measured rates overrule the model from now on
-    measured(7, 19000.0)  # had 7 been slower, 3 stays and 7 is not probed again while its rate is fresh
-    assert [decision() for _ in range(10)] == [3] * 10
-    ctl2 = LoadController()
-    ctl2.steps, ctl2._entered = 1000, 0
-    ctl2.realized[(64, 3)] = _Rate(tokens=20000.0, seconds=1.0, count=8, last=1000)
-    assert ctl2._measured(64, 3, predicted_gain=2.0, ceiling=5) is None  # past every window: no cap

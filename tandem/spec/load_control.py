@@ -45,9 +45,7 @@ is a short window, not every request's whole one. The model's choice is then che
 what the lane measured (tokens/s per batch bucket and cap): a cap measured slower than another
 (by more than `tolerance`) gives way to it, a cap once measured faster is measured again when
 its rate is old, and where the model predicts under `probe_below` over plain decoding, cap 0 is
-measured every probe_every * every steps, and where the cap kept has been measured, so is the
-next bucket edge above it (EDGES: 7 above 3 to 6, its 8 verified rows a full CUDA graph bucket)
-while its rate is not fresh, at most as often: a wrong cost model costs a probe, not the lane's
+measured every probe_every * every steps, so a wrong cost model costs a probe, not the lane's
 throughput. The model's cap is its best (of near-ties, within `tie`, the shortest: a long window's
 prediction rests on the most extrapolated acceptance and costs, and on one H200 the model's
 near-ties at 16 and 64 requests were 8-18% apart measured, the longer slower), but AdaEDL
@@ -63,7 +61,6 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 CAPS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 16, 24, 31, 32, 48, 64)
-EDGES = (1, 3, 7, 15, 31, 63)  # depths whose verify (depth + 1 rows) fills a power-of-two graph bucket
 
 
 @dataclass
@@ -331,7 +328,7 @@ class LoadController:
         chosen, gain = self._choose(candidates, speculating)
         chosen = self._ramp(chosen, speculating)
         base = self.base
-        self.cap = self._measured(len(candidates), chosen, gain, max(c.window for c in speculating))
+        self.cap = self._measured(len(candidates), chosen, gain)
         # A probe lasts one decision: the next one ramps from the cap before it, not from the probe.
         self.base = base if self._last_probe == self.steps else self.cap
         return self.cap
@@ -464,15 +461,11 @@ class LoadController:
                 best_v, best_w = value, w
         return best_w
 
-    def _measured(self, batch: int, chosen: int | None, predicted_gain: float, ceiling: int | None = None) -> int | None:
+    def _measured(self, batch: int, chosen: int | None, predicted_gain: float) -> int | None:
         """The measured rates (tokens/s per batch bucket and cap) overrule the model: a cap measured
         slower than another (by more than `tolerance`) gives way to it, and a cap measured faster
         than the one kept, but long ago, is measured again. Where the model predicts little gain
-        over decoding, cap 0 is measured every probe_every * every steps; where the cap kept has
-        been measured, the next bucket edge above it (EDGES; ceiling: the longest window asked
-        for) is measured once it is not fresh, at most as often: the model's extrapolation of a
-        longer draft's cost can keep it from ever going there (on one H200 at 64 requests, T=1,
-        it kept a cap of 3 for 48 steps where 7 measured 8% faster once tried)."""
+        over decoding, cap 0 is measured every probe_every * every steps."""
         c, bucket = self.config, _bucket(batch)
         # Probes only where the batch size has stayed in its bucket a decision long: a batch passing
         # through (a burst's tail draining 64 -> 0 in a few steps each bucket) would pay for
@@ -497,13 +490,6 @@ class LoadController:
             if stale:  # it was faster here once: is it still?
                 self._last_probe = self.steps
                 key = max(stale, key=lambda k: seen[k].rate)
-        if key in fresh and key > 0 and steady and self.steps - self._last_probe >= c.probe_every * c.every:
-            up = next((e for e in EDGES if e > key), None)
-            if up is not None and ceiling is not None and up >= ceiling:
-                up = -1  # the edge is past every window: no cap
-            if up is not None and up not in fresh:
-                self._last_probe = self.steps
-                key = up
         return None if key == -1 else key
 
     def _draft(self, positions: int, drafting: int) -> float:

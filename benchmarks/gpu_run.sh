@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_run.sh pair concurrency      # (the machine keeps /tmp only while warm)
 #
 # Run from the repo root on the GPU machine, with Ray carried as ../shared/device/pack-ray.sh
-# builds it (carry .devcarry) for the cluster sections. Results go to $OUT (default ./runs).
+# builds it (carry .devcarry) for the cluster sections; if the carry and the tree pass the
+# device's 64 MiB, `bash benchmarks/slim_devcarry.sh` repacks the carry smaller. Results go to $OUT (default ./runs).
 # Every section trains the benchmark pair first if /tmp/bench has none (ZOO_MIN minutes, default
 # 5.5; a shorter pair is weaker: compare rows within one run, not across pairs).
 #

@@ -252,7 +252,7 @@ def main() -> None:
     print(f"\n{'mode':<13} {'conc':>4} {'=AR':>5} {'=local':>6} {'tok/s':>8} {'local':>8} {'cap':>3} {'ratio':>5} {'ttft':>6} {'local':>6} {'accept':>6} {'step':>7} {'draft':>7} "
           f"{'verify':>7} {'wait':>7} {'exch':>7} {'gap':>7} {'deliv':>7} {'idle':>7} {'frames':>6} {'tok/frame':>9} {'wall_s':>6} {'steps_s':>7}  "
           f"(ms; ttft: p50, the client's first chunk / in process from admission; cap: graphs the in-process run captured while timed; gap: the lane loop between steps; deliv: after a step, its tokens to the channel; idle: no request running, per span; "
-          f"steps_s: time in steps and gaps)")
+          f"steps_s: time in steps, gaps and deliveries)")
     for r in rows:
         print(f"{r['mode']:<13} {r['concurrency']:>4} {str(r['greedy_equal_to_ar']):>5} {str(r['equal_to_in_process']):>6} {r['tokens_per_s']:>8.1f} "
               f"{r['in_process_tokens_per_s']:>8.1f} {r['in_process_captures_in_timed_run']:>3} {r['cluster_vs_in_process']:>5.2f} {r['ttft_ms_p50']:>6.1f} {r['in_process_ttft_ms_p50']:>6.1f} {r['acceptance']:>6.2f} "

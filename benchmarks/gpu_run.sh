@@ -6,7 +6,8 @@
 #
 # Run from the repo root on the GPU machine, with Ray carried as ../shared/device/pack-ray.sh
 # builds it (carry .devcarry) for the cluster sections; if the carry and the tree pass the
-# device's 64 MiB, `bash benchmarks/slim_devcarry.sh` repacks the carry smaller. Results go to $OUT (default ./runs).
+# device's 64 MiB, `bash benchmarks/slim_devcarry.sh` repacks the carry smaller. Results go to
+# $OUT (default ./runs).
 # Every section trains the benchmark pair first if /tmp/bench has none (ZOO_MIN minutes, default
 # 5.5; a shorter pair is weaker: compare rows within one run, not across pairs).
 #
@@ -16,8 +17,8 @@
 #   concurrency   1 / 4 / 16 / 64 requests at T=0 and T=1, natural language, fp32 equality
 #   cluster       the cluster path vs in-process (cluster_gpu.py), drafter colocated, graphs at
 #                 start, the best batch-1 mode at T=0 (after latency) or AR + SD + AdaEDL
-#   cluster_core  AR and SD k=7 (the one-GPU default) at 1 / 8 / 32 / 64 streams, the lane's step loop in a
-#                 process of its own (lane.core_process)
+#   cluster_core  AR and SD k=7 (the one-GPU default) at 1 / 8 / 32 / 64 streams, the lane's step
+#                 loop in a process of its own (lane.core_process)
 #   cluster_loop  the same with the step loop in the lane replica (the default), to compare
 #   cluster_t1    the same at T=1 (seeded sampling)
 #   cluster_pearl PEARL and SD + AdaEDL through the cluster, drafter colocated
@@ -27,7 +28,8 @@
 #   adaptive      auto against every fixed setting, cells and the mixed ramp (adaptive_bench.py;
 #                 ADAPTIVE_ARGS adds arguments, e.g. --domains code --temperatures 0)
 #   serve         open-loop load through the cluster (serve_bench.py) on deploy/cluster-1gpu.yaml
-#                 with the benchmark pair: AR, SD k=7 (SERVE_DRAFT) and auto at rising request rates (SERVE_RATES)
+#                 with the benchmark pair: AR, SD k=7 (SERVE_DRAFT) and auto at rising request rates
+#                 (SERVE_RATES)
 #   exact         exact mode against the default: tokens/s of AR and SD k=5 at 1 and 64 requests, and
 #                 how many greedy outputs equal AR's at batch 1 (exact_bench.py; EXACT_ARGS adds arguments,
 #                 e.g. --prompts 32), then tests/test_exact.py

@@ -189,6 +189,8 @@ def test_adaptive_bench_runs_every_setting_in_every_cell_and_the_mixed_load(tmp_
         assert split["join"]["steps"] + split["other"]["steps"] == r["steps"] and split["join"]["steps"] == r["join_steps"]
         if r["name"] == "auto (default)":  # every step traced: ms, drafting, verifying, requests, fed, cap
             assert len(r["trace"]) == r["steps"] and all(len(x) == 6 and x[1] <= x[0] for x in r["trace"])
+    for r in data["cells"]["rows"]:  # n running while more waited: a steady part in every cell row
+        assert r["steady_tokens_per_s"] > 0 and 0 < r["steady_s"] <= r["seconds"]
     goals = data["goals"]
     assert set(goals["by_cell"]) == {f"code T={t} n={n}" for t in (0, 1) for n in (1, 2)}
     assert {"auto_vs_best", "auto_vs_ar", "mixed_auto_vs_best"} <= set(goals)

@@ -486,5 +486,5 @@ def test_adaedl_keeps_its_own_stops_only_where_the_cap_may_rise_that_far():
     # from a cap of 6 the rise limit (12) cannot reach "none": the model's best, not a ramped 12
     # that neither the model nor AdaEDL chose
     ctl = ctl_at(6)
-    goodput = ctl.decide(candidates(4, 16, adaedl=True)), ctl.state()["goodput_tokens_per_s"]
-    assert goodput[0] == 10 and goodput[1]["10"] == max(goodput[1].values())
+    cap, goodput = ctl.decide(candidates(4, 16, adaedl=True)), ctl.state()["goodput_tokens_per_s"]
+    assert cap == 10 and goodput["10"] == max(goodput.values())

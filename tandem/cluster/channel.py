@@ -560,8 +560,8 @@ class Lanes:
                 await asyncio.sleep(0.2)
 
     def open(self, key: str) -> Inbox:
-        inbox = self.inboxes[key] = Inbox(asyncio.get_running_loop())
-        return inbox
+        self.inboxes[key] = Inbox(asyncio.get_running_loop())
+        return self.inboxes[key]
 
     def close(self, key: str) -> None:
         self.inboxes.pop(key, None)

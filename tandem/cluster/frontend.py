@@ -232,7 +232,7 @@ class Frontend:
         self.lane = lane
         self.lanes = Lanes(lane)  # started by start()
         self.batching_interval_s = cfg.lane.stream_batching_interval_ms / 1000
-        self.inflight: dict[str, LaneLink] = {}  # request key -> the lane it runs on
+        self.inflight: dict[str, LaneLink | None] = {}  # request key -> its lane (None: not on one yet)
         target = cfg.model.target_config()
         self.vocab_size = int(target["vocab_size"])
         self.max_context = cfg.model.max_context or int(target.get("max_position_embeddings", 2048))
